@@ -1,0 +1,1 @@
+"""Latency and throughput benchmarks of skingpt4-serve against the original pipeline."""

@@ -1,0 +1,1 @@
+"""vLLM plugins of this project."""

@@ -1,0 +1,132 @@
+"""Model folders that the plugin loads (see DESIGN.md "The model folder").
+
+- :func:`write_tiny_checkpoint`: a complete folder with random weights of a preset's shapes,
+  whose greedy answer depends on the image. Used by tests, the demo and the benchmarks.
+- :func:`write_model_folder`: the common tail: config, tokenizer, generation config, vision
+  weights. The converter of released weights (``convert.py``) uses it too.
+
+Layout::
+
+    config.json               model_type skingpt4 (vision / qformer / text sub-configs)
+    generation_config.json    the original demo's sampling defaults
+    tokenizer files           + <ImageHere>, <ImagePad>, SkinGPT-4 chat template
+    vision.safetensors        vision.{vit,ln_vision,query_tokens,qformer,llm_proj}.*
+    model*.safetensors        the language model under its own Hugging Face names
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from encoders import VisionStack, get_preset
+from plugins.skingpt4 import ARCHITECTURE
+from plugins.skingpt4.config import SkinGPT4Config
+from plugins.skingpt4.tokenizer import add_skingpt4_tokens, build_tiny_tokenizer
+
+TEXT_ARCHITECTURES = {"falcon": "FalconForCausalLM", "llama": "LlamaForCausalLM"}
+VISION_WEIGHTS = "vision.safetensors"
+# SkinGPT-4 demo defaults (sampling on, T=1.0, top_p=0.9, repetition penalty 1.0, 300 tokens).
+GENERATION_DEFAULTS = dict(
+    do_sample=True, temperature=1.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=300
+)
+
+
+def write_model_folder(
+    out: Path,
+    *,
+    family: str,
+    tokenizer: PreTrainedTokenizerBase,
+    vision_config: dict,
+    qformer_config: dict,
+    text_config: dict,
+    num_query_tokens: int,
+    vision_state: dict[str, torch.Tensor] | None,
+    dtype: str,
+) -> SkinGPT4Config:
+    """Write everything but the LM weights; return the folder's config."""
+    out.mkdir(parents=True, exist_ok=True)
+    text_config = dict(text_config)
+    text_config.setdefault("vocab_size", len(tokenizer))
+    text_config["architectures"] = [TEXT_ARCHITECTURES[family]]
+    image_id, pad_id = add_skingpt4_tokens(tokenizer, family)
+    tokenizer.save_pretrained(out)
+    config = SkinGPT4Config(
+        vision_config=vision_config,
+        qformer_config=qformer_config,
+        text_config=text_config,
+        num_query_tokens=num_query_tokens,
+        image_token_id=image_id,
+        image_pad_token_id=pad_id,
+        architectures=[ARCHITECTURE],
+        dtype=dtype,
+    )
+    config.save_pretrained(out)
+    eos = [i for i in (tokenizer.eos_token_id,) if i is not None]
+    gen = dict(GENERATION_DEFAULTS, eos_token_id=eos[0] if len(eos) == 1 else eos)
+    if tokenizer.bos_token_id is not None:
+        gen["bos_token_id"] = tokenizer.bos_token_id
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if vision_state is not None:
+        save_file(
+            {f"vision.{k}": v.contiguous() for k, v in vision_state.items()},
+            str(out / VISION_WEIGHTS),
+            metadata={"format": "pt"},
+        )
+    return config
+
+
+def _randomize(module: nn.Module, std: float, generator: torch.Generator) -> None:
+    """N(0, std) for every weight matrix and embedding; norms stay at 1/0, biases at 0."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2 or name.endswith(("query_tokens", "cls_token", "pos_embed")):
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+            elif name.endswith("bias") or "bias" in name.rsplit(".", 1)[-1]:
+                p.zero_()
+
+
+def write_tiny_checkpoint(
+    out: str | Path, preset: str = "tiny", family: str = "llama", seed: int = 0
+) -> Path:
+    """A complete model folder with random weights of ``preset``'s shapes (float32)."""
+    out = Path(out)
+    spec = get_preset(preset)
+    if family not in spec.text:
+        raise ValueError(f"unknown language model {family!r}; choose one of {sorted(spec.text)}")
+    tokenizer = build_tiny_tokenizer(family)
+    text = dict(spec.text[family])
+    text["vocab_size"] = len(tokenizer)  # the image tokens are added after: outside the vocab
+    if tokenizer.bos_token_id is not None:
+        text["bos_token_id"] = tokenizer.bos_token_id
+    text["eos_token_id"] = tokenizer.eos_token_id
+    text["pad_token_id"] = None
+    text["tie_word_embeddings"] = False
+
+    generator = torch.Generator().manual_seed(seed)
+    config = write_model_folder(
+        out, family=family, tokenizer=tokenizer, vision_config=spec.vision,
+        qformer_config=spec.qformer, text_config=text,
+        num_query_tokens=spec.num_query_tokens, vision_state=None, dtype="float32",
+    )
+    vision = VisionStack(
+        config.vision_config, config.qformer_config, config.num_query_tokens,
+        config.text_config.hidden_size,
+    )
+    _randomize(vision, spec.init_std, generator)
+    save_file(
+        {f"vision.{k}": v.contiguous() for k, v in vision.state_dict().items()},
+        str(out / VISION_WEIGHTS), metadata={"format": "pt"},
+    )
+    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=torch.float32)
+    _randomize(lm, spec.init_std, generator)
+    save_file(
+        {k: v.contiguous() for k, v in lm.state_dict().items()},
+        str(out / "model.safetensors"), metadata={"format": "pt"},
+    )
+    return out

@@ -1,0 +1,72 @@
+"""SkinGPT-4's conversation format (MiniGPT-4 ``CONV_VISION`` with ``###`` separators).
+
+    <system>###Human: <Img><ImageHere></Img> What's wrong with my skin?###Assistant:
+
+Follow-up turns append ``###Assistant: <answer>###Human: <question>``; images stay in context.
+The Jinja template below renders exactly this from OpenAI chat messages. It loops over the
+content parts, so vLLM hands it the ``openai`` content format and the template, not vLLM, puts
+each image where the user put it. Literal text keeps its spaces (``'###Human: '``).
+"""
+
+from __future__ import annotations
+
+DEFAULT_SYSTEM = (
+    "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once "
+    "I provide it to you. Please answer my questions."
+)
+SEP = "###"
+ROLES = {"user": "Human", "assistant": "Assistant"}
+IMAGE_SEGMENT = "<Img><ImageHere></Img>"
+DEFAULT_QUESTION = "What's wrong with my skin?"
+
+# The paper's consult protocol (Fig. 2 of the SkinGPT-4 paper): one photo, four questions.
+CONSULT_QUESTIONS = (
+    "Could you describe the skin condition in this image for me?",
+    "Please provide a paragraph listing additional features you observed in the image.",
+    "Based on the image, what are the possible causes of this skin condition?",
+    "Could you suggest some treatments for this skin condition?",
+)
+
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='" + DEFAULT_SYSTEM + "') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- if message['content'] is string -%}{%- set ns.system = message['content'] -%}"
+    "{%- else -%}{%- set ns.system = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{{- ns.system -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- '###Human: ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '###Assistant: ' -}}{%- endif -%}"
+    "{%- if message['role'] in ['user', 'assistant'] -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for content in message['content'] -%}"
+    "{%- if not loop.first -%}{{- ' ' -}}{%- endif -%}"
+    "{%- if content['type'] in ['image', 'image_url'] -%}{{- '" + IMAGE_SEGMENT + "' -}}"
+    "{%- elif content['type'] == 'text' -%}{{- content['text'] -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '###Assistant:' -}}{%- endif -%}"
+)
+
+
+def build_prompt(turns: list[tuple[str, str]], system: str = DEFAULT_SYSTEM) -> str:
+    """Render (role, text) turns the way SkinGPT-4's ``Conversation.get_prompt`` does.
+
+    ``role`` is ``user`` or ``assistant``; user text carries ``<Img><ImageHere></Img>`` where an
+    image goes. Ends with ``###Assistant:`` so the model answers next.
+    """
+    out = system
+    for role, text in turns:
+        out += f"{SEP}{ROLES[role]}: {text}"
+    return out + f"{SEP}Assistant:"
+
+
+def image_question(question: str = DEFAULT_QUESTION, num_images: int = 1) -> str:
+    """User text of a first turn: the image segments, then the question (MiniGPT-4 ``ask``)."""
+    return " ".join([IMAGE_SEGMENT] * num_images + [question])

@@ -1,0 +1,86 @@
+"""Tokenizers of SkinGPT-4 model folders.
+
+:func:`add_skingpt4_tokens` prepares any released tokenizer (Falcon's, Llama-2's): it adds
+``<ImageHere>`` and the image pad token as special tokens and the SkinGPT-4 chat template.
+:func:`build_tiny_tokenizer` makes a small byte-level BPE for generated test checkpoints that
+behaves like the family's own: Falcon has no BOS, Llama-2 starts with ``<s>``.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AddedToken, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from plugins.skingpt4.config import IMAGE_PAD, IMAGE_PLACEHOLDER
+from plugins.skingpt4.template import CHAT_TEMPLATE, CONSULT_QUESTIONS, DEFAULT_SYSTEM
+
+_CORPUS = [
+    DEFAULT_SYSTEM,
+    "###Human: <Img></Img> What's wrong with my skin?###Assistant: ",
+    *CONSULT_QUESTIONS,
+    "The image shows an erythematous plaque with silvery scales on the extensor surface.",
+    "The lesion is a well-demarcated, hyperpigmented macule with irregular borders.",
+    "Likely conditions include psoriasis, eczema, atopic dermatitis, melanoma, basal cell "
+    "carcinoma, acne vulgaris, rosacea, tinea corporis, vitiligo, urticaria and seborrheic "
+    "keratosis. Causes may be genetic, autoimmune, infectious, allergic or related to sun exposure.",
+    "Treatment options: topical corticosteroids, emollients, antifungal cream, retinoids, "
+    "phototherapy, biopsy and excision. Please see a dermatologist for a diagnosis.",
+    "Itching, redness, swelling, papules, pustules, vesicles, nodules, ulceration, crusting.",
+    "0123456789 . , ; : ! ? ' \" ( ) [ ] { } - _ / \\ # * + = < > @ & % $ ^ ~ ` |",
+    '{"observed_features": ["red"], "likely_conditions": [{"name": "eczema", "confidence": 0.5}],'
+    ' "urgency": "routine", "see_clinician": true, "advice": "Keep the skin moisturised."}',
+]
+
+FAMILY_SPECIALS = {
+    "falcon": {"eos": "<|endoftext|>", "bos": None},
+    "llama": {"eos": "</s>", "bos": "<s>"},
+}
+
+
+def build_tiny_tokenizer(family: str, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    specials = FAMILY_SPECIALS[family]
+    special_tokens = [t for t in (specials["bos"], specials["eos"], "<unk>") if t]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    if specials["bos"]:
+        bos = specials["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=specials["bos"],
+        eos_token=specials["eos"],
+        unk_token="<unk>",
+        model_max_length=2048,
+    )
+
+
+def add_skingpt4_tokens(tokenizer: PreTrainedTokenizerBase, family: str) -> tuple[int, int]:
+    """Add the image tokens and the chat template; return (image_token_id, image_pad_token_id).
+
+    SkinGPT-4 adds the tokenizer's special tokens to the first prompt segment only: Llama-2's
+    prompt starts with BOS, Falcon's with nothing. Chat prompts are tokenized without special
+    tokens, so the template writes the BOS itself.
+    """
+    tokenizer.add_tokens(
+        [AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False),
+         AddedToken(IMAGE_PAD, special=True, normalized=False)],
+        special_tokens=True,
+    )
+    bos = FAMILY_SPECIALS[family]["bos"] and tokenizer.bos_token
+    tokenizer.chat_template = ("{{- bos_token -}}" if bos else "") + CHAT_TEMPLATE
+    return (
+        tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
+        tokenizer.convert_tokens_to_ids(IMAGE_PAD),
+    )

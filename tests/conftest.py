@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny checkpoints are built once per test session (seconds each)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{family: folder} of tiny random SkinGPT-4 checkpoints (Falcon and Llama)."""
+    from plugins.skingpt4.checkpoint import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {f: write_tiny_checkpoint(root / f"tiny-{f}", preset="tiny", family=f) for f in ("llama", "falcon")}
+
+
+@pytest.fixture(scope="session")
+def photos():
+    from encoders.samples import synthetic_skin_photo
+
+    return [synthetic_skin_photo(seed=s, size=size) for s, size in ((0, (512, 384)), (1, (300, 420)), (2, (224, 224)))]
