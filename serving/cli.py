@@ -41,11 +41,15 @@ def _run_checkpoint(args) -> int:
 
         out = write_tiny_checkpoint(args.out, preset=args.preset, family=args.llm, seed=args.seed)
     else:
-        from plugins.skingpt4.convert import convert_release
+        from plugins.skingpt4.convert import ConversionError, convert_release
 
-        out = convert_release(
-            vit=args.vit, qformer=args.qformer, proj=args.proj, llm=args.llm, out=args.out
-        )
+        try:
+            out = convert_release(
+                vit=args.vit, qformer=args.qformer, proj=args.proj, llm=args.llm, out=args.out
+            )
+        except (ConversionError, FileExistsError) as exc:
+            print(f"skingpt4 checkpoint convert: {exc}", file=sys.stderr)
+            return 2
     print(out)
     return 0
 
