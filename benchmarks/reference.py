@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     StoppingCriteria,
@@ -30,7 +31,7 @@ from transformers import (
 
 from encoders import ImagePreprocessor, VisionStack
 from plugins.skingpt4.checkpoint import VISION_WEIGHTS
-from plugins.skingpt4.config import IMAGE_PLACEHOLDER, SkinGPT4Config
+from plugins.skingpt4.config import IMAGE_PLACEHOLDER, SkinGPT4Config, register_config
 from plugins.skingpt4.template import SEP
 
 
@@ -71,7 +72,10 @@ class ReferencePipeline:
     def __init__(self, model: str | Path, device: str = "cpu", dtype=torch.float32) -> None:
         folder = Path(model)
         self.device = torch.device(device)
-        self.config = SkinGPT4Config.from_pretrained(folder)
+        register_config()
+        self.config = AutoConfig.from_pretrained(folder)
+        if not isinstance(self.config, SkinGPT4Config):
+            raise ValueError(f"{folder} is not a SkinGPT-4 model folder (model_type skingpt4)")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.preprocess = ImagePreprocessor(self.config.vision_config.image_size)
 

@@ -3,28 +3,147 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+from serving.policy import ServePolicy
+from serving.server import DEFAULT_MODEL_NAME, EmbeddedServerConfig
 
 DEMO_DIR = Path("artifacts/tiny-llama")
 
 
 def add_serving_commands(sub) -> None:
-    demo = sub.add_parser("demo", help="tiny checkpoint, one diagnosis question, printed answer")
+    serve = sub.add_parser("serve", help="OpenAI-compatible server (embedded; --ray for Ray Serve)")
+    serve.add_argument("model", help="a SkinGPT-4 model folder")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    serve.add_argument("--api-key", default=os.environ.get("SKINGPT4_API_KEY"),
+                       help="require this key on every route but /health (or SKINGPT4_API_KEY)")
+    serve.add_argument("--max-images-per-request", type=int, default=4)
+    serve.add_argument("--allowed-media-domains", nargs="*", default=[],
+                       help="hosts that remote image URLs may name (default: data URLs only)")
+    serve.add_argument("--max-image-pixels", type=int, default=25_000_000)
+    serve.add_argument("--dtype", default="auto", help="vLLM --dtype (float32 for exact tests)")
+    serve.add_argument("--max-model-len", type=int, default=2048)
+    serve.add_argument("--max-num-seqs", type=int, default=64)
+    serve.add_argument("--tensor-parallel-size", type=int, default=1)
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve (ray.serve.llm)")
+    serve.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (--ray)")
+    serve.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (--ray)")
+    serve.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (--ray)")
+    serve.add_argument("--accelerator", choices=["cpu", "gpu"], default=None,
+                       help="replica resources (--ray; default: gpu when CUDA is present)")
+    serve.set_defaults(func=run_serve)
+
+    demo = sub.add_parser("demo", help="tiny checkpoint, server, one streamed diagnosis, stop")
     demo.add_argument("--model", type=Path, default=DEMO_DIR)
+    demo.add_argument("--port", type=int, default=0, help="0: a free loopback port")
     demo.set_defaults(func=run_demo)
 
 
+def _policy(args) -> ServePolicy:
+    return ServePolicy(
+        api_key=args.api_key,
+        max_images_per_request=args.max_images_per_request,
+        allowed_media_domains=tuple(args.allowed_media_domains),
+        max_image_pixels=args.max_image_pixels,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = EmbeddedServerConfig(
+        model=str(args.model), model_name=args.model_name, host=args.host, port=args.port,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        tensor_parallel_size=args.tensor_parallel_size, policy=_policy(args),
+    )
+    if args.ray:
+        from serving.ray_app import run_ray
+
+        return run_ray(config, args)
+    from serving.server import run_embedded
+
+    run_embedded(config)
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the server at {base_url} was not healthy after {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    from encoders.samples import synthetic_skin_photo
+    from openai import OpenAI
+
+    from encoders.samples import encode_image, synthetic_skin_photo
     from plugins.skingpt4.checkpoint import write_tiny_checkpoint
     from plugins.skingpt4.template import DEFAULT_QUESTION
-    from serving.offline import generate_answer
 
     if not (args.model / "config.json").exists():
         print(f"building the tiny checkpoint in {args.model}", file=sys.stderr)
         write_tiny_checkpoint(args.model, preset="tiny", family="llama")
-    photo = synthetic_skin_photo(seed=0)
-    answer = generate_answer(args.model, [photo], DEFAULT_QUESTION, max_tokens=48, seed=0)
-    print(f"Q: {DEFAULT_QUESTION}\nA: {answer}")
+    port = args.port or free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(os.devnull, "w")
+    print(f"starting the server on {base} (about 40 s on a CPU)...", file=sys.stderr)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "serve", str(args.model), "--port", str(port)],
+        stdout=log, stderr=log, start_new_session=True,
+    )
+    try:
+        wait_healthy(base, proc)
+        import base64
+
+        photo = base64.b64encode(encode_image(synthetic_skin_photo(seed=0))).decode()
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+        print(f"Q: {DEFAULT_QUESTION}\nA: ", end="", flush=True)
+        stream = client.chat.completions.create(
+            model=DEFAULT_MODEL_NAME,
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{photo}"}},
+                {"type": "text", "text": DEFAULT_QUESTION},
+            ]}],
+            max_tokens=48, seed=0, stream=True,
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print()
+    finally:
+        code = stop_server(proc)
+        print(f"server stopped (exit code {code})", file=sys.stderr)
     return 0

@@ -11,6 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _skingpt4_config_registered():
+    """Tokenizers and configs of model folders resolve ``model_type: skingpt4`` in this process."""
+    from plugins.skingpt4.config import register_config
+
+    register_config()
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """{family: folder} of tiny random SkinGPT-4 checkpoints (Falcon and Llama)."""

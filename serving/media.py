@@ -1,0 +1,170 @@
+"""Image inputs of chat requests: data URLs decoded and checked in memory, remote URLs refused
+unless allowed, and then fetched only from public addresses, without redirects.
+
+Nothing here writes an image to disk or to a log. Checks run before vLLM sees the request, so
+bad photos get a 4xx that names the problem instead of an engine-side failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import socket
+import warnings
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+from serving.errors import (
+    ImageTooLarge,
+    InvalidImage,
+    RemoteImageFailed,
+    RemoteImageRefused,
+)
+from serving.policy import ServePolicy
+
+ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
+
+Resolver = Callable[[str, int], list[str]]
+
+
+def decode_data_url(url: str, policy: ServePolicy, where: str) -> bytes:
+    """``data:image/...;base64,...`` -> bytes. ``where`` names the part in error messages."""
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:"):
+        raise InvalidImage(f"{where}: malformed data URL; expected data:image/<type>;base64,<data>")
+    if not header.endswith(";base64"):
+        raise InvalidImage(f"{where}: data URL must be base64-encoded (data:image/<type>;base64,...)")
+    if len(payload) * 3 // 4 > policy.max_image_bytes:
+        raise ImageTooLarge(
+            f"{where}: image is about {len(payload) * 3 // 4 // 2**20} MiB; "
+            f"the limit is {policy.max_image_bytes // 2**20} MiB"
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage(f"{where}: invalid base64 in the image data URL") from None
+
+
+def check_image_bytes(data: bytes, policy: ServePolicy, where: str) -> str:
+    """Open, bound and fully decode an image in memory; return its MIME type."""
+    if len(data) > policy.max_image_bytes:
+        raise ImageTooLarge(
+            f"{where}: image is {len(data) // 2**20} MiB; the limit is "
+            f"{policy.max_image_bytes // 2**20} MiB"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"{where}: image has too many pixels") from None
+    except Exception:
+        raise InvalidImage(f"{where}: the data is not an image PIL can read (JPEG, PNG, WebP...)") from None
+    with image:
+        w, h = image.size
+        if w * h > policy.max_image_pixels:
+            raise ImageTooLarge(
+                f"{where}: image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels); the limit is "
+                f"{policy.max_image_pixels / 1e6:.0f} megapixels"
+            )
+        if image.format not in ACCEPTED_FORMATS:
+            raise InvalidImage(f"{where}: image format {image.format} is not accepted")
+        if min(w, h) < policy.min_image_side_px:
+            raise InvalidImage(
+                f"{where}: image is {w}x{h} pixels; each side must be at least "
+                f"{policy.min_image_side_px} pixels"
+            )
+        try:
+            image.load()  # decodes everything: truncated or corrupt files fail here
+        except Exception:
+            raise InvalidImage(f"{where}: image data is truncated or corrupt") from None
+        return Image.MIME.get(image.format, "image/" + image.format.lower())
+
+
+def _system_resolver(host: str, port: int) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [info[4][0] for info in infos]
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (
+        ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
+        or ip.is_reserved or ip.is_unspecified or not ip.is_global
+    )
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Exact host or a subdomain of an allowed domain (``cdn.example.com`` under ``example.com``)."""
+    host = host.lower().rstrip(".")
+    return any(host == d.lower() or host.endswith("." + d.lower().lstrip(".")) for d in allowed)
+
+
+def check_remote_url(
+    url: str, policy: ServePolicy, where: str, resolver: Resolver = _system_resolver
+) -> tuple[str, str, int]:
+    """Refuse what policy forbids; return (scheme, pinned address, port) to fetch from."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise RemoteImageRefused(
+            f"{where}: image URLs must be data URLs (data:image/...;base64,...) or http(s); "
+            f"got scheme {parts.scheme!r}"
+        )
+    if not policy.allowed_media_domains:
+        raise RemoteImageRefused(
+            f"{where}: remote image URLs are disabled on this server; send the photo as a "
+            "base64 data URL"
+        )
+    host = parts.hostname or ""
+    if not host_allowed(host, policy.allowed_media_domains):
+        raise RemoteImageRefused(f"{where}: host {host!r} is not in the allowed media domains")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        addresses = resolver(host, port)
+    except OSError:
+        raise RemoteImageFailed(f"{where}: cannot resolve host {host!r}") from None
+    if not addresses or not all(is_public_address(a) for a in addresses):
+        raise RemoteImageRefused(
+            f"{where}: host {host!r} resolves to a loopback, private or link-local address; "
+            "such addresses are never fetched"
+        )
+    return parts.scheme, addresses[0], port
+
+
+async def fetch_remote_image(
+    url: str, policy: ServePolicy, where: str, resolver: Resolver = _system_resolver
+) -> bytes:
+    """GET an allowed image URL from the address just checked (no re-resolution, no redirects)."""
+    import httpx
+
+    scheme, address, port = check_remote_url(url, policy, where, resolver)
+    parts = urlsplit(url)
+    literal = f"[{address}]" if ":" in address else address
+    pinned = parts._replace(netloc=f"{literal}:{port}").geturl()
+    headers = {"Host": parts.netloc.rsplit("@", 1)[-1]}
+    extensions = {"sni_hostname": parts.hostname} if scheme == "https" else {}
+    try:
+        async with httpx.AsyncClient(
+            follow_redirects=False, timeout=policy.media_fetch_timeout_s, trust_env=False
+        ) as client:
+            async with client.stream("GET", pinned, headers=headers, extensions=extensions) as resp:
+                if resp.is_redirect:
+                    raise RemoteImageRefused(f"{where}: the image URL redirects; redirects are not followed")
+                if resp.status_code != 200:
+                    raise RemoteImageFailed(f"{where}: fetching the image returned HTTP {resp.status_code}")
+                body = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > policy.max_image_bytes:
+                        raise ImageTooLarge(
+                            f"{where}: remote image exceeds {policy.max_image_bytes // 2**20} MiB"
+                        )
+                return bytes(body)
+    except httpx.HTTPError as exc:
+        raise RemoteImageFailed(f"{where}: fetching the image failed ({type(exc).__name__})") from None

@@ -1,0 +1,86 @@
+"""The embedded server: vLLM's own OpenAI-compatible server, in this process tree, no Ray.
+
+``skingpt4 serve MODEL`` turns :class:`EmbeddedServerConfig` into vLLM server arguments: the
+plugin model, prefix caching (follow-up turns reuse the image's KV cache), at most
+``max_images_per_request`` images per prompt, the model folder's generation defaults, xgrammar
+structured output without free whitespace, a drain on SIGTERM, and
+:class:`serving.middleware.RequestPolicyMiddleware` in front of every route.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.policy import ServePolicy
+
+DEFAULT_MODEL_NAME = "skingpt4"
+
+
+class EmbeddedServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="A SkinGPT-4 model folder.")
+    model_name: str = Field(default=DEFAULT_MODEL_NAME, description="Name served on /v1/models.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    dtype: str = Field(default="auto", description="Weights/activations dtype (vLLM --dtype).")
+    max_model_len: int = Field(default=2048, ge=64)
+    max_num_seqs: int = Field(default=64, ge=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool = Field(default=True, description="No graph capture (CPU, quick start).")
+    shutdown_timeout_s: int = Field(default=30, ge=0, description="SIGTERM drain time.")
+    policy: ServePolicy = Field(default_factory=ServePolicy)
+
+    def vllm_args(self) -> list[str]:
+        args = [
+            "--model", self.model,
+            "--served-model-name", self.model_name,
+            "--dtype", self.dtype,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--max-model-len", str(self.max_model_len),
+            "--max-num-seqs", str(self.max_num_seqs),
+            "--tensor-parallel-size", str(self.tensor_parallel_size),
+            "--enable-prefix-caching",
+            # vLLM 0.32's sender-side multimodal cache drifts when identical photos arrive
+            # together, and the engine then fails the request with a 500 meant to be retried by
+            # the client. Sending the pixels every time costs ~0.6 MB of IPC per photo.
+            "--mm-processor-cache-gb", "0",
+            "--limit-mm-per-prompt", json.dumps({"image": self.policy.max_images_per_request}),
+            "--generation-config", "auto",
+            "--structured-outputs-config",
+            json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+            "--middleware", "serving.middleware.RequestPolicyMiddleware",
+            "--shutdown-timeout", str(self.shutdown_timeout_s),
+            # The middleware answers oversized headers with a clear 431 first.
+            "--h11-max-incomplete-event-size", str(2 * self.policy.max_header_bytes),
+            "--enable-force-include-usage",
+        ]
+        if self.enforce_eager:
+            args.append("--enforce-eager")
+        return args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(self.policy.to_env())
+        # Defence in depth behind the middleware: vLLM's own decoder limit and no redirects.
+        env["VLLM_MAX_IMAGE_PIXELS"] = str(self.policy.max_image_pixels)
+        env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+        return env
+
+
+def run_embedded(config: EmbeddedServerConfig) -> None:
+    """Serve until SIGTERM/SIGINT (blocks). Must run under ``if __name__ == "__main__"``."""
+    os.environ.update(config.environment())
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="skingpt4 serve"))
+    args = parser.parse_args(config.vllm_args())
+    validate_parsed_serve_args(args)
+    uvloop.run(run_server(args))
