@@ -47,7 +47,7 @@ def _run_checkpoint(args) -> int:
             out = convert_release(
                 vit=args.vit, qformer=args.qformer, proj=args.proj, llm=args.llm, out=args.out
             )
-        except (ConversionError, FileExistsError) as exc:
+        except (ConversionError, OSError) as exc:
             print(f"skingpt4 checkpoint convert: {exc}", file=sys.stderr)
             return 2
     print(out)

@@ -23,13 +23,15 @@ def generate_answer(
 ) -> str:
     from vllm import LLM
 
-    llm = LLM(
+    engine_args = dict(
         model=str(model),
         enforce_eager=True,
         max_model_len=2048,
         limit_mm_per_prompt={"image": max(1, len(images))},
-        seed=seed,
     )
+    if seed is not None:
+        engine_args["seed"] = seed
+    llm = LLM(**engine_args)
     params = llm.get_default_sampling_params()
     params.stop = [SEP]
     if max_tokens is not None:
