@@ -1,0 +1,180 @@
+"""``python -m benchmarks``: the load generator and the sweep of ``make bench``.
+
+    # one run: start a target, send 16 single-photo requests, 4 at a time, write one JSON
+    python -m benchmarks run --target reference --max-concurrency 4 --num-requests 16 --out bench-results
+    # against a server that is already up (any OpenAI-compatible endpoint)
+    python -m benchmarks run --base-url http://127.0.0.1:8000/v1 --scenario consult --num-requests 4
+    # open loop: Poisson arrivals, 2 conversations per second
+    python -m benchmarks run --target embedded --request-rate 2 --max-concurrency 64 --num-requests 40
+    # every target x concurrency 1, 4, 16, 32 (+ consult): JSON per run, summary, PNG, Markdown
+    python -m benchmarks sweep --out bench-results
+
+Without ``--model``, the ``bench`` preset's checkpoint is built into ``artifacts/bench-<family>``
+when missing. ``--num-requests`` counts conversations: one request each, four in ``consult``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import shlex
+import sys
+from pathlib import Path
+
+from benchmarks.loadgen import LoadConfig, make_client, run_load, warm_up
+from benchmarks.report import run_record, summary_of, write_json
+from benchmarks.scenarios import SCENARIOS, build_conversations, parse_image_size
+from benchmarks.sweep import WARMUP_SEED, SweepConfig, run_sweep
+from benchmarks.targets import TARGETS, ExternalTarget, LaunchedTarget, Target, api_key
+
+ARTIFACTS = Path("artifacts")
+
+
+def ensure_model(model: Path | None, family: str) -> Path:
+    """``model`` as given, or the ``bench`` checkpoint of ``family`` (built on first use)."""
+    if model is not None:
+        return model
+    path = ARTIFACTS / f"bench-{family}"
+    if not (path / "config.json").exists():
+        from plugins.skingpt4.checkpoint import write_tiny_checkpoint
+
+        print(f"building the bench checkpoint in {path}", file=sys.stderr)
+        write_tiny_checkpoint(path, preset="bench", family=family)
+    return path
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown targets {unknown}; choose from {TARGETS}")
+    return names
+
+
+def _endpoint(text: str) -> tuple[str, str]:
+    name, sep, url = text.partition("=")
+    if not sep or not url.startswith("http"):
+        raise argparse.ArgumentTypeError(f"endpoint {text!r} is not NAME=http://HOST:PORT/v1")
+    return name, url
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="model folder (default: artifacts/bench-<family>)")
+    p.add_argument("--family", choices=("llama", "falcon"), default="llama")
+    p.add_argument("--max-tokens", type=int, default=SweepConfig.max_tokens)
+    p.add_argument("--temperature", type=float, default=SweepConfig.temperature, help="0: greedy (same lengths on every target)")
+    p.add_argument("--image-size", type=parse_image_size, default=SweepConfig.image_size, help="WxH of the generated photos")
+    p.add_argument("--warmup-requests", type=int, default=SweepConfig.warmup_requests)
+    p.add_argument("--max-duration-s", type=float, default=None, help="start no conversation after this")
+    p.add_argument("--startup-timeout-s", type=float, default=SweepConfig.startup_timeout_s)
+    p.add_argument("--request-timeout-s", type=float, default=SweepConfig.request_timeout_s)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="one scenario against one target")
+    run.add_argument("--target", choices=TARGETS, default=None, help="start this target (or label --base-url)")
+    run.add_argument("--base-url", default=None, help="an endpoint already running; nothing is started")
+    run.add_argument("--scenario", choices=SCENARIOS, default="single")
+    run.add_argument("--max-concurrency", type=int, default=1)
+    run.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (default inf)")
+    run.add_argument("--num-requests", type=int, default=16)
+    _common(run)
+
+    sweep = sub.add_parser("sweep", help="all targets x concurrency levels; JSON, PNG, Markdown")
+    sweep.add_argument("--targets", type=_name_list, default=SweepConfig.targets)
+    sweep.add_argument("--concurrency", type=_int_list, default=SweepConfig.concurrency)
+    sweep.add_argument("--scenario", choices=SCENARIOS, default="single", help="the scenario swept over concurrency")
+    sweep.add_argument("--num-requests", type=int, default=None, help="per level (default max(16, 3 x concurrency))")
+    sweep.add_argument("--consult-concurrency", type=_int_list, default=SweepConfig.consult_concurrency, help="'' to skip the consult runs")
+    sweep.add_argument("--consult-conversations", type=int, default=SweepConfig.consult_conversations)
+    sweep.add_argument("--budget-s", type=float, default=SweepConfig.budget_s, help="bound on the whole sweep")
+    sweep.add_argument("--endpoint", type=_endpoint, action="append", default=[], help="NAME=URL: use, don't start")
+    _common(sweep)
+    sweep.set_defaults(max_duration_s=SweepConfig.max_duration_s)
+    return parser
+
+
+async def _measure(args, server) -> dict:
+    client = make_client(server.base_url, args.request_timeout_s, api_key())
+    config = LoadConfig(
+        max_concurrency=args.max_concurrency, request_rate=args.request_rate,
+        max_duration_s=args.max_duration_s, max_tokens=args.max_tokens, temperature=args.temperature,
+        seed=args.seed, show_progress=not args.no_progress,
+    )
+    convs = build_conversations(args.scenario, args.num_requests, args.image_size, args.seed)
+    warm = build_conversations("single", args.warmup_requests, args.image_size, WARMUP_SEED)
+    try:
+        await warm_up(client, server.model, warm, config)
+        cpu0 = server.cpu_seconds()
+        load = await run_load(client, server.model, convs, config, label=f"{server.name} {args.scenario}")
+        cpu1 = server.cpu_seconds()
+    finally:
+        await client.close()
+    return run_record(
+        target=server.name, model=server.model, scenario=args.scenario, config=config, load=load,
+        num_conversations=len(convs), image_size=args.image_size,
+        server_cpu_s=None if cpu0 is None else cpu1 - cpu0,
+    )
+
+
+def cmd_run(args) -> int:
+    if args.base_url:
+        server = ExternalTarget(args.target or "external", args.base_url)
+    elif args.target:
+        target = Target.named(args.target, ensure_model(args.model, args.family))
+        server = LaunchedTarget(target, args.out / "logs" / f"{args.target}.log", args.startup_timeout_s)
+    else:
+        raise SystemExit("give --target to start one, or --base-url for a running endpoint")
+    with server:
+        record = asyncio.run(_measure(args, server))
+    rate = "" if math.isinf(args.request_rate) else f"-r{args.request_rate:g}"
+    path = write_json(args.out / f"{record['target']}-{args.scenario}-c{args.max_concurrency}{rate}.json", record)
+    s = summary_of(record)
+    print(
+        f"{path}: {s['completed']} completed, {s['failed']} failed in {s['duration']:.1f} s; "
+        f"{s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} tok/s, "
+        f"median TTFT {s['median_ttft_ms']:.0f} ms, median TPOT {s['median_tpot_ms']:.1f} ms, "
+        f"client CPU {100 * s['client_cpu_share']:.0f}%"
+    )
+    return 0 if s["failed"] == 0 else 1
+
+
+def cmd_sweep(args, argv: list[str]) -> int:
+    cfg = SweepConfig(
+        out=args.out, model=ensure_model(args.model, args.family), targets=args.targets,
+        concurrency=args.concurrency, scenario=args.scenario, num_requests=args.num_requests,
+        consult_concurrency=args.consult_concurrency, consult_conversations=args.consult_conversations,
+        max_tokens=args.max_tokens, temperature=args.temperature, image_size=args.image_size,
+        warmup_requests=args.warmup_requests, max_duration_s=args.max_duration_s, budget_s=args.budget_s,
+        startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,
+        endpoints=dict(args.endpoint), seed=args.seed, show_progress=not args.no_progress,
+        command="python -m benchmarks " + shlex.join(argv),
+    )
+    summary = run_sweep(cfg)
+    print(f"{summary['files']['markdown']}, {summary['files']['png']}, {summary['files']['summary']}")
+    for name, why in summary["failures"].items():
+        print(f"not run: {name}: {why.splitlines()[0] if why else ''}", file=sys.stderr)
+    return 0 if summary["runs"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    return cmd_sweep(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

