@@ -1,0 +1,297 @@
+"""Ray Serve mode: SkinGPT-4 replicas on ``ray.serve.llm``, behind the same request policy as embedded.
+
+``skingpt4 serve MODEL --ray`` (:func:`run_ray`) and ``serve run/deploy serving/ray/skingpt4-serve.yaml``
+(:func:`build_app`) both build ``ray.serve.llm.build_openai_app`` over one :class:`LLMConfig` with
+the embedded server's engine options (:meth:`EmbeddedServerConfig.vllm_args`): the plugin model
+folder, prefix caching, ``limit_mm_per_prompt``, the folder's generation config, xgrammar without
+free whitespace, no request logging. Replicas are a fixed number or autoscaled between bounds. A
+CPU replica (``accelerator_config={"kind": "cpu"}``) takes one logical CPU for its actor and one per
+tensor-parallel rank; a GPU replica takes one GPU per rank, all on one node.
+
+The request policy (API key on every route but ``/health``, body limit, image checks, the ``###``
+stop) is :class:`serving.middleware.RequestPolicyMiddleware`, as in embedded mode. Ray Serve has no
+middleware option any more (``HTTPOptions.middlewares`` is refused since Ray 2.x) and
+``build_openai_app`` builds its FastAPI app itself, so the middleware goes in through the extension
+point ``build_openai_app`` documents, a custom ingress class (``ingress_cls_config``):
+:class:`SkinGPT4Ingress` takes the policy as a constructor argument and adds the middleware (and a
+``/health`` route) to its FastAPI app when Ray Serve installs that app in the replica, before the
+app's lifespan and first request. The policy never goes into a ``runtime_env`` (the Ray dashboard
+shows those); without a key in it, the ingress takes ``SKINGPT4_API_KEY`` from its environment.
+
+Only ``serving.commands`` imports this module, and only in Ray mode (importing Ray Serve LLM
+imports vLLM: several seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any, Literal
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.llm import LLMConfig, build_openai_app
+from ray.serve.llm.ingress import OpenAiIngress
+from starlette.responses import JSONResponse, Response
+
+from serving.policy import POLICY_ENV, ServePolicy
+from serving.server import EmbeddedServerConfig
+
+APP_NAME = "skingpt4"
+API_KEY_ENV = "SKINGPT4_API_KEY"
+HEALTH_TIMEOUT_S = 5.0
+
+
+class ReplicaSettings(BaseModel):
+    """How many LLM replicas run, and on what."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accelerator: Literal["cpu", "gpu"] = Field(
+        default="gpu",
+        description="cpu: one logical CPU per tensor-parallel rank (vLLM-CPU); "
+        "gpu: one GPU per tensor-parallel rank.",
+    )
+    accelerator_type: str | None = Field(
+        default=None, description="Ray accelerator type for GPU replicas, e.g. A100 or H100."
+    )
+    num_replicas: int | None = Field(default=None, ge=1, description="Fixed replica count.")
+    min_replicas: int | None = Field(default=None, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int | None = Field(default=None, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(
+        default=16, gt=0,
+        description="Autoscaling aims at this many in-flight requests per replica.",
+    )
+    max_ongoing_requests: int | None = Field(
+        default=None, ge=1,
+        description="Requests one replica accepts at once; None: Ray Serve LLM's default (no cap).",
+    )
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> ReplicaSettings:
+        autoscaled = self.min_replicas is not None or self.max_replicas is not None
+        if autoscaled and self.num_replicas is not None:
+            raise ValueError("give either num_replicas or min_replicas/max_replicas, not both")
+        if autoscaled and self.bounds[0] > self.bounds[1]:
+            raise ValueError(f"min_replicas {self.bounds[0]} exceeds max_replicas {self.bounds[1]}")
+        return self
+
+    @property
+    def autoscaled(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(min, max) replicas; a fixed count is both bounds."""
+        if not self.autoscaled:
+            n = self.num_replicas or 1
+            return n, n
+        low = self.min_replicas if self.min_replicas is not None else 1
+        return low, self.max_replicas if self.max_replicas is not None else max(low, 1)
+
+    def deployment_config(self, graceful_shutdown_timeout_s: float) -> dict[str, Any]:
+        config: dict[str, Any] = {"graceful_shutdown_timeout_s": graceful_shutdown_timeout_s}
+        if self.autoscaled:
+            low, high = self.bounds
+            config["autoscaling_config"] = {
+                "min_replicas": low,
+                "max_replicas": high,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        else:
+            config["num_replicas"] = self.bounds[0]
+        if self.max_ongoing_requests is not None:
+            config["max_ongoing_requests"] = self.max_ongoing_requests
+        return config
+
+
+class RayAppArgs(BaseModel):
+    """What ``build_app`` takes: the ``args:`` of a Ray Serve config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: EmbeddedServerConfig = Field(
+        description="Model and engine options, as for the embedded server (host and port are "
+        "ignored here: Ray Serve's http_options decide them)."
+    )
+    replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
+
+
+def engine_kwargs(config: EmbeddedServerConfig) -> dict[str, Any]:
+    """vLLM engine options of a replica: the embedded server's (a test holds the two lists equal),
+    as ``AsyncEngineArgs``/``FrontendArgs`` fields."""
+    return {
+        "dtype": config.dtype,
+        "max_model_len": config.max_model_len,
+        "max_num_seqs": config.max_num_seqs,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "enforce_eager": config.enforce_eager,
+        "enable_prefix_caching": True,
+        "mm_processor_cache_gb": 0,  # why: see EmbeddedServerConfig.vllm_args
+        "limit_mm_per_prompt": {"image": config.policy.max_images_per_request},
+        "generation_config": "auto",
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        "enable_force_include_usage": True,
+        "enable_log_requests": False,  # request bodies hold the photos
+    }
+
+
+def engine_environment(config: EmbeddedServerConfig, accelerator: str) -> dict[str, str]:
+    """Environment of the LLM replicas: vLLM's image limits and, on CPUs, the KV cache size.
+    The policy itself (with its API key) goes to the ingress only."""
+    env = {k: v for k, v in config.environment().items() if k != POLICY_ENV}
+    if accelerator != "cpu":
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    return env
+
+
+def _model_path(model: str) -> str:
+    # Replicas run in other working directories (and on other nodes): a folder that exists here
+    # goes out as an absolute path; any other path is taken to exist on the replicas' nodes.
+    path = Path(model).expanduser()
+    return str(path.absolute()) if path.exists() else model
+
+
+def llm_config(args: RayAppArgs) -> LLMConfig:
+    """The one :class:`ray.serve.llm.LLMConfig` of the app."""
+    server, replicas = args.server, args.replicas
+    options: dict[str, Any] = {}
+    if replicas.accelerator == "cpu":
+        options["accelerator_config"] = {"kind": "cpu"}
+    else:
+        if replicas.accelerator_type:
+            options["accelerator_type"] = replicas.accelerator_type
+        if server.tensor_parallel_size > 1:
+            # Tensor-parallel ranks exchange activations every layer: keep them on one node.
+            options["placement_group_config"] = {
+                "bundles": [{"GPU": 1}] * server.tensor_parallel_size,
+                "strategy": "STRICT_PACK",
+            }
+    return LLMConfig(
+        model_loading_config={"model_id": server.model_name, "model_source": _model_path(server.model)},
+        engine_kwargs=engine_kwargs(server),
+        deployment_config=replicas.deployment_config(server.shutdown_timeout_s),
+        runtime_env={"env_vars": engine_environment(server, replicas.accelerator)},
+        **options,
+    )
+
+
+def build_serve_app(args: RayAppArgs) -> Application:
+    """The Ray Serve application: ``build_openai_app`` with the policy-enforcing ingress."""
+    return build_openai_app({
+        "llm_configs": [llm_config(args)],
+        "ingress_cls_config": {
+            "ingress_cls": SkinGPT4Ingress,
+            "ingress_extra_kwargs": {"policy": args.server.policy.model_dump(mode="json")},
+        },
+    })
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder for Ray Serve config files (``import_path: serving.ray_app:build_app``);
+    ``args`` follows :class:`RayAppArgs`."""
+    return build_serve_app(RayAppArgs.model_validate(args))
+
+
+def with_key_from_env(policy: ServePolicy) -> ServePolicy:
+    """A policy without a key takes ``SKINGPT4_API_KEY`` from the ingress replica's environment:
+    on a cluster that is the environment ``ray start`` ran in on the replica's node, so the key
+    can come from a secret store without being written into a Serve config file."""
+    key = os.environ.get(API_KEY_ENV)
+    return policy.model_copy(update={"api_key": key}) if policy.api_key is None and key else policy
+
+
+class SkinGPT4Ingress(OpenAiIngress):
+    """``OpenAiIngress`` with :class:`RequestPolicyMiddleware` in front of every route, and a
+    ``/health`` route that answers 200 once every LLM deployment passes its health check."""
+
+    def __init__(self, llm_deployments, model_cards, *, lora_paths=None, policy: dict | None = None):
+        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        self._policy = with_key_from_env(ServePolicy.model_validate(policy or {}))
+        self._policy_installed = False
+
+    def _set_asgi_app(self, app) -> None:
+        # Ray Serve hands every ingress replica its ASGI app through this method, after __init__
+        # and before the app's lifespan or first request: the last point where FastAPI still
+        # accepts middleware. If a Ray upgrade stops calling it, check_health fails the replica
+        # rather than serving without the policy.
+        from serving.middleware import RequestPolicyMiddleware
+
+        app.add_middleware(RequestPolicyMiddleware, policy=self._policy)
+        app.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
+        self._policy_installed = True
+        super()._set_asgi_app(app)
+
+    async def check_health(self) -> None:
+        if not self._policy_installed:
+            raise RuntimeError("the request policy middleware was not installed on the ingress app")
+
+    async def health(self) -> Response:
+        checks = [h.check_health.remote() for h in self._default_serve_handles.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*checks), HEALTH_TIMEOUT_S)
+        except Exception as exc:  # no replica yet, or one whose engine died
+            detail = "no model replica answered in time" if isinstance(exc, TimeoutError) else str(exc)
+            return JSONResponse({"status": "unavailable", "detail": detail}, status_code=503)
+        return Response(status_code=200)
+
+
+def replica_settings_from_cli(args: Any, accelerator: str) -> ReplicaSettings:
+    """``--replicas`` / ``--min-replicas`` / ``--max-replicas`` of ``skingpt4 serve --ray``."""
+    return ReplicaSettings(
+        accelerator=accelerator,
+        num_replicas=args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+    )
+
+
+def _local_num_cpus(args: RayAppArgs) -> int:
+    """Logical CPUs of a local instance. On a CPU machine every replica needs its own slots
+    (one for the replica actor, one per tensor-parallel rank) plus one for the ingress, whatever
+    the physical core count: vLLM-CPU threads share the cores anyway."""
+    per_replica = 1 + args.server.tensor_parallel_size
+    return max(os.cpu_count() or 1, 8, per_replica * args.replicas.bounds[1] + 2)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run_ray(config: EmbeddedServerConfig, args: Any) -> int:
+    """``skingpt4 serve MODEL --ray``: serve on Ray until SIGTERM/SIGINT, then clean up; 0.
+
+    Joins the cluster in ``RAY_ADDRESS`` if set (and on leaving deletes only this app), else
+    starts a local instance (and shuts it down on leaving). HTTP listens on ``config.host:port``
+    on the head node only, the single address the command was given.
+    """
+    address = os.environ.get("RAY_ADDRESS") or None
+    # Validated before Ray starts, so that bad flags fail fast; the accelerator may follow later.
+    replicas = replica_settings_from_cli(args, args.accelerator or "cpu")
+    app_args = RayAppArgs(server=config, replicas=replicas)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(address="local", num_cpus=_local_num_cpus(app_args))
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # ray.init installed its own (exit 15)
+        if args.accelerator is None and ray.cluster_resources().get("GPU", 0) > 0:
+            app_args.replicas.accelerator = "gpu"
+        serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly")
+        serve.run(build_serve_app(app_args), name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if ray.is_initialized():
+            if address:
+                serve.delete(APP_NAME)
+            else:
+                serve.shutdown()
+            ray.shutdown()
+    return 0

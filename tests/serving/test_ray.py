@@ -1,0 +1,239 @@
+"""Ray Serve mode: the app's settings, then the app on Ray's own multi-node test cluster (three Ray
+nodes on this machine).
+
+``skingpt4 serve MODEL --ray --replicas 2 --accelerator cpu`` joins the cluster (``RAY_ADDRESS``)
+and is driven through the official ``openai`` SDK. Each worker node has room for exactly one
+replica (3 logical CPUs; a CPU replica takes 2: its actor and its engine), as a one-GPU node would,
+and the head node for none, so two healthy replicas must sit on two different nodes. Start-up is
+about 1-2 minutes on 2 cores; the cluster is shut down at module end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.serving.conftest import data_url, image_message
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "ray-test-key-0123456789"
+MODEL = "skingpt4"
+GREEDY = dict(temperature=0, max_tokens=12)
+START_TIMEOUT_S = 480
+
+
+# Embedded-server flags with no engine counterpart in Ray mode: the model and its name go in the
+# LLMConfig's model_loading_config, HTTP settings belong to Ray Serve's proxy, the middleware to the
+# ingress, and the drain time to the deployment's graceful_shutdown_timeout_s.
+NOT_ENGINE_FLAGS = {"model", "served_model_name", "host", "port", "middleware", "shutdown_timeout",
+                    "h11_max_incomplete_event_size"}
+
+
+def test_replicas_use_the_embedded_engine_options():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from serving.ray_app import engine_kwargs
+    from serving.server import EmbeddedServerConfig
+
+    config = EmbeddedServerConfig(model="m", dtype="float32", max_model_len=1024, max_num_seqs=8)
+    argv = config.vllm_args()
+    embedded = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
+    flags = {a[2:].replace("-", "_") for a in argv if a.startswith("--")}
+    ray_kwargs = engine_kwargs(config)
+    assert flags - NOT_ENGINE_FLAGS == set(ray_kwargs) - {"enable_log_requests"}
+    for name, value in ray_kwargs.items():
+        parsed = getattr(embedded, name)
+        if dataclasses.is_dataclass(parsed):  # JSON options parse into vLLM config objects
+            parsed = {k: getattr(parsed, k) for k in value}
+        assert parsed == value, name
+
+
+def test_replica_settings():
+    from serving.ray_app import ReplicaSettings, RayAppArgs, llm_config
+
+    fixed = ReplicaSettings(accelerator="cpu", num_replicas=2).deployment_config(30)
+    assert fixed == {"graceful_shutdown_timeout_s": 30, "num_replicas": 2}
+    scaled = ReplicaSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=8)
+    assert scaled.deployment_config(30)["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    with pytest.raises(ValueError, match="not both"):
+        ReplicaSettings(num_replicas=2, max_replicas=3)
+    with pytest.raises(ValueError, match="exceeds"):
+        ReplicaSettings(min_replicas=3, max_replicas=2)
+
+    server = {"model": "/srv/m", "tensor_parallel_size": 4, "policy": {"api_key": "secret"}}
+    gpu = llm_config(RayAppArgs.model_validate({"server": server, "replicas": {"accelerator": "gpu"}}))
+    assert gpu.accelerator_config is None or gpu.accelerator_config.kind == "gpu"
+    assert gpu.placement_group_config["strategy"] == "STRICT_PACK"
+    assert gpu.placement_group_config["bundles"] == [{"GPU": 1}] * 4
+    assert "secret" not in str(gpu.runtime_env)  # the key goes to the ingress only
+    cpu = llm_config(RayAppArgs.model_validate({"server": server, "replicas": {"accelerator": "cpu"}}))
+    assert cpu.accelerator_config.kind == "cpu"
+    assert cpu.runtime_env["env_vars"]["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+
+
+def test_ingress_takes_the_key_from_its_environment(monkeypatch):
+    from serving.policy import ServePolicy
+    from serving.ray_app import with_key_from_env
+
+    monkeypatch.setenv("SKINGPT4_API_KEY", "from-env")
+    assert with_key_from_env(ServePolicy()).api_key == "from-env"
+    assert with_key_from_env(ServePolicy(api_key="given")).api_key == "given"
+    monkeypatch.delenv("SKINGPT4_API_KEY")
+    assert with_key_from_env(ServePolicy()).api_key is None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        # Inherited by every Ray process: no telemetry, a small KV cache, no model hub.
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            workers = [c.add_node(num_cpus=3) for _ in range(2)]
+            c.wait_for_nodes()
+            c.worker_node_ids = {w.node_id for w in workers}
+            yield c
+        finally:
+            c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_server(cluster, tiny_checkpoints, tmp_path_factory):
+    """The CLI in Ray mode, joined to the test cluster; yields (base_url, process, log)."""
+    from serving.commands import free_port
+
+    log = tmp_path_factory.mktemp("ray-serve") / "serve.log"
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving.cli", "serve", str(tiny_checkpoints["llama"]), "--ray",
+           "--replicas", "2", "--accelerator", "cpu", "--dtype", "float32", "--max-model-len", "1024",
+           "--max-num-seqs", "8", "--port", str(port), "--api-key", API_KEY]
+    env = dict(os.environ, RAY_ADDRESS=cluster.address)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, log)
+        yield base, proc, log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_ready(base: str, proc: subprocess.Popen, log: Path) -> None:
+    """Until ``/health`` is 200, which the ingress answers only once the LLM replicas do."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve --ray exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"Ray app not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def client(ray_server):
+    return openai.OpenAI(base_url=f"{ray_server[0]}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def photo_url(photos):
+    from encoders.samples import encode_image
+
+    return data_url(encode_image(photos[0]))
+
+
+def test_replicas_on_different_nodes(cluster, ray_server):
+    from ray.util.state import list_actors
+
+    replicas = [
+        a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name.startswith(f"ServeReplica:skingpt4:LLMServer:{MODEL}")
+    ]
+    nodes = {a.node_id for a in replicas}
+    assert len(replicas) == 2
+    assert len(nodes) == 2, f"both replicas on one node: {nodes}"
+    assert nodes <= cluster.worker_node_ids
+
+
+def test_image_chat_includes_image_positions(client, photo_url):
+    question = "What's wrong with my skin?"
+    with_image = client.chat.completions.create(
+        model=MODEL, messages=[image_message([photo_url], question)], **GREEDY)
+    text_only = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], **GREEDY)
+    assert with_image.choices[0].message.content
+    assert with_image.choices[0].finish_reason in ("stop", "length")
+    # <Img><ImageHere></Img> becomes 32 image positions plus the <Img> tag tokens.
+    assert with_image.usage.prompt_tokens >= text_only.usage.prompt_tokens + 32
+
+
+def test_streaming(client, photo_url):
+    messages = [image_message([photo_url])]
+    full = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}, **GREEDY)
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2, "the answer did not arrive in pieces"
+    assert "".join(deltas) == full.choices[0].message.content
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_api_key_required_except_health(ray_server):
+    base = ray_server[0]
+    missing = httpx.get(f"{base}/v1/models", timeout=30)
+    assert missing.status_code == 401
+    assert "API key" in missing.json()["error"]["message"]
+    wrong = httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401
+    assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+    models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert [m["id"] for m in models.json()["data"]] == [MODEL]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_bad_image_is_refused_and_server_stays_up(client, photo_url):
+    broken = "data:image/jpeg;base64,!!!this is not base64!!!"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=[image_message([broken])], **GREEDY)
+    assert err.value.status_code == 400
+    assert "base64" in str(err.value)
+    again = client.chat.completions.create(model=MODEL, messages=[image_message([photo_url])], **GREEDY)
+    assert again.choices[0].message.content
+
+
+def test_sigterm_exits_zero_and_removes_the_app(ray_server):
+    base, proc, log = ray_server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 0, log.read_text()[-3000:]
+    # Serve itself stays up on the shared cluster; only this app is gone.
+    try:
+        status = httpx.get(f"{base}/health", timeout=10).status_code
+    except httpx.HTTPError:
+        status = None
+    assert status != 200
