@@ -73,12 +73,17 @@ def write_model_folder(
         gen["bos_token_id"] = tokenizer.bos_token_id
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if vision_state is not None:
-        save_file(
-            {f"vision.{k}": v.contiguous() for k, v in vision_state.items()},
-            str(out / VISION_WEIGHTS),
-            metadata={"format": "pt"},
-        )
+        save_vision_weights(out, vision_state)
     return config
+
+
+def save_vision_weights(out: Path, state: dict[str, torch.Tensor]) -> None:
+    """``vision.safetensors``: the stack's state dict under the ``vision.`` prefix."""
+    save_file(
+        {f"vision.{k}": v.contiguous() for k, v in state.items()},
+        str(out / VISION_WEIGHTS),
+        metadata={"format": "pt"},
+    )
 
 
 def _randomize(module: nn.Module, std: float, generator: torch.Generator) -> None:
@@ -87,7 +92,7 @@ def _randomize(module: nn.Module, std: float, generator: torch.Generator) -> Non
         for name, p in module.named_parameters():
             if p.dim() >= 2 or name.endswith(("query_tokens", "cls_token", "pos_embed")):
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
-            elif name.endswith("bias") or "bias" in name.rsplit(".", 1)[-1]:
+            elif "bias" in name.rsplit(".", 1)[-1]:  # bias, q_bias, v_bias
                 p.zero_()
 
 
@@ -119,10 +124,7 @@ def write_tiny_checkpoint(
         config.text_config.hidden_size,
     )
     _randomize(vision, spec.init_std, generator)
-    save_file(
-        {f"vision.{k}": v.contiguous() for k, v in vision.state_dict().items()},
-        str(out / VISION_WEIGHTS), metadata={"format": "pt"},
-    )
+    save_vision_weights(out, vision.state_dict())
     lm = AutoModelForCausalLM.from_config(config.text_config, dtype=torch.float32)
     _randomize(lm, spec.init_std, generator)
     save_file(
