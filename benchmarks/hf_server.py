@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import io
 import json
 import string
@@ -37,13 +35,19 @@ from typing import Annotated, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from PIL import Image, UnidentifiedImageError
+from fastapi.responses import Response, StreamingResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from benchmarks.hf_engine import HFEngine, Job, Sampling
 from benchmarks.reference import ReferencePipeline
 from plugins.skingpt4.template import DEFAULT_SYSTEM, IMAGE_SEGMENT, SEP, build_prompt
+from serving.errors import InternalError, InvalidRequest, ModelNotFound, ServingError
+from serving.media import check_image_bytes
+from serving.media import decode_data_url as decode_data_url_bytes
+from serving.policy import ServePolicy
+
+_POLICY = ServePolicy()  # the product server's image limits
 
 Mode = Literal["reference", "hf-batched"]
 
@@ -51,25 +55,7 @@ Mode = Literal["reference", "hf-batched"]
 # --------------------------------------------------------------------------- errors
 
 
-class ServerError(Exception):
-    """An error answered to the client as an OpenAI error body."""
-
-    status_code = 500
-    error_type = "internal_error"
-
-
-class BadRequestError(ServerError):
-    status_code = 400
-    error_type = "invalid_request_error"
-
-
-class ModelNotFoundError(ServerError):
-    status_code = 404
-    error_type = "not_found_error"
-
-
-def _error_body(message: str, error_type: str, code: int) -> dict:
-    return {"error": {"message": message, "type": error_type, "param": None, "code": code}}
+# The product's error tree (serving.errors): the same OpenAI error bodies as the vLLM server.
 
 
 # --------------------------------------------------------------------------- request schema
@@ -123,20 +109,16 @@ class ChatCompletionRequest(BaseModel):
 
 
 def decode_data_url(url: str) -> Image.Image:
-    """An RGB image from a ``data:image/...;base64,...`` URL (these servers fetch nothing)."""
+    """An RGB image from a ``data:image/...;base64,...`` URL (these servers fetch nothing),
+    checked like the product server checks it."""
     if not url.startswith("data:"):
-        raise BadRequestError(
+        raise InvalidRequest(
             f"image_url {url[:40]!r} is not a data URL; send the photo inline as data:image/jpeg;base64,..."
         )
-    header, _, payload = url.partition(",")
-    if ";base64" not in header:
-        raise BadRequestError(f"image data URL header {header[:40]!r} lacks ';base64'")
-    try:
-        raw = base64.b64decode(payload, validate=True)
-        with Image.open(io.BytesIO(raw)) as im:
-            return im.convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError) as exc:
-        raise BadRequestError(f"image data URL ({len(payload)} base64 characters) is not a readable image: {exc}") from exc
+    raw = decode_data_url_bytes(url, _POLICY, "image_url")
+    check_image_bytes(raw, _POLICY, "image_url")
+    with Image.open(io.BytesIO(raw)) as im:
+        return im.convert("RGB")
 
 
 def _message_text(message: ChatMessage, images: list[Image.Image]) -> str:
@@ -146,7 +128,7 @@ def _message_text(message: ChatMessage, images: list[Image.Image]) -> str:
     for part in message.content:
         if isinstance(part, ImagePart):
             if message.role != "user":
-                raise BadRequestError(f"an image part in a {message.role!r} message; images go in user messages")
+                raise InvalidRequest(f"an image part in a {message.role!r} message; images go in user messages")
             images.append(decode_data_url(part.image_url.url))
             pieces.append(IMAGE_SEGMENT)
         else:
@@ -167,7 +149,7 @@ def render_messages(messages: list[ChatMessage]) -> tuple[str, list[Image.Image]
         else:
             turns.append((message.role, _message_text(message, images)))
     if not turns or turns[-1][0] != "user":
-        raise BadRequestError("the last message must come from the user")
+        raise InvalidRequest("the last message must come from the user")
     return build_prompt(turns, system), images
 
 
@@ -264,7 +246,7 @@ async def _job_stream(job: Job, assembler: TextAssembler, done: Completion) -> A
                 if delta := assembler.push(value):
                     yield delta
             elif kind == "error":
-                raise ServerError(value)
+                raise InternalError(value)
             else:
                 done.finish_reason = value
                 if delta := assembler.finish():
@@ -291,8 +273,8 @@ async def _sse(job: Job, assembler: TextAssembler, base: dict, include_usage: bo
     try:
         async for delta in _job_stream(job, assembler, done):
             yield _chunk(base, {"content": delta})
-    except ServerError as exc:  # headers are sent: report in-band as OpenAI does
-        yield f"data: {json.dumps(_error_body(str(exc), exc.error_type, exc.status_code))}\n\n"
+    except ServingError as exc:  # headers are sent: report in-band as OpenAI does
+        yield f"data: {exc.body().decode()}\n\n"
         return
     yield _chunk(base, {}, finish_reason=done.finish_reason)
     if include_usage:
@@ -323,13 +305,13 @@ def create_app(engine: HFEngine, model_name: str, defaults: GenerationDefaults) 
     app = FastAPI(title="skingpt4 HF baseline")
     tokenizer = engine.pipeline.tokenizer
 
-    @app.exception_handler(ServerError)
-    async def _server_error(request: Request, exc: ServerError) -> JSONResponse:
-        return JSONResponse(_error_body(str(exc), exc.error_type, exc.status_code), status_code=exc.status_code)
+    @app.exception_handler(ServingError)
+    async def _server_error(request: Request, exc: ServingError) -> Response:
+        return Response(exc.body(), status_code=exc.status, media_type="application/json")
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_error_body(str(exc.errors()), "invalid_request_error", 400), status_code=400)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return await _server_error(request, InvalidRequest(str(exc.errors())))
 
     @app.get("/health")
     async def health() -> dict:
@@ -344,9 +326,9 @@ def create_app(engine: HFEngine, model_name: str, defaults: GenerationDefaults) 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
         if req.model != model_name:
-            raise ModelNotFoundError(f"model {req.model!r} is not served here; this server serves {model_name!r}")
+            raise ModelNotFound(f"model {req.model!r} is not served here; this server serves {model_name!r}")
         if req.n != 1:
-            raise BadRequestError(f"n is {req.n}; these baselines answer one choice (n=1)")
+            raise InvalidRequest(f"n is {req.n}; these baselines answer one choice (n=1)")
         prompt, images = render_messages(req.messages)
         job = Job(prompt, images, defaults.sampling(req), asyncio.get_running_loop())
         engine.submit(job)

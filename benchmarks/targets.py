@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from serving.commands import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,12 +64,6 @@ def api_key() -> str | None:
 
 class TargetError(RuntimeError):
     """A target that would not start or answer."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def child_env() -> dict[str, str]:

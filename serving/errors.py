@@ -59,6 +59,16 @@ class PayloadTooLarge(ServingError):
     type = "PayloadTooLargeError"
 
 
+class ModelNotFound(ServingError):
+    status = 404
+    type = "NotFoundError"
+
+
+class InternalError(ServingError):
+    status = 500
+    type = "InternalServerError"
+
+
 class HeadersTooLarge(ServingError):
     status = 431
     type = "RequestHeaderFieldsTooLargeError"

@@ -159,7 +159,7 @@ def test_health_and_models(client):
 
 @pytest.mark.parametrize("body,status,needle", [
     (_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.jpg"}}]}]), 400, "not a data URL"),
-    (_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}]}]), 400, "not a readable image"),
+    (_body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}}]}]), 400, "not an image PIL can read"),
     (_body(model="other"), 404, "'other'"),
     (_body(n=2), 400, "n is 2"),
     (_body(messages=[{"role": "assistant", "content": "hi"}]), 400, "last message"),
