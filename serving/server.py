@@ -31,6 +31,12 @@ class EmbeddedServerConfig(BaseModel):
     max_num_seqs: int = Field(default=64, ge=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
     enforce_eager: bool = Field(default=True, description="No graph capture (CPU, quick start).")
+    block_size: int | None = Field(
+        default=None,
+        description="KV-cache block in tokens (prefix caching reuses whole blocks). None: 32 on "
+        "a CPU, where vLLM's 128 would leave most of a consult's shared prefix uncached; "
+        "vLLM's default on a GPU.",
+    )
     shutdown_timeout_s: int = Field(default=30, ge=0, description="SIGTERM drain time.")
     policy: ServePolicy = Field(default_factory=ServePolicy)
 
@@ -61,6 +67,9 @@ class EmbeddedServerConfig(BaseModel):
         ]
         if self.enforce_eager:
             args.append("--enforce-eager")
+        block_size = self.block_size or _default_block_size()
+        if block_size:
+            args += ["--block-size", str(block_size)]
         return args
 
     def environment(self) -> dict[str, str]:
@@ -70,6 +79,12 @@ class EmbeddedServerConfig(BaseModel):
         env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
         return env
+
+
+def _default_block_size() -> int | None:
+    import torch
+
+    return None if torch.cuda.is_available() else 32
 
 
 def run_embedded(config: EmbeddedServerConfig) -> None:

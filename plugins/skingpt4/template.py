@@ -3,6 +3,8 @@
     <system>###Human: <Img><ImageHere></Img> What's wrong with my skin?###Assistant:
 
 Follow-up turns append ``###Assistant: <answer>###Human: <question>``; images stay in context.
+The answer is stripped, as SkinGPT-4 stores it; then the re-sent answer tokenizes as it was
+generated (``:`` + `` The``), so prefix caching covers the whole history, not just turn 1.
 The Jinja template below renders exactly this from OpenAI chat messages. It loops over the
 content parts, so vLLM hands it the ``openai`` content format and the template, not vLLM, puts
 each image where the user put it. Literal text keeps its spaces (``'###Human: '``).
@@ -41,11 +43,15 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'user' -%}{{- '###Human: ' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- '###Assistant: ' -}}{%- endif -%}"
     "{%- if message['role'] in ['user', 'assistant'] -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- if message['content'] is string and message['role'] == 'assistant' -%}"
+    "{{- message['content'] | trim -}}"
+    "{%- elif message['content'] is string -%}{{- message['content'] -}}"
     "{%- else -%}"
     "{%- for content in message['content'] -%}"
     "{%- if not loop.first -%}{{- ' ' -}}{%- endif -%}"
     "{%- if content['type'] in ['image', 'image_url'] -%}{{- '" + IMAGE_SEGMENT + "' -}}"
+    "{%- elif content['type'] == 'text' and message['role'] == 'assistant' -%}"
+    "{{- content['text'] | trim -}}"
     "{%- elif content['type'] == 'text' -%}{{- content['text'] -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
@@ -59,11 +65,11 @@ def build_prompt(turns: list[tuple[str, str]], system: str = DEFAULT_SYSTEM) -> 
     """Render (role, text) turns the way SkinGPT-4's ``Conversation.get_prompt`` does.
 
     ``role`` is ``user`` or ``assistant``; user text carries ``<Img><ImageHere></Img>`` where an
-    image goes. Ends with ``###Assistant:`` so the model answers next.
+    image goes; answers are stripped. Ends with ``###Assistant:`` so the model answers next.
     """
     out = system
     for role, text in turns:
-        out += f"{SEP}{ROLES[role]}: {text}"
+        out += f"{SEP}{ROLES[role]}: {text.strip() if role == 'assistant' else text}"
     return out + f"{SEP}Assistant:"
 
 

@@ -49,3 +49,27 @@ def test_unsupported_text_model_is_named():
 
     with pytest.raises(ValueError, match="'gpt2'"):
         SkinGPT4Config(text_config={"model_type": "gpt2"})
+
+
+def test_chat_template_renders_the_skingpt4_prompt(tiny_checkpoints):
+    """The shipped Jinja template and build_prompt agree, parts or strings, answers stripped."""
+    from transformers import AutoTokenizer
+
+    from plugins.skingpt4.template import build_prompt, image_question
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoints["falcon"])
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": " A red plaque. "}]},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "  Dry skin.\n"},
+        {"role": "user", "content": [{"type": "text", "text": "And this one?"}, {"type": "image"}]},
+    ]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    want = build_prompt([
+        ("user", image_question("What is it?")), ("assistant", " A red plaque. "), ("user", "Why?"),
+        ("assistant", "  Dry skin.\n"), ("user", "And this one? <Img><ImageHere></Img>"),
+    ])
+    assert rendered == want
+    assert rendered.endswith("###Human: And this one? <Img><ImageHere></Img>###Assistant:")
+    assert "###Assistant: A red plaque.###Human: Why?###Assistant: Dry skin.###" in rendered
