@@ -229,7 +229,8 @@ def goals_section(runs: list[dict], scenario: str = "single") -> str:
         )
     for r in (r for r in runs if r["scenario"] == "consult" and r["followup_ttft_ratio"] is not None):
         lines.append(
-            f"- consult, {r['target']}: median TTFT turns 2-4 / turn 1 = {r['followup_ttft_ratio']:.2f} (goal <= 0.5)"
+            f"- consult, {r['target']} at concurrency {r['max_concurrency']}: median TTFT turns 2-4 / "
+            f"turn 1 = {r['followup_ttft_ratio']:.2f} (goal <= 0.5)"
         )
     return "\n".join(lines or ["- n/a: the runs these goals compare are missing"]) + "\n"
 
