@@ -53,7 +53,3 @@ class ImagePreprocessor:
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
         return (x - mean) / std
-
-
-def preprocess_images(images, image_size: int = 224) -> torch.Tensor:
-    return ImagePreprocessor(image_size=image_size)(images)

@@ -13,7 +13,7 @@ flows with production shapes. Attention head sizes are at least 32 (vLLM's CPU k
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 LLMFamily = Literal["falcon", "llama"]
@@ -34,7 +34,6 @@ class Preset:
     """Std of random weights in generated checkpoints. Tiny models with 0.02 answer the same
     whatever the image; a larger std makes the greedy answer depend on it."""
     description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _FULL_VISION = dict(
