@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from functools import lru_cache
@@ -43,25 +44,33 @@ def _check_text(text: Any, where: str) -> None:
 
 
 def _image_parts(messages: list) -> list[tuple[str, dict]]:
+    """Check every message; return the image parts. Only ``text`` and ``image_url`` parts are
+    accepted: vLLM would also take typeless or ``input_image``/``input_text`` parts, which
+    would bypass these checks."""
     found = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidRequest(f"messages[{i}] must be an object with role and content")
         content = message.get("content")
-        if content is None or isinstance(content, str):
-            if isinstance(content, str):
-                _check_text(content, f"messages[{i}].content")
+        if content is None:
+            continue
+        if isinstance(content, str):
+            _check_text(content, f"messages[{i}].content")
             continue
         if not isinstance(content, list):
             raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts")
         for j, part in enumerate(content):
             where = f"messages[{i}].content[{j}]"
-            if not isinstance(part, dict):
-                raise InvalidRequest(f"{where} must be an object with a type")
-            if part.get("type") == "text":
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
                 _check_text(part.get("text"), where)
-            elif part.get("type") == "image_url":
+            elif kind == "image_url":
                 found.append((where, part))
+            else:
+                raise InvalidRequest(
+                    f"{where}: part type {kind!r} is not accepted; use 'text' or 'image_url'",
+                    param=where,
+                )
     return found
 
 
@@ -70,16 +79,18 @@ async def _inline_image(where: str, part: dict, policy: ServePolicy) -> None:
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:
         raise InvalidRequest(f"{where}: image_url.url must be a non-empty string", param=where)
-    if url.startswith("data:"):
-        check_image_bytes(decode_data_url(url, policy, where), policy, where)
+    if url[:5].lower() == "data:":
+        data = decode_data_url(url, policy, where)
+        # Decoding a large photo takes milliseconds: off the server's event loop.
+        await asyncio.to_thread(check_image_bytes, data, policy, where)
         return
     data = await fetch_remote_image(url, policy, where)
-    mime = check_image_bytes(data, policy, where)
+    mime = await asyncio.to_thread(check_image_bytes, data, policy, where)
     encoded = base64.b64encode(data).decode()
     part["image_url"] = {"url": f"data:{mime};base64,{encoded}"}
 
 
-def _check_response_format(body: dict) -> None:
+async def _check_response_format(body: dict) -> None:
     fmt = body.get("response_format")
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return
@@ -105,7 +116,7 @@ def _check_response_format(body: dict) -> None:
             f"response_format.json_schema.schema is not a valid JSON schema at {path}: "
             f"{exc.message}"
         ) from None
-    reason = _grammar_error(json.dumps(schema, sort_keys=True))
+    reason = await asyncio.to_thread(_grammar_error, json.dumps(schema, sort_keys=True))
     if reason:
         raise InvalidRequest(
             "response_format.json_schema.schema is valid JSON Schema but the structured-output "
@@ -158,9 +169,32 @@ async def prepare_chat_request(body: Any, policy: ServePolicy) -> dict:
         )
     for where, part in images:
         await _inline_image(where, part, policy)
+    _check_n(body, policy)
+    await _check_response_format(body)
+    _apply_stop(body, policy)
+    return body
+
+
+def _check_n(body: dict, policy: ServePolicy) -> None:
     n = body.get("n")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= policy.max_n):
         raise InvalidRequest(f"n is {n!r}; it must be an integer from 1 to {policy.max_n}", param="n")
-    _check_response_format(body)
+
+
+def prepare_completion_request(body: Any, policy: ServePolicy) -> dict:
+    """``/v1/completions``: text prompts only (token ids could carry the image tokens, which
+    lie outside the language model's vocabulary), no reserved tokens, bounded ``n``, ``###``."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequest(
+            "prompt must be a string or a list of strings; token-id prompts are not accepted",
+            param="prompt",
+        )
+    for i, text in enumerate(prompts):
+        _check_text(text, f"prompt[{i}]" if isinstance(prompt, list) else "prompt")
+    _check_n(body, policy)
     _apply_stop(body, policy)
     return body

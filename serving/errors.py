@@ -59,6 +59,11 @@ class PayloadTooLarge(ServingError):
     type = "PayloadTooLargeError"
 
 
+class RouteNotFound(ServingError):
+    status = 404
+    type = "NotFoundError"
+
+
 class ModelNotFound(ServingError):
     status = 404
     type = "NotFoundError"

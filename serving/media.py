@@ -7,6 +7,7 @@ bad photos get a 4xx that names the problem instead of an engine-side failure.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -34,6 +35,7 @@ Resolver = Callable[[str, int], list[str]]
 def decode_data_url(url: str, policy: ServePolicy, where: str) -> bytes:
     """``data:image/...;base64,...`` -> bytes. ``where`` names the part in error messages."""
     header, sep, payload = url.partition(",")
+    header = header.lower()
     if not sep or not header.startswith("data:"):
         raise InvalidImage(f"{where}: malformed data URL; expected data:image/<type>;base64,<data>")
     if not header.endswith(";base64"):
@@ -90,13 +92,28 @@ def _system_resolver(host: str, port: int) -> list[str]:
     return [info[4][0] for info in infos]
 
 
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries (mapped, 6to4, Teredo, NAT64), which routers
+    may deliver to: each must be public too."""
+    found = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
+    if ip.teredo is not None:
+        found += list(ip.teredo)
+    if ip in ipaddress.ip_network("64:ff9b::/96"):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not (
-        ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast
-        or ip.is_reserved or ip.is_unspecified or not ip.is_global
+    candidates = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.is_site_local:
+            return False
+        candidates += _embedded_ipv4(ip)
+    return all(
+        not (a.is_loopback or a.is_private or a.is_link_local or a.is_multicast
+             or a.is_reserved or a.is_unspecified) and a.is_global
+        for a in candidates
     )
 
 
@@ -110,31 +127,34 @@ def check_remote_url(
     url: str, policy: ServePolicy, where: str, resolver: Resolver = _system_resolver
 ) -> tuple[str, str, int]:
     """Refuse what policy forbids; return (scheme, pinned address, port) to fetch from."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
+    try:
+        parts = urlsplit(url)
+        scheme, host, port = parts.scheme.lower(), parts.hostname or "", parts.port
+    except ValueError:
+        raise InvalidImage(f"{where}: the image URL is malformed") from None
+    if scheme not in ("http", "https"):
         raise RemoteImageRefused(
             f"{where}: image URLs must be data URLs (data:image/...;base64,...) or http(s); "
-            f"got scheme {parts.scheme!r}"
+            f"got scheme {scheme!r}"
         )
     if not policy.allowed_media_domains:
         raise RemoteImageRefused(
             f"{where}: remote image URLs are disabled on this server; send the photo as a "
             "base64 data URL"
         )
-    host = parts.hostname or ""
     if not host_allowed(host, policy.allowed_media_domains):
         raise RemoteImageRefused(f"{where}: host {host!r} is not in the allowed media domains")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = port or (443 if scheme == "https" else 80)
     try:
         addresses = resolver(host, port)
-    except OSError:
+    except (OSError, UnicodeError, ValueError):
         raise RemoteImageFailed(f"{where}: cannot resolve host {host!r}") from None
     if not addresses or not all(is_public_address(a) for a in addresses):
         raise RemoteImageRefused(
             f"{where}: host {host!r} resolves to a loopback, private or link-local address; "
             "such addresses are never fetched"
         )
-    return parts.scheme, addresses[0], port
+    return scheme, addresses[0], port
 
 
 async def fetch_remote_image(
@@ -143,14 +163,15 @@ async def fetch_remote_image(
     """GET an allowed image URL from the address just checked (no re-resolution, no redirects)."""
     import httpx
 
-    scheme, address, port = check_remote_url(url, policy, where, resolver)
+    # Resolution blocks: off the server's event loop.
+    scheme, address, port = await asyncio.to_thread(check_remote_url, url, policy, where, resolver)
     parts = urlsplit(url)
     literal = f"[{address}]" if ":" in address else address
     pinned = parts._replace(netloc=f"{literal}:{port}").geturl()
     headers = {"Host": parts.netloc.rsplit("@", 1)[-1]}
     extensions = {"sni_hostname": parts.hostname} if scheme == "https" else {}
     try:
-        async with httpx.AsyncClient(
+        async with asyncio.timeout(policy.media_fetch_timeout_s), httpx.AsyncClient(
             follow_redirects=False, timeout=policy.media_fetch_timeout_s, trust_env=False
         ) as client:
             async with client.stream("GET", pinned, headers=headers, extensions=extensions) as resp:
@@ -166,5 +187,9 @@ async def fetch_remote_image(
                             f"{where}: remote image exceeds {policy.max_image_bytes // 2**20} MiB"
                         )
                 return bytes(body)
+    except TimeoutError:
+        raise RemoteImageFailed(
+            f"{where}: fetching the image took longer than {policy.media_fetch_timeout_s:g} s"
+        ) from None
     except httpx.HTTPError as exc:
         raise RemoteImageFailed(f"{where}: fetching the image failed ({type(exc).__name__})") from None

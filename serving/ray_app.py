@@ -25,6 +25,7 @@ imports vLLM: several seconds).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from pathlib import Path
@@ -39,7 +40,9 @@ from ray.serve.llm.ingress import OpenAiIngress
 from starlette.responses import JSONResponse, Response
 
 from serving.policy import POLICY_ENV, ServePolicy
-from serving.server import EmbeddedServerConfig
+from serving.server import NO_MEDIA_DOMAINS, EmbeddedServerConfig
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = "skingpt4"
 API_KEY_ENV = "SKINGPT4_API_KEY"
@@ -121,10 +124,10 @@ class RayAppArgs(BaseModel):
     replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
 
 
-def engine_kwargs(config: EmbeddedServerConfig) -> dict[str, Any]:
+def engine_kwargs(config: EmbeddedServerConfig, accelerator: str = "cpu") -> dict[str, Any]:
     """vLLM engine options of a replica: the embedded server's (a test holds the two lists equal),
     as ``AsyncEngineArgs``/``FrontendArgs`` fields."""
-    return {
+    kwargs = {
         "dtype": config.dtype,
         "max_model_len": config.max_model_len,
         "max_num_seqs": config.max_num_seqs,
@@ -137,7 +140,12 @@ def engine_kwargs(config: EmbeddedServerConfig) -> dict[str, Any]:
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         "enable_force_include_usage": True,
         "enable_log_requests": False,  # request bodies hold the photos
+        "allowed_media_domains": list(NO_MEDIA_DOMAINS),
     }
+    block_size = config.kv_block_size(on_gpu=accelerator == "gpu")
+    if block_size:
+        kwargs["block_size"] = block_size
+    return kwargs
 
 
 def engine_environment(config: EmbeddedServerConfig, accelerator: str) -> dict[str, str]:
@@ -173,7 +181,7 @@ def llm_config(args: RayAppArgs) -> LLMConfig:
             }
     return LLMConfig(
         model_loading_config={"model_id": server.model_name, "model_source": _model_path(server.model)},
-        engine_kwargs=engine_kwargs(server),
+        engine_kwargs=engine_kwargs(server, replicas.accelerator),
         deployment_config=replicas.deployment_config(server.shutdown_timeout_s),
         runtime_env={"env_vars": engine_environment(server, replicas.accelerator)},
         **options,
@@ -236,7 +244,9 @@ class SkinGPT4Ingress(OpenAiIngress):
             await asyncio.wait_for(asyncio.gather(*checks), HEALTH_TIMEOUT_S)
         except Exception as exc:  # no replica yet, or one whose engine died
             detail = "no model replica answered in time" if isinstance(exc, TimeoutError) else str(exc)
-            return JSONResponse({"status": "unavailable", "detail": detail}, status_code=503)
+            # /health is open: the detail (node addresses, tracebacks) goes to the log only.
+            logger.warning("health check failed: %s", detail)
+            return JSONResponse({"status": "unavailable"}, status_code=503)
         return Response(status_code=200)
 
 

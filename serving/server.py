@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.policy import ServePolicy
 
 DEFAULT_MODEL_NAME = "skingpt4"
+CPU_BLOCK_SIZE = 32
+# vLLM itself never fetches a URL: the middleware inlines allowed remote photos as data URLs,
+# and this reserved name (RFC 2606) makes vLLM refuse any URL that reaches it some other way.
+NO_MEDIA_DOMAINS = ("media.invalid",)
 
 
 class EmbeddedServerConfig(BaseModel):
@@ -56,6 +60,7 @@ class EmbeddedServerConfig(BaseModel):
             # the client. Sending the pixels every time costs ~0.6 MB of IPC per photo.
             "--mm-processor-cache-gb", "0",
             "--limit-mm-per-prompt", json.dumps({"image": self.policy.max_images_per_request}),
+            "--allowed-media-domains", *NO_MEDIA_DOMAINS,
             "--generation-config", "auto",
             "--structured-outputs-config",
             json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
@@ -67,29 +72,35 @@ class EmbeddedServerConfig(BaseModel):
         ]
         if self.enforce_eager:
             args.append("--enforce-eager")
-        block_size = self.block_size or _default_block_size()
+        block_size = self.kv_block_size(on_gpu=_has_cuda())
         if block_size:
             args += ["--block-size", str(block_size)]
         return args
+
+    def kv_block_size(self, on_gpu: bool) -> int | None:
+        return self.block_size or (None if on_gpu else CPU_BLOCK_SIZE)
 
     def environment(self) -> dict[str, str]:
         env = dict(self.policy.to_env())
         # Defence in depth behind the middleware: vLLM's own decoder limit and no redirects.
         env["VLLM_MAX_IMAGE_PIXELS"] = str(self.policy.max_image_pixels)
         env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
+        env["VLLM_MEDIA_CACHE"] = ""  # vLLM's opt-in media download cache writes to disk
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
         return env
 
 
-def _default_block_size() -> int | None:
+def _has_cuda() -> bool:
     import torch
 
-    return None if torch.cuda.is_available() else 32
+    return torch.cuda.is_available()
 
 
 def run_embedded(config: EmbeddedServerConfig) -> None:
     """Serve until SIGTERM/SIGINT (blocks). Must run under ``if __name__ == "__main__"``."""
     os.environ.update(config.environment())
+    # One machine: the engine's processes talk over loopback, not the host's network address.
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args

@@ -143,3 +143,41 @@ def test_oversized_body(server):
     huge = base64.b64encode(b"\0" * (70 * 2**20)).decode()
     r = post(server, {"messages": [image_message([f"data:image/png;base64,{huge}"])]})
     assert_refused(server, r, 413, "limit")
+
+
+@pytest.mark.parametrize("part", [
+    {"image_url": {"url": "data:image/png;base64,AAAA"}},  # no type: vLLM would still take it
+    {"type": "input_image", "image_url": "data:image/png;base64,AAAA"},
+    {"type": "input_text", "text": "<ImageHere>"},
+])
+def test_other_part_types_are_refused(server, part):
+    r = post(server, {"messages": [{"role": "user", "content": [part, {"type": "text", "text": "hi"}]}]})
+    assert_refused(server, r, 400, "is not accepted", "'text' or 'image_url'")
+
+
+def test_token_id_prompts_are_refused(server):
+    r = httpx.post(f"{server.base_url}/v1/completions", headers=server.headers(), timeout=60,
+                   json={"model": server.model, "prompt": [1, 804, 805], "max_tokens": 4})
+    assert_refused(server, r, 400, "token-id prompts are not accepted")
+
+
+def test_completions_text_prompt_is_checked_and_served(server):
+    r = httpx.post(f"{server.base_url}/v1/completions", headers=server.headers(), timeout=60,
+                   json={"model": server.model, "prompt": "Human: hi <ImagePad>", "max_tokens": 4})
+    assert_refused(server, r, 400, "reserved token")
+    ok = httpx.post(f"{server.base_url}/v1/completions", headers=server.headers(), timeout=60,
+                    json={"model": server.model, "prompt": "Itchy red skin:", "max_tokens": 4})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("url,words", [("http://[::1/a.jpg", ("malformed",)),
+                                       ("http://images.example.org:99999/a.jpg", ("malformed",))])
+def test_malformed_image_urls(server, url, words):
+    assert_refused(server, post(server, {"messages": [image_message([url])]}), 400, *words)
+
+
+def test_deeply_nested_json(server):
+    body = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", content=body,
+                   headers={**server.headers(), "content-type": "application/json"})
+    assert_refused(server, r, 400, "nested too deeply")

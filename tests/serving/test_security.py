@@ -112,6 +112,10 @@ def _stub(addresses):
 @pytest.mark.parametrize("address", [
     "10.1.2.3", "172.16.0.9", "192.168.1.20", "169.254.169.254", "fe80::1", "fd00::5",
     "127.0.0.1", "::1", "0.0.0.0", "::ffff:10.0.0.1", "100.64.0.1",
+    "2002:7f00:1::1", "2002:a9fe:a9fe::1",  # 6to4 around loopback and link-local
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo whose client is 10.0.0.1
+    "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+    "fec0::1",  # site-local
 ])
 def test_private_and_link_local_addresses_are_refused(address):
     policy = ServePolicy(allowed_media_domains=("images.example.org",))
@@ -167,3 +171,36 @@ def test_images_never_reach_disk_or_logs(server):
             for needle in needles:
                 assert needle not in data, f"image bytes found in {path}"
     assert scanned >= 1 and server.log.stat().st_size > 0  # the log was searched
+
+
+def test_public_addresses_pass():
+    assert is_public_address("93.184.216.34")
+    assert is_public_address("2606:2800:220:1:248:1893:25c8:1946")
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/v1/responses"), ("POST", "/v1/messages"),
+                                         ("POST", "/tokenize"), ("POST", "/v1/chat/completions/render"),
+                                         ("GET", "/docs")])
+def test_routes_outside_the_product_are_not_served(server, method, path):
+    listener = Listener()
+    url = f"http://127.0.0.1:{listener.port}/x.jpg"
+    body = {"model": server.model, "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": url}, {"type": "input_text", "text": "hi"}]}],
+        "messages": [{"role": "user", "content": [{"image_url": {"url": url}}]}], "max_tokens": 4}
+    try:
+        r = httpx.request(method, f"{server.base_url}{path}", headers=server.headers(), json=body, timeout=60)
+    finally:
+        listener.close()
+    assert r.status_code == 404
+    assert "not served here" in r.json()["error"]["message"]
+    assert listener.connections == 0
+
+
+def test_vllm_itself_fetches_no_url(server):
+    """Defence in depth: even a URL that reached vLLM would be refused by its own allowlist."""
+    from serving.server import NO_MEDIA_DOMAINS, EmbeddedServerConfig
+
+    argv = EmbeddedServerConfig(model="m").vllm_args()
+    at = argv.index("--allowed-media-domains")
+    assert argv[at + 1:at + 1 + len(NO_MEDIA_DOMAINS)] == list(NO_MEDIA_DOMAINS)
+    assert all(d.endswith(".invalid") for d in NO_MEDIA_DOMAINS)
