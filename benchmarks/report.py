@@ -207,7 +207,7 @@ def _find(runs: list[dict], target: str, concurrency: int, scenario: str = "sing
 
 
 def goals_section(runs: list[dict], scenario: str = "single") -> str:
-    """The issue's goals, as measured; a goal whose runs are missing is left out."""
+    """The benchmark goals, as measured; a goal whose runs are missing is left out."""
     c_max = max((r["max_concurrency"] or 0 for r in runs if r["scenario"] == scenario), default=0)
     emb, ref, hfb = (_find(runs, t, c_max, scenario) for t in ("embedded", "reference", "hf-batched"))
     emb1, ray1 = _find(runs, "embedded", 1, scenario), _find(runs, "ray", 1, scenario)

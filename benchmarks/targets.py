@@ -49,6 +49,7 @@ CHILD_ENV_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",  # one machine: engine traffic stays on loopback
     "TOKENIZERS_PARALLELISM": "false",
 }
 

@@ -96,13 +96,18 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, timeout_s: float = 300) 
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> int:
+    """SIGTERM (the server drains), then SIGKILL for whatever of its session is left."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # started with start_new_session: pgid == pid
+    except ProcessLookupError:
+        pass
+    proc.wait()
     return proc.returncode
 
 
@@ -118,12 +123,13 @@ def run_demo(args: argparse.Namespace) -> int:
         write_tiny_checkpoint(args.model, preset="tiny", family="llama")
     port = args.port or free_port()
     base = f"http://127.0.0.1:{port}"
-    log = open(os.devnull, "w")
-    print(f"starting the server on {base} (about 40 s on a CPU)...", file=sys.stderr)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "serve", str(args.model), "--port", str(port)],
-        stdout=log, stderr=log, start_new_session=True,
-    )
+    log_path = args.model.parent / "demo-server.log"
+    print(f"starting the server on {base} (about 40 s on a CPU; log: {log_path})...", file=sys.stderr)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.cli", "serve", str(args.model), "--port", str(port)],
+            stdout=log, stderr=log, start_new_session=True,
+        )
     try:
         wait_healthy(base, proc)
         import base64

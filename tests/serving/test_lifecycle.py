@@ -55,7 +55,7 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_checkpoints, tmp_path, phot
 
 
 def test_demo_streams_an_answer_and_leaves_no_process(tiny_checkpoints, tmp_path):
-    model = str(tiny_checkpoints["llama"])  # engine processes are spawned: "spawn_main"
+    model = str(tiny_checkpoints["llama"])  # engine processes: "spawn_main", renamed "VLLM::..."
     before = {p.pid for p in psutil.process_iter()}
     out = subprocess.run(
         [sys.executable, "-m", "serving.cli", "demo", "--model", model],
@@ -67,5 +67,5 @@ def test_demo_streams_an_answer_and_leaves_no_process(tiny_checkpoints, tmp_path
     assert "server stopped (exit code 0)" in out.stderr
     left = [p for p in psutil.process_iter(["pid", "cmdline"])
             if p.info["pid"] not in before
-            and any(mark in " ".join(p.info["cmdline"] or []) for mark in (model, "spawn_main"))]
+            and any(mark in " ".join(p.info["cmdline"] or []) for mark in (model, "spawn_main", "VLLM::"))]
     assert not left, [p.info for p in left]
