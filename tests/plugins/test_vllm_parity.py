@@ -91,3 +91,21 @@ def test_prompt_length_counts_32_positions_per_image(engines, photos):
     assert n_prompt == text_only + 32
     starts_with_bos = ref.tokenizer(prompt).input_ids[0] == ref.tokenizer.bos_token_id
     assert starts_with_bos == (family == "llama")  # Falcon has no BOS
+
+
+def test_image_token_ids_in_text_positions_do_not_crash_the_engine(engines, photos):
+    """A token-id prompt carrying the (out-of-vocabulary) image tokens without images must not
+    take the engine down; the next image request is still answered exactly."""
+    from vllm import SamplingParams
+
+    _, llm, ref = engines
+    cfg = ref.config
+    assert cfg.image_token_id >= cfg.text_config.vocab_size
+    ids = ref.tokenizer("What is it?", add_special_tokens=False).input_ids
+    bad = {"prompt_token_ids": [*ids, cfg.image_token_id, cfg.image_pad_token_id, *ids]}
+    out = llm.generate([bad], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    prompt = build_prompt([("user", image_question())])
+    got, _ = _vllm_tokens(llm, prompt, [photos[0]])
+    want, _ = _ref_tokens(ref, prompt, [photos[0]])
+    assert got == want
