@@ -79,7 +79,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(base_url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+def wait_healthy(
+    base_url: str, proc: subprocess.Popen, timeout_s: float = 300, probe_timeout_s: float = 2
+) -> None:
+    """Until ``GET /health`` answers 200; fails early if the server process exits."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -87,7 +90,7 @@ def wait_healthy(base_url: str, proc: subprocess.Popen, timeout_s: float = 300) 
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
         try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{base_url}/health", timeout=probe_timeout_s).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -115,7 +114,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def ray_server(cluster, tiny_checkpoints, tmp_path_factory):
     """The CLI in Ray mode, joined to the test cluster; yields (base_url, process, log)."""
-    from serving.commands import free_port
+    from serving.commands import free_port, stop_server
 
     log = tmp_path_factory.mktemp("ray-serve") / "serve.log"
     port = free_port()
@@ -130,28 +129,17 @@ def ray_server(cluster, tiny_checkpoints, tmp_path_factory):
         wait_ready(base, proc, log)
         yield base, proc, log
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_server(proc, timeout_s=120)
 
 
 def wait_ready(base: str, proc: subprocess.Popen, log: Path) -> None:
     """Until ``/health`` is 200, which the ingress answers only once the LLM replicas do."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve --ray exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise TimeoutError(f"Ray app not healthy after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+    from serving.commands import wait_healthy
+
+    try:
+        wait_healthy(base, proc, timeout_s=START_TIMEOUT_S, probe_timeout_s=10)
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"serve --ray: {exc}:\n{log.read_text()[-4000:]}") from None
 
 
 @pytest.fixture(scope="module")
