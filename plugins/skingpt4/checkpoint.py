@@ -63,6 +63,7 @@ def write_model_folder(
         num_query_tokens=num_query_tokens,
         image_token_id=image_id,
         image_pad_token_id=pad_id,
+        image_position_token_id=_position_token_id(tokenizer, text_config["vocab_size"]),
         architectures=[ARCHITECTURE],
         dtype=dtype,
     )
@@ -75,6 +76,12 @@ def write_model_folder(
     if vision_state is not None:
         save_vision_weights(out, vision_state)
     return config
+
+
+def _position_token_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
+    """The id image positions carry: the unknown token (never generated) when the LM has one."""
+    unk = tokenizer.unk_token_id
+    return unk if unk is not None and 0 <= unk < vocab_size else 0
 
 
 def save_vision_weights(out: Path, state: dict[str, torch.Tensor]) -> None:

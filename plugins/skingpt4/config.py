@@ -36,7 +36,14 @@ class SkinGPT4Config(PreTrainedConfig):
     image_token_id: int | None = None
     """Token id of ``<ImageHere>``; replaced by ``num_query_tokens`` pad ids before the model."""
     image_pad_token_id: int | None = None
-    """Token id of the positions that receive image embeddings (may be outside the LM vocab)."""
+    """Token id of the ``<ImagePad>`` text token (outside the LM vocabulary): reserved, so that
+    no text can name an image position."""
+    image_position_token_id: int | None = None
+    """Token id that the ``num_query_tokens`` positions of each image carry in the engine (their
+    embeddings are replaced by the image's). It lies inside the LM vocabulary, so that every
+    engine path indexing the logits with prompt ids (prompt logprobs, echo, repetition penalty)
+    stays in range. Written as the tokenizer's unknown token where it has one; ``None`` (folders
+    written before this field existed): 0."""
 
     def __post_init__(self, **kwargs):
         if self.vision_config is None:
@@ -57,6 +64,14 @@ class SkinGPT4Config(PreTrainedConfig):
                 )
             self.text_config = CONFIG_MAPPING[kind](**self.text_config)
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        if self.image_position_token_id is None:
+            self.image_position_token_id = 0
+        vocab = getattr(self.text_config, "vocab_size", None)
+        if vocab is not None and not 0 <= self.image_position_token_id < vocab:
+            raise ValueError(
+                f"image_position_token_id {self.image_position_token_id} must lie inside the "
+                f"language model's vocabulary (0..{vocab - 1})"
+            )
         super().__post_init__(**kwargs)
 
     def get_text_config(self, *args, **kwargs):

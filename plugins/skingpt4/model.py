@@ -9,7 +9,7 @@ parallelism; the vision stack is the plain torch module of ``encoders`` (replica
 Data flow per request::
 
     prompt "...<Img><ImageHere></Img> question###Assistant:"   + N images
-      -> tokens; each <ImageHere> id -> 32 x <ImagePad> id      (processor, below)
+      -> tokens; each <ImageHere> id -> 32 image positions      (processor, below)
       -> pixel_values (N, 3, 224, 224) -> VisionStack -> (N, 32, H)
       -> scattered over the pad positions of the LM's input embeddings -> Falcon / Llama
 
@@ -133,12 +133,14 @@ class SkinGPT4MultiModalProcessor(BaseMultiModalProcessor[SkinGPT4ProcessingInfo
         out_mm_kwargs: MultiModalKwargsItems,
     ) -> Sequence[PromptUpdate]:
         config = self.info.get_hf_config()
-        pads = [config.image_pad_token_id] * config.num_query_tokens
+        # In-vocabulary ids at the image positions (see SkinGPT4Config.image_position_token_id):
+        # vLLM tracks which positions hold image embeddings, not which ids they carry.
+        positions = [config.image_position_token_id] * config.num_query_tokens
         return [
             PromptReplacement(
                 modality="image",
                 target=[config.image_token_id],
-                replacement=PromptUpdateDetails.select_token_id(pads, config.image_pad_token_id),
+                replacement=PromptUpdateDetails.from_seq(positions),
             )
         ]
 
@@ -185,10 +187,9 @@ class SkinGPT4ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP
                 prefix=maybe_prefix(prefix, "language_model"),
             )
 
-        # The pad id usually lies past the LM vocabulary (tokens added to a released tokenizer).
         self.configure_mm_token_handling(
             vocab_size=config.text_config.vocab_size,
-            mm_token_ids=[config.image_pad_token_id],
+            mm_token_ids=[config.image_position_token_id],
         )
         self.make_empty_intermediate_tensors = (
             self.language_model.make_empty_intermediate_tensors

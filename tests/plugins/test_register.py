@@ -36,6 +36,7 @@ def test_config_round_trip(tmp_path, tiny_checkpoints):
     assert isinstance(cfg, SkinGPT4Config)
     assert cfg.text_config.model_type == "falcon"
     assert cfg.image_pad_token_id >= cfg.text_config.vocab_size  # outside the LM vocabulary
+    assert 0 <= cfg.image_position_token_id < cfg.text_config.vocab_size
     cfg.save_pretrained(tmp_path)
     again = AutoConfig.from_pretrained(tmp_path)
     strip = lambda c: {k: v for k, v in c.to_dict().items() if k != "_name_or_path"}  # noqa: E731

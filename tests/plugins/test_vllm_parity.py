@@ -109,3 +109,27 @@ def test_image_token_ids_in_text_positions_do_not_crash_the_engine(engines, phot
     got, _ = _vllm_tokens(llm, prompt, [photos[0]])
     want, _ = _ref_tokens(ref, prompt, [photos[0]])
     assert got == want
+
+
+def test_prompt_logprobs_and_penalties_over_image_positions(engines, photos):
+    """Prompt logprobs (what chat ``echo`` asks for) and a repetition penalty index the logits
+    with every prompt id, the image positions included: the engine answers both and stays exact."""
+    from vllm import SamplingParams
+
+    _, llm, ref = engines
+    cfg = ref.config
+    assert 0 <= cfg.image_position_token_id < cfg.text_config.vocab_size
+    prompt = build_prompt([("user", image_question())])
+    request = {"prompt": prompt, "multi_modal_data": {"image": [photos[0]]}}
+    params = [
+        SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1),
+        SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.5),
+        SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=5, logprobs=2),
+    ]
+    outs = llm.generate([request] * len(params), params, use_tqdm=False)
+    logprobs = outs[0].prompt_logprobs
+    assert len(logprobs) == len(outs[0].prompt_token_ids)  # None for the first position
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs)
+    got, _ = _vllm_tokens(llm, prompt, [photos[0]])
+    want, _ = _ref_tokens(ref, prompt, [photos[0]])
+    assert got == want
