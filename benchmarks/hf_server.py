@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import string
 import time
@@ -42,9 +41,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from benchmarks.hf_engine import HFEngine, Job, Sampling
 from benchmarks.reference import ReferencePipeline
 from plugins.skingpt4.template import DEFAULT_SYSTEM, IMAGE_SEGMENT, SEP, build_prompt
-from serving.errors import InternalError, InvalidRequest, ModelNotFound, ServingError
-from serving.media import check_image_bytes
-from serving.media import decode_data_url as decode_data_url_bytes
+from serving.errors import InternalError, InvalidRequest, NotFound, ServingError
+from serving.media import data_url_bytes, decode_photo
 from serving.policy import ServePolicy
 
 _POLICY = ServePolicy()  # the product server's image limits
@@ -115,9 +113,7 @@ def decode_data_url(url: str) -> Image.Image:
         raise InvalidRequest(
             f"image_url {url[:40]!r} is not a data URL; send the photo inline as data:image/jpeg;base64,..."
         )
-    raw = decode_data_url_bytes(url, _POLICY, "image_url")
-    check_image_bytes(raw, _POLICY, "image_url")
-    with Image.open(io.BytesIO(raw)) as im:
+    with decode_photo(data_url_bytes(url, _POLICY, "image_url"), _POLICY, "image_url") as im:
         return im.convert("RGB")
 
 
@@ -326,7 +322,7 @@ def create_app(engine: HFEngine, model_name: str, defaults: GenerationDefaults) 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
         if req.model != model_name:
-            raise ModelNotFound(f"model {req.model!r} is not served here; this server serves {model_name!r}")
+            raise NotFound(f"model {req.model!r} is not served here; this server serves {model_name!r}")
         if req.n != 1:
             raise InvalidRequest(f"n is {req.n}; these baselines answer one choice (n=1)")
         prompt, images = render_messages(req.messages)

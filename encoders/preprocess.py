@@ -38,6 +38,12 @@ class ImagePreprocessor:
             raise ImageError("no images given")
         return torch.stack([self.one(im) for im in images])  # (B, 3, S, S)
 
+    def resize(self, image: Image.Image) -> Image.Image:
+        """RGB at (S, S), bicubic: the one resize of the pipeline. An image already RGB at
+        (S, S) comes back unchanged (PIL copies it), so resizing twice equals resizing once."""
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+
     def one(self, image: Image.Image) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             raise ImageError(f"expected a PIL image, got {type(image).__name__}")
@@ -46,8 +52,7 @@ class ImagePreprocessor:
             raise ImageError(
                 f"image is {w}x{h} pixels; each side must be at least {self.min_side} pixels"
             )
-        size = (self.image_size, self.image_size)
-        rgb = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        rgb = self.resize(image)
         x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)  # (S, S, 3)
         x = x.permute(2, 0, 1)  # (3, S, S)
         mean = torch.tensor(self.mean).view(3, 1, 1)

@@ -1,28 +1,41 @@
-"""Checks and SkinGPT-4 defaults applied to an OpenAI chat request before vLLM sees it.
+"""Checks and SkinGPT-4 defaults applied to an OpenAI request before vLLM sees it.
 
-- ``messages`` must be a non-empty list; text may not contain the reserved image tokens.
-- every ``image_url`` part: a data URL decoded and checked in memory, or an allowed remote URL
-  fetched from a public address and inlined as a data URL; at most ``max_images_per_request``.
-- ``n`` is bounded; SkinGPT-4's ``###`` separator is a stop string (except for JSON output).
-- ``response_format`` ``json_schema``: the schema must be valid; the name
-  ``dermatology_report`` without a schema selects the report schema shipped here.
+- the top-level fields follow the route's contract (:mod:`serving.contract`);
+- ``messages``: roles ``system``, ``user``, ``assistant``; ``text`` and ``image_url`` parts,
+  photos in user messages only; text is valid Unicode without the reserved image tokens, and
+  bounded in size;
+- every photo: a data URL, or an allowed remote URL fetched from a public address, decoded once
+  and forwarded to vLLM as a small lossless image (:func:`serving.media.forward_photo`); at most
+  ``max_images_per_request``;
+- ``n`` is bounded; SkinGPT-4's ``###`` separator is a stop string (except for JSON output);
+- ``response_format`` ``json_schema``: the schema must be valid and compile to a grammar; the
+  name ``dermatology_report`` without a schema selects the report schema shipped here.
+  ``json_object`` uses the grammar engine's built-in JSON grammar; other structured-output kinds
+  are outside the contract.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from serving.errors import InvalidRequest, TooManyImages
-from serving.media import check_image_bytes, decode_data_url, fetch_remote_image
+from serving.admission import Admission
+from serving.contract import CHAT_ROUTE, COMPLETIONS_ROUTE, check_fields
+from serving.errors import InvalidRequest
+from serving.media import (
+    data_url_payload_start,
+    fetch_remote_image,
+    forward_photo,
+    photo_from_data_url,
+)
 from serving.policy import ServePolicy
 
 RESERVED_TOKENS = ("<ImageHere>", "<ImagePad>")
 REPORT_SCHEMA_NAME = "dermatology_report"
+MAX_SCHEMA_CHARS = 64 * 1024
 
 
 @lru_cache(maxsize=1)
@@ -31,9 +44,24 @@ def report_schema() -> dict[str, Any]:
     return json.loads(text)
 
 
-def _check_text(text: Any, where: str) -> None:
+MESSAGE_KEYS = {"role", "content", "name"}
+ROLES = ("system", "user", "assistant")
+PART_KEYS = {"text": {"type", "text"}, "image_url": {"type", "image_url"}}
+IMAGE_URL_KEYS = {"url", "detail"}
+IMAGE_DETAILS = ("auto", "low", "high")
+
+
+def _check_text(text: Any, where: str) -> int:
+    """Refuse non-strings, text that is not valid Unicode and the reserved image tokens;
+    return the text's length."""
     if not isinstance(text, str):
         raise InvalidRequest(f"{where}: text must be a string", param=where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            f"{where}: text is not valid Unicode (it holds a lone UTF-16 surrogate)", param=where
+        ) from None
     for token in RESERVED_TOKENS:
         if token in text:
             raise InvalidRequest(
@@ -41,53 +69,102 @@ def _check_text(text: Any, where: str) -> None:
                 "parts and the server places them",
                 param=where,
             )
+    return len(text)
 
 
-def _image_parts(messages: list) -> list[tuple[str, dict]]:
-    """Check every message; return the image parts. Only ``text`` and ``image_url`` parts are
-    accepted: vLLM would also take typeless or ``input_image``/``input_text`` parts, which
-    would bypass these checks."""
-    found = []
+def _check_keys(obj: dict, allowed: set[str], where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise InvalidRequest(
+                f"{where}: unknown field {key!r}; accepted: {', '.join(sorted(allowed))}",
+                param=f"{where}.{key}",
+            )
+
+
+def _check_part(part: Any, role: str, where: str) -> tuple[int, bool]:
+    """One content part; return (its text length, whether it is a photo)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in PART_KEYS:
+        # vLLM would also take typeless or input_image/input_text parts past these checks.
+        raise InvalidRequest(
+            f"{where}: part type {kind!r} is not accepted; use 'text' or 'image_url'", param=where
+        )
+    _check_keys(part, PART_KEYS[kind], where)
+    if kind == "text":
+        return _check_text(part.get("text"), f"{where}.text"), False
+    if role != "user":
+        raise InvalidRequest(
+            f"{where}: a photo in a message with role {role!r}; SkinGPT-4 sees photos only in user "
+            "messages, so send it in a user message",
+            param=where,
+        )
+    spec = part.get("image_url")
+    if not isinstance(spec, dict):
+        raise InvalidRequest(f"{where}.image_url must be an object with a url", param=where)
+    _check_keys(spec, IMAGE_URL_KEYS, f"{where}.image_url")
+    if not isinstance(spec.get("url"), str) or not spec["url"]:
+        raise InvalidRequest(f"{where}: image_url.url must be a non-empty string", param=where)
+    if spec.get("detail") is not None and spec["detail"] not in IMAGE_DETAILS:
+        raise InvalidRequest(
+            f"{where}: image_url.detail must be one of {', '.join(IMAGE_DETAILS)}", param=where
+        )
+    return 0, True
+
+
+def _image_parts(messages: list, policy: ServePolicy) -> list[tuple[str, dict]]:
+    """Check every message; return the image parts. Roles are those the SkinGPT-4 template
+    renders, photos go in user messages, and only ``text`` and ``image_url`` parts exist."""
+    found, chars = [], 0
     for i, message in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise InvalidRequest(f"messages[{i}] must be an object with role and content")
+            raise InvalidRequest(f"{where} must be an object with role and content", param=where)
+        _check_keys(message, MESSAGE_KEYS, where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(
+                f"{where}.role is {role!r}; accepted roles: {', '.join(ROLES)}", param=f"{where}.role"
+            )
+        if "name" in message and not (isinstance(message["name"], str) and len(message["name"]) <= 64):
+            raise InvalidRequest(f"{where}.name must be a string of at most 64 characters",
+                                 param=f"{where}.name")
         content = message.get("content")
-        if content is None:
-            continue
         if isinstance(content, str):
-            _check_text(content, f"messages[{i}].content")
-            continue
-        if not isinstance(content, list):
-            raise InvalidRequest(f"messages[{i}].content must be a string or a list of parts")
-        for j, part in enumerate(content):
-            where = f"messages[{i}].content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                _check_text(part.get("text"), where)
-            elif kind == "image_url":
-                found.append((where, part))
-            else:
-                raise InvalidRequest(
-                    f"{where}: part type {kind!r} is not accepted; use 'text' or 'image_url'",
-                    param=where,
-                )
+            chars += _check_text(content, f"{where}.content")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                length, is_photo = _check_part(part, role, f"{where}.content[{j}]")
+                chars += length
+                if is_photo:
+                    found.append((f"{where}.content[{j}]", part))
+        else:
+            raise InvalidRequest(f"{where}.content must be a string or a list of parts",
+                                 param=f"{where}.content")
+    _check_text_size(chars, policy)
     return found
 
 
-async def _inline_image(where: str, part: dict, policy: ServePolicy) -> None:
-    spec = part.get("image_url")
-    url = spec.get("url") if isinstance(spec, dict) else spec
-    if not isinstance(url, str) or not url:
-        raise InvalidRequest(f"{where}: image_url.url must be a non-empty string", param=where)
+def _check_text_size(chars: int, policy: ServePolicy) -> None:
+    if chars > policy.max_text_chars:
+        raise InvalidRequest(
+            f"the request holds {chars} characters of text; the limit is {policy.max_text_chars}"
+        )
+
+
+async def _inline_image(where: str, part: dict, policy: ServePolicy, admission: Admission) -> None:
+    """Replace the photo's URL by the small lossless data URL the engine gets, decoding it in a
+    thread under one of the admission's decode slots."""
+    spec = part["image_url"]
+    url = spec["url"]
     if url[:5].lower() == "data:":
-        data = decode_data_url(url, policy, where)
-        # Decoding a large photo takes milliseconds: off the server's event loop.
-        await asyncio.to_thread(check_image_bytes, data, policy, where)
+        # Size and header checks need no decode slot: refuse oversized photos at once.
+        data_url_payload_start(url, policy, where)
+        async with admission.decode_slot(admission.deadline()):
+            spec["url"] = await asyncio.to_thread(photo_from_data_url, url, policy, where)
         return
     data = await fetch_remote_image(url, policy, where)
-    mime = await asyncio.to_thread(check_image_bytes, data, policy, where)
-    encoded = base64.b64encode(data).decode()
-    part["image_url"] = {"url": f"data:{mime};base64,{encoded}"}
+    async with admission.decode_slot(admission.deadline()):
+        spec["url"] = await asyncio.to_thread(forward_photo, data, policy, where)
 
 
 async def _check_response_format(body: dict) -> None:
@@ -108,15 +185,23 @@ async def _check_response_format(body: dict) -> None:
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
+    text = json.dumps(schema, sort_keys=True)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise InvalidRequest(
+            f"response_format.json_schema.schema is {len(text)} characters; the limit is "
+            f"{MAX_SCHEMA_CHARS}"
+        )
     try:
         Draft202012Validator.check_schema(schema)
+    except RecursionError:
+        raise InvalidRequest("response_format.json_schema.schema is nested too deeply") from None
     except SchemaError as exc:
         path = "/".join(str(p) for p in exc.path) or "(root)"
         raise InvalidRequest(
             f"response_format.json_schema.schema is not a valid JSON schema at {path}: "
             f"{exc.message}"
         ) from None
-    reason = await asyncio.to_thread(_grammar_error, json.dumps(schema, sort_keys=True))
+    reason = await asyncio.to_thread(_grammar_error, text)
     if reason:
         raise InvalidRequest(
             "response_format.json_schema.schema is valid JSON Schema but the structured-output "
@@ -154,47 +239,51 @@ def _apply_stop(body: dict, policy: ServePolicy) -> None:
     body["stop"] = list(dict.fromkeys([*stop, *policy.default_stop]))
 
 
-async def prepare_chat_request(body: Any, policy: ServePolicy) -> dict:
-    """Validate ``body`` (a parsed JSON request) and return it with SkinGPT-4 defaults."""
+async def prepare_chat_request(
+    body: Any, policy: ServePolicy, admission: Admission | None = None
+) -> dict:
+    """Validate ``body`` (a parsed JSON request) and return it with SkinGPT-4 defaults and each
+    photo replaced by the small image the engine gets. ``admission`` bounds the photos decoded
+    at once (None: a private pool, for callers outside the server)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list of chat messages", param="messages")
-    images = _image_parts(messages)
+    check_fields(CHAT_ROUTE, body)
+    images = _image_parts(body["messages"], policy)
     if len(images) > policy.max_images_per_request:
-        raise TooManyImages(
+        raise InvalidRequest(
             f"the request has {len(images)} images; the limit is {policy.max_images_per_request}",
             param="messages",
         )
-    for where, part in images:
-        await _inline_image(where, part, policy)
     _check_n(body, policy)
     await _check_response_format(body)
     _apply_stop(body, policy)
+    admission = admission or Admission.from_policy(policy)
+    for where, part in images:
+        await _inline_image(where, part, policy, admission)
     return body
 
 
 def _check_n(body: dict, policy: ServePolicy) -> None:
     n = body.get("n")
-    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= policy.max_n):
-        raise InvalidRequest(f"n is {n!r}; it must be an integer from 1 to {policy.max_n}", param="n")
+    if n is not None and n > policy.max_n:
+        raise InvalidRequest(f"n is {n}; it must be an integer from 1 to {policy.max_n}", param="n")
 
 
 def prepare_completion_request(body: Any, policy: ServePolicy) -> dict:
-    """``/v1/completions``: text prompts only (token ids could carry the image tokens, which
-    lie outside the language model's vocabulary), no reserved tokens, bounded ``n``, ``###``."""
+    """``/v1/completions``: text prompts only (token ids could carry the image tokens), no
+    reserved tokens, bounded text and ``n``, the ``###`` stop."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    prompt = body.get("prompt")
+    check_fields(COMPLETIONS_ROUTE, body)
+    prompt = body["prompt"]
     prompts = prompt if isinstance(prompt, list) else [prompt]
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InvalidRequest(
-            "prompt must be a string or a list of strings; token-id prompts are not accepted",
-            param="prompt",
-        )
+    chars = 0
     for i, text in enumerate(prompts):
-        _check_text(text, f"prompt[{i}]" if isinstance(prompt, list) else "prompt")
+        chars += _check_text(text, f"prompt[{i}]" if isinstance(prompt, list) else "prompt")
+    _check_text_size(chars, policy)
     _check_n(body, policy)
     _apply_stop(body, policy)
     return body

@@ -1,7 +1,9 @@
 """One exception tree for request failures, mapped to HTTP status codes at the edge.
 
 Messages name the offending value and say what to change; they never echo image bytes.
-The JSON body follows the OpenAI error shape that the ``openai`` SDK parses.
+The JSON body follows the OpenAI error shape that the ``openai`` SDK parses:
+``{"error": {"message", "type", "param", "code"}}`` with ``code`` a string.
+A class exists only where the status, type or headers differ.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import json
 
 
 class ServingError(Exception):
+    """A request the server refuses; subclasses set the HTTP status, type and code."""
+
     status = 400
     type = "BadRequestError"
+    code = "invalid_request"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -19,66 +24,92 @@ class ServingError(Exception):
         self.param = param
 
     def body(self) -> bytes:
-        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
         return json.dumps({"error": err}).encode()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return []
 
 
 class InvalidRequest(ServingError):
-    """Malformed JSON or a field with a value the server cannot use."""
+    """Malformed JSON, an unknown field, or a value the server cannot use (400)."""
 
 
 class InvalidImage(ServingError):
-    """Image data that is not a usable photo (bad base64, not an image, truncated, too small)."""
+    """Image data that is not a usable photo: bad base64, not an image, truncated, too small (400)."""
 
-
-class TooManyImages(ServingError):
-    pass
+    code = "invalid_image"
 
 
 class RemoteImageRefused(ServingError):
-    """A remote image URL that policy does not allow the server to fetch."""
+    """A remote image URL that policy does not allow the server to fetch (403)."""
 
     status = 403
     type = "PermissionDeniedError"
+    code = "remote_image_refused"
 
 
 class RemoteImageFailed(ServingError):
-    """An allowed remote image could not be fetched."""
+    """An allowed remote image that could not be fetched (422)."""
 
     status = 422
     type = "UnprocessableEntityError"
-
-
-class ImageTooLarge(ServingError):
-    status = 413
-    type = "PayloadTooLargeError"
+    code = "remote_image_failed"
 
 
 class PayloadTooLarge(ServingError):
+    """A body, an image or an image's pixel count over its limit (413)."""
+
     status = 413
     type = "PayloadTooLargeError"
+    code = "payload_too_large"
 
 
-class RouteNotFound(ServingError):
+class NotFound(ServingError):
+    """A route or model this server does not serve (404)."""
+
     status = 404
     type = "NotFoundError"
-
-
-class ModelNotFound(ServingError):
-    status = 404
-    type = "NotFoundError"
+    code = "not_found"
 
 
 class InternalError(ServingError):
+    """A failure on the server's side, reported without its internals (500)."""
+
     status = 500
     type = "InternalServerError"
+    code = "internal_error"
 
 
 class HeadersTooLarge(ServingError):
+    """Request headers over the limit (431)."""
+
     status = 431
     type = "RequestHeaderFieldsTooLargeError"
+    code = "headers_too_large"
 
 
 class Unauthorized(ServingError):
+    """A missing or wrong API key (401, with ``WWW-Authenticate: Bearer``)."""
+
     status = 401
     type = "AuthenticationError"
+    code = "invalid_api_key"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", b"Bearer")]
+
+
+class ServerBusy(ServingError):
+    """More work than the server admits at once (503, with ``Retry-After``)."""
+
+    status = 503
+    type = "ServiceUnavailableError"
+    code = "server_busy"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(self.retry_after_s).encode())]

@@ -1,5 +1,6 @@
 """Image inputs of chat requests: data URLs decoded and checked in memory, remote URLs refused
-unless allowed, and then fetched only from public addresses, without redirects.
+unless allowed, and then fetched only from public addresses, without redirects. Each photo is
+decoded once and forwarded to the engine small (see :func:`forward_photo`).
 
 Nothing here writes an image to disk or to a log. Checks run before vLLM sees the request, so
 bad photos get a 4xx that names the problem instead of an engine-side failure.
@@ -17,11 +18,12 @@ import warnings
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from PIL import Image
+from PIL import Image, ImageOps
 
+from encoders.preprocess import ImagePreprocessor
 from serving.errors import (
-    ImageTooLarge,
     InvalidImage,
+    PayloadTooLarge,
     RemoteImageFailed,
     RemoteImageRefused,
 )
@@ -32,29 +34,58 @@ ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 Resolver = Callable[[str, int], list[str]]
 
 
-def decode_data_url(url: str, policy: ServePolicy, where: str) -> bytes:
-    """``data:image/...;base64,...`` -> bytes. ``where`` names the part in error messages."""
-    header, sep, payload = url.partition(",")
-    header = header.lower()
-    if not sep or not header.startswith("data:"):
+def data_url_payload_start(url: str, policy: ServePolicy, where: str) -> int:
+    """Check a ``data:image/...;base64,...`` URL's header and size; return where its base64
+    payload starts (no copy of the payload is made here)."""
+    comma = url.find(",", 0, 256)
+    header = url[:comma].lower() if comma > 0 else ""
+    if not header.startswith("data:"):
         raise InvalidImage(f"{where}: malformed data URL; expected data:image/<type>;base64,<data>")
     if not header.endswith(";base64"):
         raise InvalidImage(f"{where}: data URL must be base64-encoded (data:image/<type>;base64,...)")
-    if len(payload) * 3 // 4 > policy.max_image_bytes:
-        raise ImageTooLarge(
-            f"{where}: image is about {len(payload) * 3 // 4 // 2**20} MiB; "
+    approx = (len(url) - comma - 1) * 3 // 4
+    if approx > policy.max_image_bytes:
+        raise PayloadTooLarge(
+            f"{where}: image is about {approx // 2**20} MiB; "
             f"the limit is {policy.max_image_bytes // 2**20} MiB"
         )
+    return comma + 1
+
+
+def data_url_bytes(url: str, policy: ServePolicy, where: str) -> bytes:
+    """The bytes of a ``data:image/...;base64,...`` URL, size-checked before decoding."""
+    start = data_url_payload_start(url, policy, where)
     try:
-        return base64.b64decode(payload, validate=True)
+        return base64.b64decode(url[start:], validate=True)
     except (binascii.Error, ValueError):
         raise InvalidImage(f"{where}: invalid base64 in the image data URL") from None
 
 
-def check_image_bytes(data: bytes, policy: ServePolicy, where: str) -> str:
-    """Open, bound and fully decode an image in memory; return its MIME type."""
+def photo_from_data_url(url: str, policy: ServePolicy, where: str) -> str:
+    """A data URL -> the data URL of the photo as the engine gets it (see
+    :func:`forward_photo`). CPU-bound: run it off the event loop, one decode slot each."""
+    return forward_photo(data_url_bytes(url, policy, where), policy, where)
+
+
+def forward_photo(data: bytes, policy: ServePolicy, where: str) -> str:
+    """Decode a photo once, check it, and return what the engine receives: a lossless PNG data
+    URL of the photo turned upright (EXIF orientation), RGB and resized to the model's input
+    size with the model's own resize, so the engine's preprocessing leaves it unchanged. The
+    full-size pixels are dropped before this returns."""
+    image = decode_photo(data, policy, where)
+    del data
+    small = ImagePreprocessor(image_size=policy.image_size).resize(image)
+    image.close()
+    del image
+    buf = io.BytesIO()
+    small.save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getbuffer()).decode("ascii")
+
+
+def decode_photo(data: bytes, policy: ServePolicy, where: str) -> Image.Image:
+    """Open, bound and fully decode a photo in memory, upright (EXIF orientation applied)."""
     if len(data) > policy.max_image_bytes:
-        raise ImageTooLarge(
+        raise PayloadTooLarge(
             f"{where}: image is {len(data) // 2**20} MiB; the limit is "
             f"{policy.max_image_bytes // 2**20} MiB"
         )
@@ -63,28 +94,30 @@ def check_image_bytes(data: bytes, policy: ServePolicy, where: str) -> str:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise ImageTooLarge(f"{where}: image has too many pixels") from None
+        raise PayloadTooLarge(f"{where}: image has too many pixels") from None
     except Exception:
         raise InvalidImage(f"{where}: the data is not an image PIL can read (JPEG, PNG, WebP...)") from None
-    with image:
-        w, h = image.size
-        if w * h > policy.max_image_pixels:
-            raise ImageTooLarge(
-                f"{where}: image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels); the limit is "
-                f"{policy.max_image_pixels / 1e6:.0f} megapixels"
-            )
-        if image.format not in ACCEPTED_FORMATS:
-            raise InvalidImage(f"{where}: image format {image.format} is not accepted")
-        if min(w, h) < policy.min_image_side_px:
-            raise InvalidImage(
-                f"{where}: image is {w}x{h} pixels; each side must be at least "
-                f"{policy.min_image_side_px} pixels"
-            )
-        try:
-            image.load()  # decodes everything: truncated or corrupt files fail here
-        except Exception:
-            raise InvalidImage(f"{where}: image data is truncated or corrupt") from None
-        return Image.MIME.get(image.format, "image/" + image.format.lower())
+    w, h = image.size
+    if w * h > policy.max_image_pixels:
+        raise PayloadTooLarge(
+            f"{where}: image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels); the limit is "
+            f"{policy.max_image_pixels / 1e6:.0f} megapixels"
+        )
+    if image.format not in ACCEPTED_FORMATS:
+        raise InvalidImage(f"{where}: image format {image.format} is not accepted")
+    if min(w, h) < policy.min_image_side_px:
+        raise InvalidImage(
+            f"{where}: image is {w}x{h} pixels; each side must be at least "
+            f"{policy.min_image_side_px} pixels"
+        )
+    try:
+        image.load()  # decodes everything: truncated or corrupt files fail here
+        upright = ImageOps.exif_transpose(image)
+    except Exception:
+        raise InvalidImage(f"{where}: image data is truncated or corrupt") from None
+    if upright is not image:
+        image.close()
+    return upright
 
 
 def _system_resolver(host: str, port: int) -> list[str]:
@@ -183,7 +216,7 @@ async def fetch_remote_image(
                 async for chunk in resp.aiter_bytes():
                     body += chunk
                     if len(body) > policy.max_image_bytes:
-                        raise ImageTooLarge(
+                        raise PayloadTooLarge(
                             f"{where}: remote image exceeds {policy.max_image_bytes // 2**20} MiB"
                         )
                 return bytes(body)

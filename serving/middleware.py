@@ -7,9 +7,14 @@
    without reading the rest.
 3. Routes: only those of the product (chat, completions, models, health, metrics, version);
    others get 404, so no vLLM route takes input past these checks.
-4. ``/v1/chat/completions``: :func:`serving.chat.prepare_chat_request` (image checks, limits,
-   SkinGPT-4 stop and schema defaults); ``/v1/completions``: text prompts only, no reserved
-   tokens. The checked body goes on to vLLM.
+4. Admission (:mod:`serving.admission`): a POST body is read only once its memory is reserved
+   from the server's byte budget; photos are decoded in a bounded pool; work that does not fit
+   in time gets a 503 with ``Retry-After``.
+5. Strict JSON (no ``NaN``, valid Unicode), then the route's contract and checks:
+   :func:`serving.chat.prepare_chat_request` (fields, messages, photos decoded once and
+   forwarded small, SkinGPT-4 stop and schema defaults) or
+   :func:`serving.chat.prepare_completion_request`. The checked body goes on to vLLM, and the
+   large buffers of the original are dropped before it does.
 
 Pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses pass through untouched. Request
 bodies are never logged.
@@ -20,12 +25,13 @@ from __future__ import annotations
 import hmac
 import json
 
+from serving.admission import Admission
 from serving.chat import prepare_chat_request, prepare_completion_request
 from serving.errors import (
     HeadersTooLarge,
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
-    RouteNotFound,
     ServingError,
     Unauthorized,
 )
@@ -39,8 +45,7 @@ POST_ROUTES = ("/v1/chat/completions", "/v1/completions")
 async def send_error(send, error: ServingError) -> None:
     body = error.body()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if isinstance(error, Unauthorized):
-        headers.append((b"www-authenticate", b"Bearer"))
+    headers += error.headers()
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -68,7 +73,7 @@ def check_route(scope) -> None:
     method, path = scope.get("method"), scope.get("path")
     allowed = POST_ROUTES if method == "POST" else GET_ROUTES if method in ("GET", "HEAD") else ()
     if path not in allowed:
-        raise RouteNotFound(f"{method} {path} is not served here; see /v1/chat/completions")
+        raise NotFound(f"{method} {path} is not served here; see /v1/chat/completions")
 
 
 def _content_length(scope) -> int | None:
@@ -86,21 +91,51 @@ def check_header_size(scope, limit: int) -> None:
         raise HeadersTooLarge(f"request headers are {size} bytes; the limit is {limit} bytes")
 
 
-async def read_body(receive, limit: int, declared: int | None) -> bytes:
+def check_declared_size(declared: int | None, limit: int) -> None:
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} bytes")
-    chunks, size = [], 0
+
+
+async def read_body(receive, limit: int, declared: int | None) -> bytearray:
+    """The whole body in one buffer (no list of chunks joined into a second copy)."""
+    check_declared_size(declared, limit)
+    body = bytearray()
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise InvalidRequest("client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
+        body += message.get("body", b"")
+        if len(body) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
         if not message.get("more_body", False):
-            return b"".join(chunks)
+            return body
+
+
+def _refuse_constant(name: str):
+    raise InvalidRequest(f"the request body is not valid JSON ({name} is not a JSON number)")
+
+
+def parse_json(raw: bytearray) -> object:
+    """Strict JSON: UTF-8, no NaN/Infinity, bounded nesting and integer size."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not valid JSON (not UTF-8)") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
+    except ValueError as exc:  # e.g. integers beyond Python's digit limit
+        raise InvalidRequest(f"the request body is not valid JSON ({str(exc)[:120]})") from None
+
+
+def dump_json(body: dict) -> bytes:
+    try:
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            "the request holds a string that is not valid Unicode (a lone UTF-16 surrogate)"
+        ) from None
 
 
 def _replay(body: bytes, receive):
@@ -122,6 +157,7 @@ class RequestPolicyMiddleware:
     def __init__(self, app, policy: ServePolicy | None = None) -> None:
         self.app = app
         self.policy = policy or policy_from_env()
+        self.admission = Admission.from_policy(self.policy)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "websocket":
@@ -134,8 +170,7 @@ class RequestPolicyMiddleware:
             check_route(scope)
             if scope.get("method") != "POST":
                 return await self.app(scope, receive, send)
-            body = await read_body(receive, self.policy.max_body_bytes, _content_length(scope))
-            body = await self._prepare(scope["path"], body)
+            body = await self._admit(scope, receive)
         except ServingError as error:
             return await send_error(send, error)
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
@@ -150,14 +185,17 @@ class RequestPolicyMiddleware:
             return await send({"type": "websocket.close", "code": 1008})
         return await self.app(scope, receive, send)
 
-    async def _prepare(self, path: str, raw: bytes) -> bytes:
-        try:
-            parsed = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-            raise InvalidRequest(f"the request body is not valid JSON ({detail})") from None
-        except RecursionError:
-            raise InvalidRequest("the request body is nested too deeply") from None
-        if path == "/v1/completions":
-            return json.dumps(prepare_completion_request(parsed, self.policy)).encode()
-        return json.dumps(await prepare_chat_request(parsed, self.policy)).encode()
+    async def _admit(self, scope, receive) -> bytes:
+        """Reserve the body's memory, read it, check it; return the small body vLLM gets."""
+        declared = _content_length(scope)
+        check_declared_size(declared, self.policy.max_body_bytes)
+        cost = Admission.body_cost(declared, self.policy.max_body_bytes)
+        async with self.admission.bytes(cost, self.admission.deadline()):
+            raw = await read_body(receive, self.policy.max_body_bytes, declared)
+            parsed = parse_json(raw)
+            del raw
+            if scope["path"] == "/v1/completions":
+                checked = prepare_completion_request(parsed, self.policy)
+            else:
+                checked = await prepare_chat_request(parsed, self.policy, self.admission)
+            return dump_json(checked)

@@ -9,16 +9,37 @@ from __future__ import annotations
 
 import os
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 POLICY_ENV = "SKINGPT4_SERVE_POLICY"
+BODY_LIMIT = 64 * 2**20
+# While a body is read and parsed it exists three times: the raw bytes, their decoded text and
+# the parsed strings (photos are base64 text inside the JSON).
+BODY_COST_FACTOR = 3
+
+
+def machine_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def default_inflight_bytes() -> int:
+    """1/16 of the machine's memory, at least what the largest body needs, at most 8 GiB."""
+    return int(min(max(machine_memory_bytes() // 16, BODY_COST_FACTOR * BODY_LIMIT), 8 * 2**30))
+
+
+def default_decodes() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
 
 
 class ServePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     api_key: str | None = Field(
-        default=None, description="Bearer key needed on every route but /health; None: open."
+        default=None, min_length=1,
+        description="Bearer key needed on every route but /health; None: open.",
     )
     max_images_per_request: int = Field(default=4, ge=1, description="Images in one request.")
     allowed_media_domains: tuple[str, ...] = Field(
@@ -30,13 +51,46 @@ class ServePolicy(BaseModel):
     )
     min_image_side_px: int = Field(default=8, ge=1, description="Smallest accepted image side.")
     max_image_bytes: int = Field(default=20 * 2**20, ge=1, description="Encoded size of one image.")
-    max_body_bytes: int = Field(default=64 * 2**20, ge=1, description="Request body size.")
+    max_body_bytes: int = Field(default=BODY_LIMIT, ge=1, description="Request body size.")
+    max_text_chars: int = Field(
+        default=100_000, ge=1, description="Characters of text (all messages or prompts) in one request."
+    )
+    image_size: int = Field(
+        default=224, ge=1,
+        description="Side the model's preprocessing resizes photos to (the model folder's "
+        "vision_config.image_size); photos are forwarded to the engine at this size.",
+    )
+    max_inflight_bytes: int = Field(
+        default_factory=default_inflight_bytes, ge=1,
+        description="Memory budget for request bodies being read and checked at once "
+        "(each costs BODY_COST_FACTOR times its size); default: 1/16 of the machine's memory.",
+    )
+    max_concurrent_decodes: int = Field(
+        default_factory=default_decodes, ge=1,
+        description="Photos decoded at once; default: the CPU count, at most 8.",
+    )
+    admission_queue_size: int = Field(
+        default=256, ge=0, description="Requests that may wait for admission; more get a 503."
+    )
+    admission_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest wait for admission before a 503."
+    )
     max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="All request headers.")
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request).")
     media_fetch_timeout_s: float = Field(default=5.0, gt=0)
     default_stop: tuple[str, ...] = Field(
         default=("###",), description="SkinGPT-4's turn separator; always a stop string."
     )
+
+    @model_validator(mode="after")
+    def _largest_body_fits(self) -> ServePolicy:
+        need = BODY_COST_FACTOR * self.max_body_bytes
+        if need > self.max_inflight_bytes:
+            raise ValueError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must hold at least one largest "
+                f"body, {BODY_COST_FACTOR} x max_body_bytes ({need})"
+            )
+        return self
 
     def to_env(self) -> dict[str, str]:
         return {POLICY_ENV: self.model_dump_json()}

@@ -139,6 +139,7 @@ def engine_kwargs(config: EmbeddedServerConfig, accelerator: str = "cpu") -> dic
         "generation_config": "auto",
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
         "enable_force_include_usage": True,
+        "enable_prompt_tokens_details": True,
         "enable_log_requests": False,  # request bodies hold the photos
         "allowed_media_domains": list(NO_MEDIA_DOMAINS),
     }
@@ -194,7 +195,7 @@ def build_serve_app(args: RayAppArgs) -> Application:
         "llm_configs": [llm_config(args)],
         "ingress_cls_config": {
             "ingress_cls": SkinGPT4Ingress,
-            "ingress_extra_kwargs": {"policy": args.server.policy.model_dump(mode="json")},
+            "ingress_extra_kwargs": {"policy": args.server.served_policy().model_dump(mode="json")},
         },
     })
 

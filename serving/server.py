@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,6 +70,8 @@ class EmbeddedServerConfig(BaseModel):
             # The middleware answers oversized headers with a clear 431 first.
             "--h11-max-incomplete-event-size", str(2 * self.policy.max_header_bytes),
             "--enable-force-include-usage",
+            # usage.prompt_tokens_details.cached_tokens: how much of a consult the cache reused.
+            "--enable-prompt-tokens-details",
         ]
         if self.enforce_eager:
             args.append("--enforce-eager")
@@ -80,8 +83,17 @@ class EmbeddedServerConfig(BaseModel):
     def kv_block_size(self, on_gpu: bool) -> int | None:
         return self.block_size or (None if on_gpu else CPU_BLOCK_SIZE)
 
+    def served_policy(self) -> ServePolicy:
+        """The policy with the photo size of the model folder (read when the folder is here)."""
+        config = Path(self.model) / "config.json"
+        if not config.is_file():
+            return self.policy
+        vision = json.loads(config.read_text()).get("vision_config") or {}
+        size = vision.get("image_size", self.policy.image_size)
+        return self.policy.model_copy(update={"image_size": size})
+
     def environment(self) -> dict[str, str]:
-        env = dict(self.policy.to_env())
+        env = dict(self.served_policy().to_env())
         # Defence in depth behind the middleware: vLLM's own decoder limit and no redirects.
         env["VLLM_MAX_IMAGE_PIXELS"] = str(self.policy.max_image_pixels)
         env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"

@@ -42,3 +42,19 @@ def test_unusable_images_are_named():
         ImagePreprocessor()(Image.new("RGB", (1, 1)))
     with pytest.raises(ImageError, match="no images"):
         ImagePreprocessor()([])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P"])
+def test_resized_photo_preprocesses_like_the_original(mode):
+    """The server forwards ``resize(photo)`` (losslessly) instead of the photo: preprocessing it
+    again must give the very tensor the full-size photo gives."""
+    import io
+
+    photo = synthetic_skin_photo(seed=11, size=(1600, 1200)).convert(mode)
+    pre = ImagePreprocessor()
+    small = pre.resize(photo)
+    assert small.size == (224, 224) and small.mode == "RGB"
+    buf = io.BytesIO()
+    small.save(buf, format="PNG")
+    again = Image.open(io.BytesIO(buf.getvalue()))
+    assert torch.equal(pre(again), pre(photo))

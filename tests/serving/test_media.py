@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from encoders.samples import encode_image, synthetic_skin_photo
-from serving.errors import ImageTooLarge, RemoteImageFailed, RemoteImageRefused
+from serving.errors import PayloadTooLarge, RemoteImageFailed, RemoteImageRefused
 from serving.media import fetch_remote_image
 from serving.policy import ServePolicy
 
@@ -65,5 +65,5 @@ def test_http_errors_and_oversized_bodies(transport):
     with pytest.raises(RemoteImageFailed, match="HTTP 404"):
         fetch("http://images.example.org/missing.jpg")
     state["respond"] = lambda request: httpx.Response(200, content=b"\0" * (2 * 2**20))
-    with pytest.raises(ImageTooLarge):
+    with pytest.raises(PayloadTooLarge):
         fetch("http://images.example.org/huge.jpg")
