@@ -168,7 +168,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         try:
             with server:
                 asyncio.run(_run_target(cfg, server, plan, photos, clock, runs, failures))
-        except (TargetError, RuntimeError) as exc:  # the next target still runs
+        except (TargetError, RuntimeError) as exc:  # ServerStartError too; the next target still runs
             failures[name] = str(exc)
     return write_outputs(cfg, runs, failures, commands)
 

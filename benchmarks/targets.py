@@ -1,8 +1,9 @@
 """The servers under test: each an OpenAI-compatible endpoint the harness starts and stops itself.
 
-A target is a command line, a host and a port. :class:`LaunchedTarget` starts it in its own process
-group (logging to a file), waits until ``GET /health`` answers 200, asks ``/v1/models`` for the served
-model name, and on stop ends the whole group, then any descendant that left it (Ray's workers).
+A target is a command line, a host and a port. :class:`LaunchedTarget` starts it with
+:class:`serving.process.ServerProcess` (its own session, logging to a file), which waits until
+``GET /health`` answers 200, then asks ``/v1/models`` for the served model name; on stop the server
+gets SIGTERM, then its process group and any descendant that left it (Ray's workers) SIGKILL.
 
 | target       | server                                                      |
 |--------------|-------------------------------------------------------------|
@@ -16,18 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
-from serving.commands import free_port
+from serving.process import ServerProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +60,8 @@ def api_key() -> str | None:
 
 
 class TargetError(RuntimeError):
-    """A target that would not start or answer."""
+    """A running target that does not answer as an OpenAI server should (a target that will not
+    start raises :class:`serving.process.ServerStartError`)."""
 
 
 def child_env() -> dict[str, str]:
@@ -122,22 +119,19 @@ def served_model(root_url: str) -> str:
     return json.loads(body)["data"][0]["id"]
 
 
-def _log_tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
 class LaunchedTarget:
-    """A running target; use as a context manager."""
+    """A target the harness starts (through :class:`serving.process.ServerProcess`, the project's
+    one start/stop policy) and stops; use as a context manager. A target that will not start
+    raises :class:`serving.process.ServerStartError` with the tail of its log."""
 
-    def __init__(self, target: Target, log_path: Path, startup_timeout_s: float = 300.0, stop_timeout_s: float = 30.0) -> None:
+    def __init__(self, target: Target, log_path: Path, startup_timeout_s: float = 300.0, stop_timeout_s: float = 60.0) -> None:
         self.target = target
         self.log_path = log_path
-        self.startup_timeout_s = startup_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self.proc: subprocess.Popen | None = None
+        self.process = ServerProcess(
+            target.argv, root_url=target.root_url, log_path=log_path, cwd=REPO_ROOT, env=child_env(),
+            name=f"target {target.name!r}", startup_timeout_s=startup_timeout_s,
+            stop_timeout_s=stop_timeout_s, append=True,
+        )
         self.model = ""
 
     @property
@@ -148,90 +142,25 @@ class LaunchedTarget:
     def base_url(self) -> str:
         return self.target.base_url
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     def __enter__(self) -> LaunchedTarget:
-        self.start()
+        self.process.start()
         try:
-            self.wait_ready()
+            self.model = served_model(self.target.root_url)
         except BaseException:
-            self.stop()
+            self.process.stop()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.target.argv, cwd=REPO_ROOT, env=child_env(), stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-
-    def wait_ready(self) -> None:
-        """Poll ``/health`` until 200; fail fast if the process exits."""
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise TargetError(
-                    f"target {self.target.name!r} exited with code {self.proc.returncode} while starting; "
-                    f"log {self.log_path}:\n{_log_tail(self.log_path)}"
-                )
-            try:
-                if http_get(f"{self.target.root_url}/health", timeout_s=2.0)[0] == 200:
-                    self.model = served_model(self.target.root_url)
-                    return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.5)
-        raise TargetError(
-            f"target {self.target.name!r} did not answer /health within {self.startup_timeout_s:.0f} s; "
-            f"log {self.log_path}:\n{_log_tail(self.log_path)}"
-        )
-
-    def _tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
+        self.process.stop()
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU seconds of the server's live process tree."""
-        total = 0.0
-        for p in self._tree():
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    def stop(self) -> None:
-        """SIGTERM to the group, SIGKILL after ``stop_timeout_s``; then stragglers, by pid."""
-        if self.proc is None:
-            return
-        tree = self._tree()
-        self._signal_group(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=self.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            self._signal_group(signal.SIGKILL)
-            self.proc.wait(timeout=self.stop_timeout_s)
-        _, alive = psutil.wait_procs(tree, timeout=5)
-        for p in alive:  # descendants still running, in the group or in a session of their own
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self._signal_group(signal.SIGKILL)
-        self.proc = None
-
-    def _signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)  # start_new_session: the group id is the leader's pid
-        except ProcessLookupError:
-            pass
+        """User + system CPU seconds of the server's whole process tree since it started."""
+        return self.process.cpu_seconds()
 
 
 class ExternalTarget:

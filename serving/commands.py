@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from serving.policy import ServePolicy
+from serving.process import ServerProcess, free_port
 from serving.server import DEFAULT_MODEL_NAME, EmbeddedServerConfig
 
 DEMO_DIR = Path("artifacts/tiny-llama")
@@ -29,6 +26,15 @@ def add_serving_commands(sub) -> None:
     serve.add_argument("--allowed-media-domains", nargs="*", default=[],
                        help="hosts that remote image URLs may name (default: data URLs only)")
     serve.add_argument("--max-image-pixels", type=int, default=25_000_000)
+    serve.add_argument("--max-inflight-mb", type=int, default=None,
+                       help="memory budget (MiB) for request bodies being read and checked at "
+                       "once; default: 1/16 of the machine's memory (see README, Admission control)")
+    serve.add_argument("--max-concurrent-decodes", type=int, default=None,
+                       help="photos decoded at once (default: the CPU count, at most 8)")
+    serve.add_argument("--admission-queue-size", type=int, default=None,
+                       help="requests that may wait for admission before a 503 (default 256)")
+    serve.add_argument("--admission-timeout", type=float, default=None,
+                       help="seconds a request may wait for admission before a 503 (default 10)")
     serve.add_argument("--dtype", default="auto", help="vLLM --dtype (float32 for exact tests)")
     serve.add_argument("--max-model-len", type=int, default=2048)
     serve.add_argument("--max-num-seqs", type=int, default=64)
@@ -48,70 +54,43 @@ def add_serving_commands(sub) -> None:
 
 
 def _policy(args) -> ServePolicy:
+    optional = {
+        "max_inflight_bytes": args.max_inflight_mb and args.max_inflight_mb * 2**20,
+        "max_concurrent_decodes": args.max_concurrent_decodes,
+        "admission_queue_size": args.admission_queue_size,
+        "admission_timeout_s": args.admission_timeout,
+    }
     return ServePolicy(
         api_key=args.api_key,
         max_images_per_request=args.max_images_per_request,
         allowed_media_domains=tuple(args.allowed_media_domains),
         max_image_pixels=args.max_image_pixels,
+        **{k: v for k, v in optional.items() if v is not None},
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    config = EmbeddedServerConfig(
-        model=str(args.model), model_name=args.model_name, host=args.host, port=args.port,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        tensor_parallel_size=args.tensor_parallel_size, policy=_policy(args),
-    )
+    from pydantic import ValidationError
+
+    try:
+        config = EmbeddedServerConfig(
+            model=str(args.model), model_name=args.model_name, host=args.host, port=args.port,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            tensor_parallel_size=args.tensor_parallel_size, policy=_policy(args),
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        print(f"skingpt4 serve: {where}: {error['msg']}", file=sys.stderr)
+        return 2
     if args.ray:
         from serving.ray_app import run_ray
 
         return run_ray(config, args)
     from serving.server import run_embedded
 
-    run_embedded(config)
-    return 0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(
-    base_url: str, proc: subprocess.Popen, timeout_s: float = 300, probe_timeout_s: float = 2
-) -> None:
-    """Until ``GET /health`` answers 200; fails early if the server process exits."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=probe_timeout_s).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the server at {base_url} was not healthy after {timeout_s:.0f} s")
-
-
-def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> int:
-    """SIGTERM (the server drains), then SIGKILL for whatever of its session is left."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # started with start_new_session: pgid == pid
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    return proc.returncode
+    return run_embedded(config)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -128,13 +107,12 @@ def run_demo(args: argparse.Namespace) -> int:
     base = f"http://127.0.0.1:{port}"
     log_path = args.model.parent / "demo-server.log"
     print(f"starting the server on {base} (about 40 s on a CPU; log: {log_path})...", file=sys.stderr)
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", str(args.model), "--port", str(port)],
-            stdout=log, stderr=log, start_new_session=True,
-        )
+    server = ServerProcess(
+        [sys.executable, "-m", "serving.cli", "serve", str(args.model), "--port", str(port)],
+        root_url=base, log_path=log_path, name="the demo server",
+    )
     try:
-        wait_healthy(base, proc)
+        server.start()
         import base64
 
         photo = base64.b64encode(encode_image(synthetic_skin_photo(seed=0))).decode()
@@ -153,6 +131,6 @@ def run_demo(args: argparse.Namespace) -> int:
                 print(chunk.choices[0].delta.content, end="", flush=True)
         print()
     finally:
-        code = stop_server(proc)
+        code = server.stop()
         print(f"server stopped (exit code {code})", file=sys.stderr)
     return 0

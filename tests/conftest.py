@@ -14,6 +14,34 @@ os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+# Fixtures that start an engine, a model server or a Ray cluster, and the markers of every test
+# that uses one (directly or through another fixture), so that
+# `pytest -m "not engine and not ray and not slow" tests` leaves only logic tests. Tests that start
+# an engine without one of these fixtures carry the marker themselves.
+MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
+    "server": ("engine",),  # tests/serving/conftest.py: the shared embedded server
+    "engines": ("engine",),  # tests/plugins/test_vllm_parity.py: vLLM LLM + HF reference
+    "vllm_engine": ("engine",),  # tests/plugins/test_convert.py: vLLM LLM on a converted release
+    "reference_server": ("engine",),  # tests/benchmarks/conftest.py: the HF reference target
+    "cluster": ("ray", "engine"),  # tests/serving/test_ray.py: a Ray cluster serving vLLM replicas
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, markers in MARKERS_BY_FIXTURE.items():
+            if fixture in item.fixturenames:
+                for marker in markers:
+                    item.add_marker(marker)
+    # A test that stops a shared server runs after the other tests of its module, whatever order
+    # they were collected or named in (a stable sort: everything else keeps its order).
+    first_of_module: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first_of_module.setdefault(item.nodeid.split("::")[0], i)
+    items.sort(key=lambda item: (first_of_module[item.nodeid.split("::")[0]],
+                                 item.get_closest_marker("stops_shared_server") is not None))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _skingpt4_config_registered():
     """Tokenizers and configs of model folders resolve ``model_type: skingpt4`` in this process."""

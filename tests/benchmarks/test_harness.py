@@ -17,7 +17,8 @@ from benchmarks.__main__ import main
 from benchmarks.loadgen import LoadConfig, arrival_gaps, make_client, run_load
 from benchmarks.metrics import RequestResult, compute_metrics, followup_ttft_ratio, median_ttft_by_turn
 from benchmarks.scenarios import build_conversations
-from benchmarks.targets import LaunchedTarget, Target, TargetError, free_port
+from benchmarks.targets import LaunchedTarget, Target, http_get
+from serving.process import ServerStartError, free_port
 
 VLLM_KEYS = {
     "request_throughput", "output_throughput", "total_token_throughput", "completed", "failed", "duration",
@@ -213,13 +214,18 @@ def test_poisson_arrivals_are_seeded():
 
 # --------------------------------------------------------------------------- launcher
 
-# A stand-in server: /health and /v1/models, plus a child process that must die with it.
+# A stand-in server: /health and /v1/models, plus a child process that must die with it; GET /burn
+# spends 0.3 s of CPU in the server before it answers.
 _FAKE_SERVER = textwrap.dedent("""
-    import http.server, json, subprocess, sys
+    import http.server, json, subprocess, sys, time
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     open(sys.argv[2], "w").write(str(child.pid))
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/burn":
+                start = time.process_time()
+                while time.process_time() - start < 0.3:
+                    pass
             body = json.dumps({"data": [{"id": "fake"}]}).encode()
             self.send_response(200); self.end_headers(); self.wfile.write(body)
         def log_message(self, *a): pass
@@ -242,15 +248,17 @@ def test_launcher_waits_for_health_and_kills_the_process_group(tmp_path):
     target = Target("fake", (sys.executable, "-c", _FAKE_SERVER, str(port), str(pid_file)), port=port)
     with LaunchedTarget(target, tmp_path / "fake.log", startup_timeout_s=30) as server:
         assert server.model == "fake"
-        leader, child = server.proc.pid, int(pid_file.read_text())
+        leader, child = server.pid, int(pid_file.read_text())
         assert _alive(leader) and _alive(child)
-        assert server.cpu_seconds() >= 0
+        before = server.cpu_seconds()
+        assert http_get(f"{target.root_url}/burn", timeout_s=30)[0] == 200
+        assert server.cpu_seconds() - before >= 0.25  # the 0.3 s the server just spent
     assert not _alive(leader) and not _alive(child)
 
 
 def test_launcher_reports_a_target_that_exits(tmp_path):
     target = Target("broken", (sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"), port=free_port())
-    with pytest.raises(TargetError, match="exited with code 3") as info:
+    with pytest.raises(ServerStartError, match="exited with code 3") as info:
         with LaunchedTarget(target, tmp_path / "broken.log", startup_timeout_s=30):
             pass
-    assert "no model here" in str(info.value)
+    assert "no model here" in info.value.log_tail and "no model here" in str(info.value)

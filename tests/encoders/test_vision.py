@@ -15,6 +15,7 @@ def _stack(preset: str, hidden: int) -> VisionStack:
     return VisionStack(Blip2VisionConfig(**p.vision), Blip2QFormerConfig(**p.qformer), p.num_query_tokens, hidden)
 
 
+@pytest.mark.slow  # full-size ViT-g and Q-Former modules, built on the meta device
 @pytest.mark.parametrize("family,hidden", [("falcon", 8192), ("llama", 5120)])
 def test_full_size_data_flow_shapes(family, hidden):
     assert get_preset("skingpt4").text[family]["hidden_size"] == hidden

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from encoders.samples import encode_image, synthetic_skin_photo
-from tests.serving.conftest import MAX_IMAGES, data_url, image_message
+from tests.serving.helpers import MAX_IMAGES, data_url, image_message
 
 
 def post(server, body: dict, **kw) -> httpx.Response:

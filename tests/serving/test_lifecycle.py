@@ -3,19 +3,24 @@ answer and leaves no process behind. Each test starts its own server (the shared
 
 from __future__ import annotations
 
-import signal
+import os
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
-from tests.serving.conftest import image_message, start_server
+from tests.serving.helpers import image_message, start_server
+
+pytestmark = [pytest.mark.engine, pytest.mark.slow]  # each test starts a server of its own
 
 
 def test_sigterm_lets_in_flight_requests_finish(tiny_checkpoints, tmp_path, photo_urls):
+    """The stop policy of serving/process.py (SIGTERM to the leader, then wait) lets vLLM drain."""
     srv = start_server(tiny_checkpoints["falcon"], tmp_path / "srv")
     result: dict = {}
     started = threading.Event()
@@ -39,12 +44,14 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_checkpoints, tmp_path, phot
             result["error"] = exc
 
     worker = threading.Thread(target=stream)
-    worker.start()
-    assert started.wait(120)
-    srv.proc.send_signal(signal.SIGTERM)
-    code = srv.proc.wait(timeout=120)
-    worker.join(timeout=120)
-    assert code == 0
+    try:
+        worker.start()
+        assert started.wait(120)
+        code = srv.process.stop()  # SIGTERM to the leader; SIGKILL (code -9) only after 60 s
+        worker.join(timeout=120)
+    finally:
+        srv.process.stop()  # no-op when stopped; otherwise nothing of the server outlives the test
+    assert code == 0, srv.process.log_tail()
     assert "error" not in result, result.get("error")
     assert result["usage"].completion_tokens == 200  # the in-flight answer was completed
     try:
@@ -55,17 +62,19 @@ def test_sigterm_lets_in_flight_requests_finish(tiny_checkpoints, tmp_path, phot
 
 
 def test_demo_streams_an_answer_and_leaves_no_process(tiny_checkpoints, tmp_path):
-    model = str(tiny_checkpoints["llama"])  # engine processes: "spawn_main", renamed "VLLM::..."
-    before = {p.pid for p in psutil.process_iter()}
+    # Every process the demo starts inherits this variable, whatever its session or parent later;
+    # other engines on the machine (other test runs) do not have it.
+    mark = f"demo-{uuid.uuid4().hex}"
+    env = dict(os.environ, SKINGPT4_TEST_MARK=mark)
     out = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "demo", "--model", model],
-        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2],
+        [sys.executable, "-m", "serving.cli", "demo", "--model", str(tiny_checkpoints["llama"])],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[2], env=env,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     answer = out.stdout.split("A:", 1)[1].strip()
     assert "Q: What's wrong with my skin?" in out.stdout and answer
     assert "server stopped (exit code 0)" in out.stderr
-    left = [p for p in psutil.process_iter(["pid", "cmdline"])
-            if p.info["pid"] not in before
-            and any(mark in " ".join(p.info["cmdline"] or []) for mark in (model, "spawn_main", "VLLM::"))]
-    assert not left, [p.info for p in left]
+    left = [p.info for p in psutil.process_iter(["pid", "cmdline", "environ", "status"])
+            if (p.info["environ"] or {}).get("SKINGPT4_TEST_MARK") == mark
+            and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert not left, [(p["pid"], p["cmdline"]) for p in left]

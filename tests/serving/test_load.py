@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.serving.conftest import image_message
+from tests.serving.helpers import image_message
 
 REQUESTS, CONCURRENCY, MAX_TOKENS = 200, 32, 8
 

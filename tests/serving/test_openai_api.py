@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from plugins.skingpt4.template import CONSULT_QUESTIONS
 from serving.chat import report_schema
-from tests.serving.conftest import image_message
+from tests.serving.helpers import image_message
 
 GREEDY = dict(temperature=0, max_tokens=12)
 
@@ -127,7 +127,22 @@ def test_models_health_metrics(server, photo_urls):
 
 
 def test_defaults_follow_skingpt4(server, photo_urls):
-    """No sampling fields: the demo's defaults apply (sampling, up to 300 tokens, stop at ###)."""
-    r = server.client().chat.completions.create(model=server.model, messages=[image_message(photo_urls[:1])])
+    """No sampling fields: the model folder's generation_config.json applies (sampling, up to 300
+    tokens) and answers stop at ###."""
+    gen = json.loads((server.folder / "generation_config.json").read_text())
+    client, messages = server.client(timeout=300), [image_message(photo_urls[:1])]
+    r = client.chat.completions.create(model=server.model, messages=messages)
     assert "###" not in r.choices[0].message.content
-    assert r.usage.completion_tokens <= 300
+    # min_tokens holds EOS and the ### stop off until the cap, so only the cap can end this answer
+    # at exactly max_new_tokens; without the folder's default vLLM would allow the rest of the
+    # 1024-position context.
+    capped = client.chat.completions.create(model=server.model, messages=messages,
+                                            extra_body={"min_tokens": gen["max_new_tokens"]})
+    assert capped.usage.completion_tokens == gen["max_new_tokens"] == 300
+    assert capped.choices[0].finish_reason == "length"
+    # Sampling is on (do_sample, temperature 1.0): seeds change the answer, a seed repeats it.
+    answers = [client.chat.completions.create(model=server.model, messages=messages, seed=seed,
+                                              max_tokens=16).choices[0].message.content
+               for seed in (0, 1, 2, 0)]
+    assert answers[3] == answers[0]
+    assert len(set(answers[:3])) > 1

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,13 +19,17 @@ import httpx
 import openai
 import pytest
 
-from tests.serving.conftest import data_url, image_message
+from serving.process import ServerProcess, free_port
+from tests.serving.helpers import data_url, image_message
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "ray-test-key-0123456789"
 MODEL = "skingpt4"
 GREEDY = dict(temperature=0, max_tokens=12)
 START_TIMEOUT_S = 480
+
+# Every test imports Ray; those that use the cluster also get `engine` (tests/conftest.py).
+pytestmark = pytest.mark.ray
 
 
 # Embedded-server flags with no engine counterpart in Ray mode: the model and its name go in the
@@ -111,40 +113,58 @@ def cluster():
             c.shutdown()
 
 
+class RayServe:
+    """``skingpt4 serve --ray`` joined to the test cluster, started by the first test that needs it.
+
+    The SIGTERM test stops it, and a second start cannot follow on the same port (Serve's proxy,
+    which outlives the CLI, keeps listening there) nor on another (Serve keeps its first HTTP
+    options). So that test is marked ``stops_shared_server`` and runs after the others
+    (tests/conftest.py); a test that asks for the server after it gets a clear error.
+    """
+
+    def __init__(self, cluster, model: Path, root: Path) -> None:
+        self.cluster = cluster
+        self.model = model
+        self.root = root
+        self.base_url = f"http://127.0.0.1:{free_port()}"
+        self.process: ServerProcess | None = None
+
+    def running(self) -> ServerProcess:
+        if self.process is None:
+            cmd = [sys.executable, "-m", "serving.cli", "serve", str(self.model), "--ray",
+                   "--replicas", "2", "--accelerator", "cpu", "--dtype", "float32",
+                   "--max-model-len", "1024", "--max-num-seqs", "8",
+                   "--port", self.base_url.rsplit(":", 1)[1], "--api-key", API_KEY]
+            # /health is 200 only once the ingress and the LLM replicas answer.
+            self.process = ServerProcess(
+                cmd, root_url=self.base_url, log_path=self.root / "serve.log", cwd=REPO_ROOT,
+                env=dict(os.environ, RAY_ADDRESS=self.cluster.address), name="serve --ray",
+                startup_timeout_s=START_TIMEOUT_S, stop_timeout_s=120, probe_timeout_s=10,
+            ).start()
+        elif self.process.poll() is not None:
+            raise RuntimeError(
+                f"serve --ray has stopped (exit code {self.process.poll()}): a test ran after the "
+                "one marked stops_shared_server; it must run last (tests/conftest.py orders it)")
+        return self.process
+
+    def stop(self) -> int | None:
+        return None if self.process is None else self.process.stop()
+
+
 @pytest.fixture(scope="module")
 def ray_server(cluster, tiny_checkpoints, tmp_path_factory):
-    """The CLI in Ray mode, joined to the test cluster; yields (base_url, process, log)."""
-    from serving.commands import free_port, stop_server
-
-    log = tmp_path_factory.mktemp("ray-serve") / "serve.log"
-    port = free_port()
-    cmd = [sys.executable, "-m", "serving.cli", "serve", str(tiny_checkpoints["llama"]), "--ray",
-           "--replicas", "2", "--accelerator", "cpu", "--dtype", "float32", "--max-model-len", "1024",
-           "--max-num-seqs", "8", "--port", str(port), "--api-key", API_KEY]
-    env = dict(os.environ, RAY_ADDRESS=cluster.address)
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    """The CLI in Ray mode (a :class:`RayServe`), started by the first test that asks for it."""
+    serve = RayServe(cluster, tiny_checkpoints["llama"], tmp_path_factory.mktemp("ray-serve"))
     try:
-        wait_ready(base, proc, log)
-        yield base, proc, log
+        yield serve
     finally:
-        stop_server(proc, timeout_s=120)
+        serve.stop()
 
 
-def wait_ready(base: str, proc: subprocess.Popen, log: Path) -> None:
-    """Until ``/health`` is 200, which the ingress answers only once the LLM replicas do."""
-    from serving.commands import wait_healthy
-
-    try:
-        wait_healthy(base, proc, timeout_s=START_TIMEOUT_S, probe_timeout_s=10)
-    except (RuntimeError, TimeoutError) as exc:
-        raise RuntimeError(f"serve --ray: {exc}:\n{log.read_text()[-4000:]}") from None
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(ray_server):
-    return openai.OpenAI(base_url=f"{ray_server[0]}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    ray_server.running()
+    return openai.OpenAI(base_url=f"{ray_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +177,7 @@ def photo_url(photos):
 def test_replicas_on_different_nodes(cluster, ray_server):
     from ray.util.state import list_actors
 
+    ray_server.running()
     replicas = [
         a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000)
         if a.class_name.startswith(f"ServeReplica:skingpt4:LLMServer:{MODEL}")
@@ -192,7 +213,8 @@ def test_streaming(client, photo_url):
 
 
 def test_api_key_required_except_health(ray_server):
-    base = ray_server[0]
+    ray_server.running()
+    base = ray_server.base_url
     missing = httpx.get(f"{base}/v1/models", timeout=30)
     assert missing.status_code == 401
     assert "API key" in missing.json()["error"]["message"]
@@ -215,13 +237,13 @@ def test_bad_image_is_refused_and_server_stays_up(client, photo_url):
     assert again.choices[0].message.content
 
 
+@pytest.mark.stops_shared_server
 def test_sigterm_exits_zero_and_removes_the_app(ray_server):
-    base, proc, log = ray_server
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(120) == 0, log.read_text()[-3000:]
+    process = ray_server.running()
+    assert process.stop() == 0, process.log_tail()  # SIGTERM to the CLI; SIGKILL only after 120 s
     # Serve itself stays up on the shared cluster; only this app is gone.
     try:
-        status = httpx.get(f"{base}/health", timeout=10).status_code
+        status = httpx.get(f"{ray_server.base_url}/health", timeout=10).status_code
     except httpx.HTTPError:
         status = None
     assert status != 200

@@ -1,0 +1,71 @@
+"""Helpers shared by the serving tests (no fixtures here: those live in conftest.py).
+
+`start_server` runs the embedded server from a private working folder with its temp and cache
+folders inside it, and its output goes to a log file, so the privacy test can search all of them
+for image bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.process import ServerProcess, free_port
+
+API_KEY = "test-key-0123456789"
+MAX_IMAGES = 4
+# Admission bounds of the session's server: a budget that admits about three requests with four
+# phone photos each at once, so the image-load test sees both answers and 503s.
+SERVER_INFLIGHT_BYTES = 512 * 2**20
+SERVER_DECODES = 2
+ALLOWED_DOMAINS = ("localhost", "127.0.0.1", "images.example.org")
+
+
+@dataclass
+class Server:
+    base_url: str
+    api_key: str
+    model: str
+    folder: Path
+    root: Path
+    log: Path
+    process: ServerProcess
+
+    def client(self, **kw):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **kw)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def start_server(folder: Path, root: Path, *extra: str) -> Server:
+    """``skingpt4 serve`` on ``folder`` (float32, 1024 positions), healthy; stop it with
+    ``server.process.stop()``. Raises :class:`serving.process.ServerStartError` with the log tail."""
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("tmp", "cache"):
+        (root / sub).mkdir(exist_ok=True)
+    port = free_port()
+    env = dict(os.environ, TMPDIR=str(root / "tmp"), XDG_CACHE_HOME=str(root / "cache"),
+               VLLM_CACHE_ROOT=str(root / "cache" / "vllm"))
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    cmd = [sys.executable, "-m", "serving.cli", "serve", str(folder), "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "1024", *extra]
+    base_url = f"http://127.0.0.1:{port}"
+    process = ServerProcess(cmd, root_url=base_url, log_path=root / "server.log", cwd=root, env=env,
+                            name="the test server")
+    process.start()
+    return Server(base_url, API_KEY, "skingpt4", folder, root, process.log_path, process)
+
+
+def data_url(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_message(urls, text: str = "What's wrong with my skin?") -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
