@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -108,17 +109,39 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_embedded(config: EmbeddedServerConfig) -> None:
-    """Serve until SIGTERM/SIGINT (blocks). Must run under ``if __name__ == "__main__"``."""
+def run_embedded(config: EmbeddedServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT (blocks); 0 after such a stop, 1 when the server stopped by
+    itself because its engine died, so that a supervisor restarts it. Must run under
+    ``if __name__ == "__main__"``."""
     os.environ.update(config.environment())
     # One machine: the engine's processes talk over loopback, not the host's network address.
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    import asyncio
+
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    class SignalNotingLoop(uvloop.Loop):
+        """uvloop's loop, noting the signals whose handlers ran: vLLM's server returns alike
+        after a requested stop and after its engine died."""
+
+        signals_seen: set[int] = set()
+
+        def add_signal_handler(self, sig, callback, *args):
+            def noted(*a):
+                SignalNotingLoop.signals_seen.add(sig)
+                callback(*a)
+
+            return super().add_signal_handler(sig, noted, *args)
+
     parser = make_arg_parser(FlexibleArgumentParser(prog="skingpt4 serve"))
     args = parser.parse_args(config.vllm_args())
     validate_parsed_serve_args(args)
-    uvloop.run(run_server(args))
+    with asyncio.Runner(loop_factory=SignalNotingLoop) as runner:
+        runner.run(run_server(args))
+    if SignalNotingLoop.signals_seen:
+        return 0
+    print("skingpt4 serve: the engine stopped; the server exits with 1", file=sys.stderr)
+    return 1
