@@ -6,7 +6,7 @@ would otherwise act on). Values are checked strictly (no ``"1"`` for ``1``, no `
 ``1``, no ``NaN``) before vLLM sees the request. Messages, content parts and photos are checked
 by :mod:`serving.chat`; this module checks the top level of a body.
 
-``FIELDS`` and ``EXCLUDED`` are the single source of the README's contract table.
+``MODELS`` and ``EXCLUDED`` are what the README's contract table lists (a test holds them equal).
 """
 
 from __future__ import annotations
@@ -174,27 +174,6 @@ EXCLUDED: dict[str, str] = {
     "web_search_options": "not served",
     "return_logprobs": "not served",
 }
-
-
-def field_table(route: str) -> list[tuple[str, str]]:
-    """(field, accepted values) for each field ``route`` accepts, from the pydantic models."""
-    rows = []
-    for name, info in MODELS[route].model_fields.items():
-        rows.append((info.alias or name, _describe(info)))
-    return rows
-
-
-def _describe(info) -> str:
-    bounds = []
-    for meta in info.metadata:
-        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if getattr(meta, attr, None) is not None:
-                bounds.append(f"{sign} {getattr(meta, attr)}")
-        for attr in ("min_length", "max_length"):
-            if getattr(meta, attr, None) is not None:
-                bounds.append(f"{attr.replace('_', ' ')} {getattr(meta, attr)}")
-    kind = str(info.annotation).replace("typing.", "").replace("serving.contract.", "")
-    return kind + (f" ({', '.join(bounds)})" if bounds else "")
 
 
 def check_fields(route: str, body: dict) -> None:

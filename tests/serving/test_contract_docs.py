@@ -1,0 +1,34 @@
+"""The README's contract tables list exactly the fields the contract accepts and refuses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from serving.contract import EXCLUDED, MODELS
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def table_after(heading: str) -> list[list[str]]:
+    text = README.read_text()
+    start = text.index(heading)
+    rows = []
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # header and rule
+
+
+def test_accepted_fields_are_documented():
+    documented = {re.fullmatch(r"`(\w+)`", row[0]).group(1) for row in table_after("### Request contract")}
+    accepted = {info.alias or name for model in MODELS.values() for name, info in model.model_fields.items()}
+    assert documented == accepted
+
+
+def test_refused_fields_and_reasons_are_documented():
+    rows = table_after("Fields vLLM knows that are refused")
+    assert {row[0].strip("`"): row[1] for row in rows} == EXCLUDED
+
