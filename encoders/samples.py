@@ -33,3 +33,16 @@ def encode_image(image: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, quality=90) if fmt == "JPEG" else image.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def phone_photo_jpeg(seed: int = 0, size: tuple[int, int] = (4000, 3000), quality: int = 95) -> bytes:
+    """A JPEG the size of a phone camera's (12 MP, several MB by default): a synthetic photo
+    scaled up, with sensor-like noise so it compresses like a real one. For load tests."""
+    rng = np.random.default_rng(seed)
+    base = synthetic_skin_photo(seed, (512, 384)).resize(size, Image.Resampling.BILINEAR)
+    pixels = np.asarray(base, dtype=np.int16)
+    pixels += rng.integers(-24, 25, pixels.shape, dtype=np.int16)
+    noisy = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    buf = io.BytesIO()
+    noisy.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
