@@ -4,7 +4,10 @@ Follows MiniGPT-4 / SkinGPT-4 ``Chat.answer`` with the same ``encoders`` modules
 plugin runs:
 
 1. the prompt is split at each ``<ImageHere>``; each text segment is tokenized on its own, with
-   the tokenizer's special tokens (Llama's BOS) on the first segment only;
+   the tokenizer's special tokens (Llama's BOS) on the first segment only. A folder converted
+   from Llama-2 carries the release's ``tokenizer.model``, and segments are encoded with
+   ``SentencePieceProcessor.encode``, as the original's ``LlamaTokenizer`` does (each starts
+   with the dummy prefix "▁"); otherwise with the folder's tokenizer;
 2. the segments' token embeddings and each image's (32, H) embeddings are concatenated in order;
 3. ``generate(inputs_embeds=...)``, batch 1, stopping at ``###``; the answer is the text before
    ``###``.
@@ -30,7 +33,7 @@ from transformers import (
 )
 
 from encoders import ImagePreprocessor, VisionStack
-from plugins.skingpt4.checkpoint import VISION_WEIGHTS
+from plugins.skingpt4.checkpoint import SENTENCEPIECE_MODEL, VISION_WEIGHTS
 from plugins.skingpt4.config import IMAGE_PLACEHOLDER, SkinGPT4Config, register_config
 from plugins.skingpt4.template import SEP
 
@@ -77,6 +80,13 @@ class ReferencePipeline:
         if not isinstance(self.config, SkinGPT4Config):
             raise ValueError(f"{folder} is not a SkinGPT-4 model folder (model_type skingpt4)")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.sentencepiece = None
+        if (folder / SENTENCEPIECE_MODEL).is_file():
+            import sentencepiece
+
+            self.sentencepiece = sentencepiece.SentencePieceProcessor(
+                model_file=str(folder / SENTENCEPIECE_MODEL)
+            )
         self.preprocess = ImagePreprocessor(self.config.vision_config.image_size)
 
         self.vision = VisionStack(
@@ -99,10 +109,29 @@ class ReferencePipeline:
             raise ValueError(f"language model weights: missing {missing}, unexpected {unexpected}")
         self.lm.to(self.device).eval()
 
+    def segment_token_ids(self, prompt: str) -> list[list[int]]:
+        """The token ids of each text segment between ``<ImageHere>`` (special tokens first)."""
+        segments = prompt.split(IMAGE_PLACEHOLDER)
+        if self.sentencepiece is None:
+            return [
+                self.tokenizer(seg, add_special_tokens=i == 0).input_ids
+                for i, seg in enumerate(segments)
+            ]
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return [(bos if i == 0 else []) + self.sentencepiece.encode(seg)
+                for i, seg in enumerate(segments)]
+
+    def prompt_token_ids(self, prompt: str) -> list[int]:
+        """The prompt's ids as the engine carries them: each image as its 32 positions of
+        ``image_position_token_id``."""
+        image = [self.config.image_position_token_id] * self.config.num_query_tokens
+        segments = self.segment_token_ids(prompt)
+        return [t for i, ids in enumerate(segments) for t in (image if i else []) + ids]
+
     @torch.inference_mode()
     def embed_prompt(self, prompt: str, images: list[Image.Image]) -> torch.Tensor:
         """(1, T, H) input embeddings: text segments and 32 image positions per image."""
-        segments = prompt.split(IMAGE_PLACEHOLDER)
+        segments = self.segment_token_ids(prompt)
         if len(segments) - 1 != len(images):
             raise ValueError(
                 f"the prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} but {len(images)} images were given"
@@ -112,9 +141,9 @@ class ReferencePipeline:
             self.vision(self.preprocess(images).to(self.device)) if images else None
         )  # (N, 32, H)
         parts = []
-        for i, seg in enumerate(segments):
-            ids = self.tokenizer(seg, return_tensors="pt", add_special_tokens=i == 0).input_ids
-            parts.append(embed(ids.to(self.device))[0])  # (t_i, H)
+        for i, ids in enumerate(segments):
+            tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, t_i)
+            parts.append(embed(tokens)[0])  # (t_i, H)
             if i < len(images):
                 parts.append(image_embeds[i])  # (32, H)
         return torch.cat(parts, dim=0).unsqueeze(0)  # (1, T, H)

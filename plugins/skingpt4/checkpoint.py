@@ -9,7 +9,10 @@ Layout::
 
     config.json               model_type skingpt4 (vision / qformer / text sub-configs)
     generation_config.json    the original demo's sampling defaults
-    tokenizer files           + <ImageHere>, <ImagePad>, SkinGPT-4 chat template
+    tokenizer files           + <ImageHere>, <ImagePad>, SkinGPT-4 chat template; a
+                              SentencePiece tokenizer encodes each text piece as
+                              SkinGPT-4's per-segment tokenization does
+    tokenizer.model           (converted Llama-2 only) the release's SentencePiece model
     vision.safetensors        vision.{vit,ln_vision,query_tokens,qformer,llm_proj}.*
     model*.safetensors        the language model under its own Hugging Face names
 """
@@ -27,10 +30,16 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from encoders import VisionStack, get_preset
 from plugins.skingpt4 import ARCHITECTURE
 from plugins.skingpt4.config import SkinGPT4Config
-from plugins.skingpt4.tokenizer import add_skingpt4_tokens, build_tiny_tokenizer
+from plugins.skingpt4.tokenizer import (
+    add_skingpt4_tokens,
+    build_tiny_tokenizer,
+    encode_like_sentencepiece,
+)
 
 TEXT_ARCHITECTURES = {"falcon": "FalconForCausalLM", "llama": "LlamaForCausalLM"}
 VISION_WEIGHTS = "vision.safetensors"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+"""A Llama-2 release's SentencePiece model, copied along by the converter for the reference."""
 # SkinGPT-4 demo defaults (sampling on, T=1.0, top_p=0.9, repetition penalty 1.0, 300 tokens).
 GENERATION_DEFAULTS = dict(
     do_sample=True, temperature=1.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=300
@@ -54,6 +63,7 @@ def write_model_folder(
     text_config = dict(text_config)
     text_config.setdefault("vocab_size", len(tokenizer))
     text_config["architectures"] = [TEXT_ARCHITECTURES[family]]
+    tokenizer = encode_like_sentencepiece(tokenizer)
     image_id, pad_id = add_skingpt4_tokens(tokenizer, family)
     tokenizer.save_pretrained(out)
     config = SkinGPT4Config(
@@ -104,14 +114,20 @@ def _randomize(module: nn.Module, std: float, generator: torch.Generator) -> Non
 
 
 def write_tiny_checkpoint(
-    out: str | Path, preset: str = "tiny", family: str = "llama", seed: int = 0
+    out: str | Path, preset: str = "tiny", family: str = "llama", seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
-    """A complete model folder with random weights of ``preset``'s shapes (float32)."""
+    """A complete model folder with random weights of ``preset``'s shapes (float32).
+
+    ``tokenizer``: the language model's (e.g. a SentencePiece Llama tokenizer in tests); by
+    default a small byte-level BPE of the family. The vocabulary is its size.
+    """
     out = Path(out)
     spec = get_preset(preset)
     if family not in spec.text:
         raise ValueError(f"unknown language model {family!r}; choose one of {sorted(spec.text)}")
-    tokenizer = build_tiny_tokenizer(family)
+    if tokenizer is None:
+        tokenizer = build_tiny_tokenizer(family)
     text = dict(spec.text[family])
     text["vocab_size"] = len(tokenizer)  # the image tokens are added after: outside the vocab
     if tokenizer.bos_token_id is not None:

@@ -18,6 +18,10 @@ Inputs, in their released layouts (LAVIS ``eva_vit.py`` / ``blip2.py``, MiniGPT-
 Output: the folder of :func:`plugins.skingpt4.checkpoint.write_model_folder` (config, tokenizer
 with the image tokens and chat template, generation config, ``vision.safetensors``), the LLM's
 shards as symlinks (80 GB are not copied) and ``model.safetensors.index.json`` over all of it.
+A SentencePiece LLM (Llama-2) gets a tokenizer that encodes like SkinGPT-4's segment-by-segment
+tokenization (:func:`plugins.skingpt4.tokenizer.encode_like_sentencepiece`); it is checked
+against the release's ``tokenizer.model`` on SkinGPT-4's prompt texts, and that file is copied
+along (the reference pipeline encodes with it, as the original does).
 Vision tensors keep the dtype they were released in (vLLM and the reference pipeline cast when
 loading); the folder's ``dtype`` is the LLM's. Only safetensors LLM folders are accepted: ``.bin``
 pickles would have to be loaded and rewritten, which is a copy, and they are refused with a hint.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -42,8 +47,10 @@ from transformers import AutoTokenizer, Blip2QFormerConfig, Blip2VisionConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from encoders import Preset, VisionStack, get_preset
-from plugins.skingpt4.checkpoint import VISION_WEIGHTS, write_model_folder
+from plugins.skingpt4.checkpoint import SENTENCEPIECE_MODEL, VISION_WEIGHTS, write_model_folder
 from plugins.skingpt4.config import SUPPORTED_TEXT_MODELS
+from plugins.skingpt4.template import CONSULT_QUESTIONS, DEFAULT_QUESTION, DEFAULT_SYSTEM, SEP
+from plugins.skingpt4.tokenizer import encode_like_sentencepiece
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -430,15 +437,38 @@ def convert_release(
     vision_state |= convert_source(vit, vit_keys(spec.vision["num_hidden_layers"]), shapes)
     vision_state |= convert_source(qformer, QFORMER_KEYS, shapes)
 
-    tokenizer = _load_tokenizer(llm_dir)
+    tokenizer = encode_like_sentencepiece(_load_tokenizer(llm_dir))
+    sentencepiece_model = llm_dir / SENTENCEPIECE_MODEL
+    if sentencepiece_model.is_file():
+        check_sentencepiece_ids(tokenizer, sentencepiece_model)
     write_model_folder(
         out, family=lm.family, tokenizer=tokenizer, vision_config=spec.vision,
         qformer_config=spec.qformer, text_config=lm.config,
         num_query_tokens=spec.num_query_tokens, vision_state=vision_state, dtype=lm.dtype,
     )
+    if sentencepiece_model.is_file():
+        shutil.copyfile(sentencepiece_model, out / SENTENCEPIECE_MODEL)
     link_shards(lm, out)
     write_index(lm, vision_state, out)
     return out
+
+
+def check_sentencepiece_ids(tokenizer, model_file: Path) -> None:
+    """The tokenizer must give ``SentencePieceProcessor.encode``'s ids on the text segments of
+    SkinGPT-4's prompts (what the original encodes, one segment at a time)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    segments = [f"{DEFAULT_SYSTEM}{SEP}Human: <Img>"] + [
+        f"</Img> {q}{SEP}Assistant:" for q in (DEFAULT_QUESTION, *CONSULT_QUESTIONS)
+    ]
+    for text in segments:
+        got, want = tokenizer(text, add_special_tokens=False).input_ids, sp.encode(text)
+        if got != want:
+            raise CheckpointFormatError(
+                f"{model_file.parent}: its tokenizer encodes {text!r} as {got}, but "
+                f"{SENTENCEPIECE_MODEL} as {want}; prompts would not match SkinGPT-4's"
+            )
 
 
 def _load_tokenizer(folder: Path):

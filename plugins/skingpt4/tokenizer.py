@@ -2,13 +2,24 @@
 
 :func:`add_skingpt4_tokens` prepares any released tokenizer (Falcon's, Llama-2's): it adds
 ``<ImageHere>`` and the image pad token as special tokens and the SkinGPT-4 chat template.
-:func:`build_tiny_tokenizer` makes a small byte-level BPE for generated test checkpoints that
-behaves like the family's own: Falcon has no BOS, Llama-2 starts with ``<s>``.
+:func:`encode_like_sentencepiece` makes a SentencePiece tokenizer (Llama-2's) give the original's
+ids for whole prompts. :func:`build_tiny_tokenizer` makes a small byte-level BPE for generated
+test checkpoints that behaves like the family's own: Falcon has no BOS, Llama-2 starts with ``<s>``.
 """
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+import json
+
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import AddedToken, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from plugins.skingpt4.config import IMAGE_PAD, IMAGE_PLACEHOLDER
@@ -63,6 +74,47 @@ def build_tiny_tokenizer(family: str, vocab_size: int = 1024) -> PreTrainedToken
         eos_token=specials["eos"],
         unk_token="<unk>",
         model_max_length=2048,
+    )
+
+
+def encode_like_sentencepiece(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A SentencePiece tokenizer that encodes every piece of text between special tokens as
+    ``SentencePieceProcessor.encode`` does: with the dummy prefix "▁". Other tokenizers are
+    returned as they are.
+
+    SkinGPT-4 tokenizes the prompt segment by segment, split at ``<ImageHere>``, so each segment
+    (``</Img> What's...`` after an image) starts with "▁"; vLLM tokenizes the whole prompt. The
+    Llama-2 folder's own tokenizer cannot give the same ids: transformers 5 builds it with a
+    ``Metaspace`` pre-tokenizer whatever its ``tokenizer.json`` says, which prefixes the first
+    piece only (``legacy: false``) or every piece that lacks one (``legacy: true``, and the flag
+    is not saved again), never "▁▁" for a piece that starts with a space as SentencePiece does.
+    SentencePiece's own normalization, a ``Prepend`` applied to each piece, does all of it, the
+    chat template's ``<s>Give...`` (``▁Give``) included. It is saved as a plain
+    ``tokenizers`` tokenizer (``tokenizer.json``, class ``TokenizersBackend``), which vLLM and
+    transformers load as written; the token ids stay a pure function of the text.
+    """
+    backend = tokenizer.backend_tokenizer
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") != "Metaspace":
+        return tokenizer  # byte-level BPE (Falcon, tiny checkpoints) or already per piece
+    rebuilt = Tokenizer.from_str(backend.to_str())
+    space = pre.get("replacement", "\u2581")
+    steps = [normalizers.Replace(" ", space)]
+    if pre.get("prepend_scheme", "always") != "never":  # SentencePiece's add_dummy_prefix
+        steps.insert(0, normalizers.Prepend(space))
+    if rebuilt.normalizer is not None:  # e.g. SentencePiece's NFKC charsmap runs first
+        steps.insert(0, rebuilt.normalizer)
+    rebuilt.normalizer = normalizers.Sequence(steps)
+    rebuilt.pre_tokenizer = None
+    return PreTrainedTokenizerFast(
+        tokenizer_object=rebuilt,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        unk_token=tokenizer.unk_token,
+        pad_token=tokenizer.pad_token,
+        model_max_length=tokenizer.model_max_length,
+        clean_up_tokenization_spaces=False,
     )
 
 

@@ -11,11 +11,11 @@ Converting them must give back the tiny checkpoint's answers. One vLLM engine fo
 
 from __future__ import annotations
 
-import re
-
 import gc
 import json
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -113,11 +113,13 @@ def _released(state: dict[str, torch.Tensor], keys: KeyMap) -> dict[str, torch.T
     return out
 
 
-def _write_llm_folder(tiny: Path, family: str, out: Path, shards: int) -> None:
+def _write_llm_folder(
+    tiny: Path, family: str, out: Path, shards: int, write_tokenizer: Callable[[Path], None]
+) -> None:
     """The LM as Hugging Face ships it: its config, its tokenizer (no image tokens), shards."""
     out.mkdir(parents=True)
     SkinGPT4Config.from_pretrained(tiny).text_config.save_pretrained(out)
-    build_tiny_tokenizer(family).save_pretrained(out)
+    write_tokenizer(out)
     state = load_file(str(tiny / "model.safetensors"))
     if shards == 1:
         save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -133,8 +135,13 @@ def _write_llm_folder(tiny: Path, family: str, out: Path, shards: int) -> None:
     (out / INDEX_FILE).write_text(json.dumps(index))
 
 
-def make_release(tiny: Path, family: str, root: Path) -> dict[str, Path]:
-    """The four inputs of ``convert_release`` in their released layouts."""
+def make_release(
+    tiny: Path, family: str, root: Path, write_tokenizer: Callable[[Path], None] | None = None
+) -> dict[str, Path]:
+    """The four inputs of ``convert_release`` in their released layouts. ``write_tokenizer``
+    writes the LLM folder's tokenizer files (default: the family's tiny byte-level BPE)."""
+    if write_tokenizer is None:
+        write_tokenizer = build_tiny_tokenizer(family).save_pretrained
     root.mkdir(parents=True)
     ours = {k.removeprefix("vision."): v for k, v in load_file(str(tiny / VISION_WEIGHTS)).items()}
 
@@ -150,7 +157,7 @@ def make_release(tiny: Path, family: str, root: Path) -> dict[str, Path]:
     proj = _released(ours, PROJ_KEYS[family])
     torch.save({"model": proj, "epoch": 4}, root / f"skingpt4_{family}.pth")
 
-    _write_llm_folder(tiny, family, root / "llm", shards=2 if family == "llama" else 1)
+    _write_llm_folder(tiny, family, root / "llm", 2 if family == "llama" else 1, write_tokenizer)
     return {
         "vit": root / "eva_vit_g.pth",
         "qformer": root / "blip2_pretrained_flant5xxl.pth",
