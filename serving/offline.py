@@ -1,15 +1,39 @@
 """One offline answer through vLLM (``skingpt4 generate``): the plugin's end-to-end path without
 a server. Sampling follows the model folder's ``generation_config.json`` (the demo's defaults)
 unless ``temperature`` is given; generation stops at SkinGPT-4's ``###`` separator.
+
+The engine runs from a plain shell: :func:`engine_environment` gives it the same CPU KV-cache
+default as ``skingpt4 serve`` and sends vLLM's logs to stderr (quiet unless ``verbose``), so that
+stdout holds the answer only.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image
 
 from plugins.skingpt4.template import SEP, build_prompt, image_question
+
+
+DEFAULT_KVCACHE_GIB = "1"
+"""``VLLM_CPU_KVCACHE_SPACE`` unless set: vLLM-CPU otherwise reserves 92% of the machine's
+memory and refuses to start when less is free (the same default as ``skingpt4 serve``)."""
+
+
+def engine_environment(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Variables to set before vLLM is imported (its engine processes inherit them).
+
+    vLLM logs to stdout by default; here its logs go to stderr, at ``INFO`` with ``verbose`` and
+    ``ERROR`` otherwise. Values the user set (KV-cache size, log level) are kept.
+    """
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_GIB),
+        "VLLM_LOGGING_STREAM": "ext://sys.stderr",
+        "VLLM_LOGGING_LEVEL": environ.get("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR"),
+    }
 
 
 def generate_answer(
@@ -20,7 +44,11 @@ def generate_answer(
     max_tokens: int | None = None,
     temperature: float | None = None,
     seed: int | None = None,
+    verbose: bool = False,
 ) -> str:
+    """The answer to ``question`` about ``images``. Sets :func:`engine_environment` first; it
+    takes effect when vLLM is not imported yet in this process (as in ``skingpt4 generate``)."""
+    os.environ.update(engine_environment(verbose))
     from vllm import LLM
 
     engine_args = dict(
