@@ -1,4 +1,4 @@
-"""Model folders that the plugin loads (see DESIGN.md "The model folder").
+"""Model folders that the plugin loads (see docs/architecture.md, "The model folder").
 
 - :func:`write_tiny_checkpoint`: a complete folder with random weights of a preset's shapes,
   whose greedy answer depends on the image. Used by tests, the demo and the benchmarks.

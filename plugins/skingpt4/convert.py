@@ -1,4 +1,4 @@
-"""Convert the released SkinGPT-4 files into a model folder (DESIGN.md "The model folder").
+"""Convert the released SkinGPT-4 files into a model folder (docs/architecture.md, "The model folder").
 
     skingpt4 checkpoint convert --vit eva_vit_g.pth --qformer blip2_pretrained_flant5xxl.pth \\
         --proj skingpt4_llama2_13b.pth --llm Llama-2-13b-chat-hf/ OUT

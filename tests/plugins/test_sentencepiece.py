@@ -12,7 +12,8 @@ shipped as Llama-2 folders ship it, in three variants: ``legacy: true``, ``legac
 ``convert_release`` into a SkinGPT-4 folder (tiny vision stack and language model, vocabulary =
 the SentencePiece model's). The oracle is ``SentencePieceProcessor.encode`` per segment with 32
 image positions per photo (``image_position_token_id``, as vLLM carries them).
-One engine per variant.
+The converter gives all three variants byte-identical tokenizer files (checked without an
+engine below), so one engine, on the variant the Llama-2 release ships, covers them all.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def sp_folders(sp_releases, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+@pytest.fixture(scope="module", params=["tokenizer-json"])
 def sp_engine(request, sp_folders):
     from vllm import LLM
 
