@@ -4,7 +4,7 @@ Each sends the shortest request of its class and expects what the request contra
 an OpenAI-shaped 4xx JSON error (or, for a sampling parameter that is served, an answer), never
 a 5xx, and ``GET /health`` answering 200 afterwards.
 
-Classes, as the fuzz test found them before the contract (commits 8a44335 and 3cb75e0):
+Classes, as the fuzz test found them before the request contract existed:
 - a photo in a system, developer, tool or unknown-role message: 500 ``AssertionError: Failed to
   apply prompt replacement for mm_items['image'][0]`` raised inside the ASGI app (uvicorn then
   closes the connection; the engine stays up);

@@ -1,4 +1,4 @@
-"""Property-based fuzz test of the HTTP API (issue 7, item 4).
+"""Property-based fuzz test of the HTTP API.
 
 Hypothesis generates bodies for ``POST /v1/chat/completions`` and ``POST /v1/completions``:
 every field vLLM 0.32's ``ChatCompletionRequest`` / ``CompletionRequest`` know (read from the
