@@ -4,6 +4,7 @@
     skingpt4 checkpoint convert --vit F --qformer F --proj F --llm DIR OUT
     skingpt4 generate MODEL --image PATH [--image PATH ...] [--question TEXT] [--verbose]
     skingpt4 serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key K] [--ray ...]
+    skingpt4 batch MODEL INPUT.jsonl OUTPUT.jsonl
     skingpt4 demo
 
 vLLM and Ray are imported only by the subcommands that need them. Problems the user can fix (a
@@ -174,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--verbose", action="store_true", help="vLLM's INFO logs on stderr")
 
+    from serving.batch import add_batch_command
     from serving.commands import add_serving_commands
 
     add_serving_commands(sub)
+    add_batch_command(sub)
     return parser
 
 
