@@ -151,7 +151,7 @@ def render_messages(messages: list[ChatMessage]) -> tuple[str, list[Image.Image]
 
 # --------------------------------------------------------------------------- text and responses
 
-_HELD_BACK = "#\ufffd" + string.whitespace
+_HELD_BACK = SEP[:1] + "\ufffd" + string.whitespace  # the start of ``###``, half a character
 
 
 def visible_text(decoded: str, final: bool) -> str:

@@ -32,8 +32,8 @@ from serving.media import (
     photo_from_data_url,
 )
 from serving.policy import ServePolicy
+from serving.settings import RESERVED_TOKENS
 
-RESERVED_TOKENS = ("<ImageHere>", "<ImagePad>")
 REPORT_SCHEMA_NAME = "dermatology_report"
 MAX_SCHEMA_CHARS = 64 * 1024
 

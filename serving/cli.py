@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from plugins.skingpt4.template import DEFAULT_QUESTION
+from serving.settings import DEFAULT_CPU_KVCACHE_GIB, KVCACHE_ENV
 
 USAGE_ERROR = 2
 # encoders.presets' LLM_FAMILIES and small presets, spelled out: importing them loads torch and
@@ -29,11 +30,12 @@ USAGE_ERROR = 2
 # that they agree.
 LLM_CHOICES = ("falcon", "llama")
 TINY_PRESETS = ("bench", "tiny")
-GENERATE_EPILOG = """\
+GENERATE_EPILOG = f"""\
 stdout holds the answer only; vLLM's logs go to stderr (errors only, unless --verbose).
 environment:
-  VLLM_CPU_KVCACHE_SPACE  KV-cache size in GiB on a CPU (default here: 1, as for `skingpt4 serve`;
-                          vLLM's own default reserves most of the machine's memory)
+  {KVCACHE_ENV}  KV-cache size in GiB on a CPU (default here: {DEFAULT_CPU_KVCACHE_GIB}, as for
+                          `skingpt4 serve`; vLLM's own default reserves most of the machine's
+                          memory)
   VLLM_LOGGING_LEVEL      vLLM's log level (default here: ERROR, or INFO with --verbose)
 """
 

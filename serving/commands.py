@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from serving import settings
 from serving.policy import ServePolicy
 from serving.process import ServerProcess, free_port
 from serving.server import DEFAULT_MODEL_NAME, EmbeddedServerConfig
@@ -20,8 +20,8 @@ def add_serving_commands(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
-    serve.add_argument("--api-key", default=os.environ.get("SKINGPT4_API_KEY"),
-                       help="require this key on every route but /health (or SKINGPT4_API_KEY)")
+    serve.add_argument("--api-key", default=settings.api_key(),
+                       help=f"require this key on every route but /health (or {settings.API_KEY_ENV})")
     serve.add_argument("--max-images-per-request", type=int, default=4)
     serve.add_argument("--allowed-media-domains", nargs="*", default=[],
                        help="hosts that remote image URLs may name (default: data URLs only)")
@@ -35,10 +35,22 @@ def add_serving_commands(sub) -> None:
                        help="requests that may wait for admission before a 503 (default 256)")
     serve.add_argument("--admission-timeout", type=float, default=None,
                        help="seconds a request may wait for admission before a 503 (default 10)")
-    serve.add_argument("--dtype", default="auto", help="vLLM --dtype (float32 for exact tests)")
+    serve.add_argument("--dtype", default="auto",
+                       help="vLLM --dtype (default auto: the model folder's, float16 for the "
+                       "Llama-2 release, bfloat16 for Falcon; float32 for exact tests)")
     serve.add_argument("--max-model-len", type=int, default=2048)
     serve.add_argument("--max-num-seqs", type=int, default=64)
-    serve.add_argument("--tensor-parallel-size", type=int, default=1)
+    serve.add_argument("--tensor-parallel-size", type=int, default=1,
+                       help="GPUs per engine (one per rank); on a CPU, ranks get contiguous CPU "
+                       "groups unless VLLM_CPU_OMP_THREADS_BIND is set")
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="no CUDA graphs on a GPU (quicker start, slower decoding); a CPU "
+                       "always runs eager")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="share of each GPU's memory vLLM may take (default: vLLM's 0.9; "
+                       "docs/gpu.md)")
+    serve.add_argument("--quantization", default=None,
+                       help="vLLM --quantization, e.g. fp8 to fit Falcon-40B on one 80 GB GPU")
     serve.add_argument("--ray", action="store_true", help="serve on Ray Serve (ray.serve.llm)")
     serve.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (--ray)")
     serve.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (--ray)")
@@ -77,7 +89,9 @@ def run_serve(args: argparse.Namespace) -> int:
             model=str(args.model), model_name=args.model_name, host=args.host, port=args.port,
             dtype=args.dtype,
             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-            tensor_parallel_size=args.tensor_parallel_size, policy=_policy(args),
+            tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
+            gpu_memory_utilization=args.gpu_memory_utilization, quantization=args.quantization,
+            policy=_policy(args),
         )
     except ValidationError as exc:
         error = exc.errors()[0]

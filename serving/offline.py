@@ -15,12 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from plugins.skingpt4.template import SEP, build_prompt, image_question
-
-
-DEFAULT_KVCACHE_GIB = "1"
-"""``VLLM_CPU_KVCACHE_SPACE`` unless set: vLLM-CPU otherwise reserves 92% of the machine's
-memory and refuses to start when less is free (the same default as ``skingpt4 serve``)."""
+from plugins.skingpt4.template import build_prompt, image_question
+from serving import settings
+from serving.settings import SEP
 
 
 def engine_environment(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -30,7 +27,7 @@ def engine_environment(verbose: bool = False, environ: Mapping[str, str] = os.en
     ``ERROR`` otherwise. Values the user set (KV-cache size, log level) are kept.
     """
     return {
-        "VLLM_CPU_KVCACHE_SPACE": environ.get("VLLM_CPU_KVCACHE_SPACE", DEFAULT_KVCACHE_GIB),
+        settings.KVCACHE_ENV: settings.cpu_kvcache_gib(environ),
         "VLLM_LOGGING_STREAM": "ext://sys.stderr",
         "VLLM_LOGGING_LEVEL": environ.get("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR"),
     }

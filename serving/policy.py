@@ -11,7 +11,8 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-POLICY_ENV = "SKINGPT4_SERVE_POLICY"
+from serving.settings import POLICY_ENV, SEP
+
 BODY_LIMIT = 64 * 2**20
 # While a body is read and parsed it exists three times: the raw bytes, their decoded text and
 # the parsed strings (photos are base64 text inside the JSON).
@@ -79,7 +80,7 @@ class ServePolicy(BaseModel):
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request).")
     media_fetch_timeout_s: float = Field(default=5.0, gt=0)
     default_stop: tuple[str, ...] = Field(
-        default=("###",), description="SkinGPT-4's turn separator; always a stop string."
+        default=(SEP,), description="SkinGPT-4's turn separator; always a stop string."
     )
 
     @model_validator(mode="after")

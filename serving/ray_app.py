@@ -1,11 +1,13 @@
 """Ray Serve mode: SkinGPT-4 replicas on ``ray.serve.llm``, behind the same request policy as embedded.
 
 ``skingpt4 serve MODEL --ray`` (:func:`run_ray`) and ``serve run/deploy serving/ray/skingpt4-serve.yaml``
-(:func:`build_app`) both build ``ray.serve.llm.build_openai_app`` over one :class:`LLMConfig` with
-the embedded server's engine options (:meth:`EmbeddedServerConfig.vllm_args`): the plugin model
-folder, prefix caching, ``limit_mm_per_prompt``, the folder's generation config, xgrammar without
-free whitespace, no request logging. Replicas are a fixed number or autoscaled between bounds. A
-CPU replica (``accelerator_config={"kind": "cpu"}``) takes one logical CPU for its actor and one per
+(:func:`build_app`) both build ``ray.serve.llm.build_openai_app`` over one :class:`LLMConfig` whose
+``engine_kwargs`` are the embedded server's engine options, the same dict
+(:meth:`EmbeddedServerConfig.engine_options`): the plugin model folder, prefix caching,
+``limit_mm_per_prompt``, the folder's generation config, xgrammar without free whitespace, no
+request logging; on GPU replicas CUDA graphs, ``gpu_memory_utilization`` and ``quantization``.
+Replicas are a fixed number or autoscaled between bounds. A CPU replica
+(``accelerator_config={"kind": "cpu"}``) takes one logical CPU for its actor and one per
 tensor-parallel rank; a GPU replica takes one GPU per rank, all on one node.
 
 The request policy (API key on every route but ``/health``, body limit, image checks, the ``###``
@@ -39,13 +41,13 @@ from ray.serve.llm import LLMConfig, build_openai_app
 from ray.serve.llm.ingress import OpenAiIngress
 from starlette.responses import JSONResponse, Response
 
-from serving.policy import POLICY_ENV, ServePolicy
-from serving.server import NO_MEDIA_DOMAINS, EmbeddedServerConfig
+from serving import settings
+from serving.policy import ServePolicy
+from serving.server import EmbeddedServerConfig
 
 logger = logging.getLogger(__name__)
 
 APP_NAME = "skingpt4"
-API_KEY_ENV = "SKINGPT4_API_KEY"
 HEALTH_TIMEOUT_S = 5.0
 
 
@@ -124,37 +126,13 @@ class RayAppArgs(BaseModel):
     replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
 
 
-def engine_kwargs(config: EmbeddedServerConfig, accelerator: str = "cpu") -> dict[str, Any]:
-    """vLLM engine options of a replica: the embedded server's (a test holds the two lists equal),
-    as ``AsyncEngineArgs``/``FrontendArgs`` fields."""
-    kwargs = {
-        "dtype": config.dtype,
-        "max_model_len": config.max_model_len,
-        "max_num_seqs": config.max_num_seqs,
-        "tensor_parallel_size": config.tensor_parallel_size,
-        "enforce_eager": config.enforce_eager,
-        "enable_prefix_caching": True,
-        "mm_processor_cache_gb": 0,  # why: see EmbeddedServerConfig.vllm_args
-        "limit_mm_per_prompt": {"image": config.policy.max_images_per_request},
-        "generation_config": "auto",
-        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
-        "enable_force_include_usage": True,
-        "enable_prompt_tokens_details": True,
-        "enable_log_requests": False,  # request bodies hold the photos
-        "allowed_media_domains": list(NO_MEDIA_DOMAINS),
-    }
-    block_size = config.kv_block_size(on_gpu=accelerator == "gpu")
-    if block_size:
-        kwargs["block_size"] = block_size
-    return kwargs
-
-
 def engine_environment(config: EmbeddedServerConfig, accelerator: str) -> dict[str, str]:
     """Environment of the LLM replicas: vLLM's image limits and, on CPUs, the KV cache size.
-    The policy itself (with its API key) goes to the ingress only."""
-    env = {k: v for k, v in config.environment().items() if k != POLICY_ENV}
-    if accelerator != "cpu":
-        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    The policy itself (with its API key) goes to the ingress only. A CPU thread binding computed
+    here would not fit another node's CPUs: CPU replicas with tensor parallel take
+    ``VLLM_CPU_OMP_THREADS_BIND`` from their node's environment (docs/ray-cluster.md)."""
+    env = config.environment(on_gpu=accelerator == "gpu", bind_threads=False)
+    del env[settings.POLICY_ENV]
     return env
 
 
@@ -182,7 +160,7 @@ def llm_config(args: RayAppArgs) -> LLMConfig:
             }
     return LLMConfig(
         model_loading_config={"model_id": server.model_name, "model_source": _model_path(server.model)},
-        engine_kwargs=engine_kwargs(server, replicas.accelerator),
+        engine_kwargs=server.engine_options(on_gpu=replicas.accelerator == "gpu"),
         deployment_config=replicas.deployment_config(server.shutdown_timeout_s),
         runtime_env={"env_vars": engine_environment(server, replicas.accelerator)},
         **options,
@@ -210,7 +188,7 @@ def with_key_from_env(policy: ServePolicy) -> ServePolicy:
     """A policy without a key takes ``SKINGPT4_API_KEY`` from the ingress replica's environment:
     on a cluster that is the environment ``ray start`` ran in on the replica's node, so the key
     can come from a secret store without being written into a Serve config file."""
-    key = os.environ.get(API_KEY_ENV)
+    key = settings.api_key()
     return policy.model_copy(update={"api_key": key}) if policy.api_key is None and key else policy
 
 
@@ -280,7 +258,7 @@ def run_ray(config: EmbeddedServerConfig, args: Any) -> int:
     starts a local instance (and shuts it down on leaving). HTTP listens on ``config.host:port``
     on the head node only, the single address the command was given.
     """
-    address = os.environ.get("RAY_ADDRESS") or None
+    address = settings.ray_address()
     # Validated before Ray starts, so that bad flags fail fast; the accelerator may follow later.
     replicas = replica_settings_from_cli(args, args.accelerator or "cpu")
     app_args = RayAppArgs(server=config, replicas=replicas)

@@ -5,6 +5,18 @@ plugin model, prefix caching (follow-up turns reuse the image's KV cache), at mo
 ``max_images_per_request`` images per prompt, the model folder's generation defaults, xgrammar
 structured output without free whitespace, a drain on SIGTERM, and
 :class:`serving.middleware.RequestPolicyMiddleware` in front of every route.
+
+The engine options are defined once, by :meth:`EmbeddedServerConfig.engine_options`: vLLM
+``AsyncEngineArgs`` / ``FrontendArgs`` field names and their values. The embedded server renders
+them as vLLM's command line (:func:`cli_args`), after the options only a server has
+(:meth:`EmbeddedServerConfig.server_options`); Ray Serve passes the same dict as ``engine_kwargs``.
+
+Where the engine runs decides a few of them. On a GPU (CUDA present): CUDA graphs (eager only
+with ``enforce_eager``), vLLM's own KV-cache block size, ``gpu_memory_utilization`` passed on.
+On a CPU: eager, 32-token blocks, ``VLLM_CPU_KVCACHE_SPACE`` (1 GiB unless set) and, for tensor
+parallel, a per-rank thread binding when vLLM's NUMA-based one cannot work. Both: ``dtype``
+``auto`` (the model folder's ``config.json``) and ``quantization`` passed on. docs/gpu.md sizes
+GPU deployments.
 """
 
 from __future__ import annotations
@@ -12,10 +24,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving import settings
 from serving.policy import ServePolicy
 
 DEFAULT_MODEL_NAME = "skingpt4"
@@ -23,6 +38,8 @@ CPU_BLOCK_SIZE = 32
 # vLLM itself never fetches a URL: the middleware inlines allowed remote photos as data URLs,
 # and this reserved name (RFC 2606) makes vLLM refuse any URL that reaches it some other way.
 NO_MEDIA_DOMAINS = ("media.invalid",)
+MIDDLEWARE = "serving.middleware.RequestPolicyMiddleware"
+NUMA_NODES = Path("/sys/devices/system/node")
 
 
 class EmbeddedServerConfig(BaseModel):
@@ -32,11 +49,30 @@ class EmbeddedServerConfig(BaseModel):
     model_name: str = Field(default=DEFAULT_MODEL_NAME, description="Name served on /v1/models.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    dtype: str = Field(default="auto", description="Weights/activations dtype (vLLM --dtype).")
+    dtype: str = Field(
+        default="auto",
+        description="Weights/activations dtype (vLLM --dtype). auto: the model folder's "
+        "config.json dtype (float16 for the Llama-2 release, bfloat16 for Falcon); vLLM runs a "
+        "float32 folder in a 16-bit type.",
+    )
     max_model_len: int = Field(default=2048, ge=64)
     max_num_seqs: int = Field(default=64, ge=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
-    enforce_eager: bool = Field(default=True, description="No graph capture (CPU, quick start).")
+    enforce_eager: bool = Field(
+        default=False,
+        description="No CUDA graphs on a GPU (a quicker start, slower decoding). A CPU always "
+        "runs eager.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Share of each GPU's memory vLLM may take (weights, activations, KV cache); "
+        "None: vLLM's default, 0.9. Not used on a CPU (VLLM_CPU_KVCACHE_SPACE sizes its cache).",
+    )
+    quantization: str | None = Field(
+        default=None,
+        description="vLLM --quantization, e.g. fp8 (8-bit weights: Falcon-40B on one 80 GB "
+        "GPU); None: the folder's weights as they are.",
+    )
     block_size: int | None = Field(
         default=None,
         description="KV-cache block in tokens (prefix caching reuses whole blocks). None: 32 on "
@@ -46,40 +82,59 @@ class EmbeddedServerConfig(BaseModel):
     shutdown_timeout_s: int = Field(default=30, ge=0, description="SIGTERM drain time.")
     policy: ServePolicy = Field(default_factory=ServePolicy)
 
-    def vllm_args(self) -> list[str]:
-        args = [
-            "--model", self.model,
-            "--served-model-name", self.model_name,
-            "--dtype", self.dtype,
-            "--host", self.host,
-            "--port", str(self.port),
-            "--max-model-len", str(self.max_model_len),
-            "--max-num-seqs", str(self.max_num_seqs),
-            "--tensor-parallel-size", str(self.tensor_parallel_size),
-            "--enable-prefix-caching",
+    def engine_options(self, on_gpu: bool) -> dict[str, Any]:
+        """vLLM engine options, as ``AsyncEngineArgs`` / ``FrontendArgs`` field names: the one
+        definition behind both the embedded server's command line and Ray's ``engine_kwargs``.
+        Options left to vLLM's defaults are absent."""
+        options: dict[str, Any] = {
+            "dtype": self.dtype,
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "enable_prefix_caching": True,
             # vLLM 0.32's sender-side multimodal cache drifts when identical photos arrive
             # together, and the engine then fails the request with a 500 meant to be retried by
             # the client. Sending the pixels every time costs ~0.6 MB of IPC per photo.
-            "--mm-processor-cache-gb", "0",
-            "--limit-mm-per-prompt", json.dumps({"image": self.policy.max_images_per_request}),
-            "--allowed-media-domains", *NO_MEDIA_DOMAINS,
-            "--generation-config", "auto",
-            "--structured-outputs-config",
-            json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
-            "--middleware", "serving.middleware.RequestPolicyMiddleware",
-            "--shutdown-timeout", str(self.shutdown_timeout_s),
-            # The middleware answers oversized headers with a clear 431 first.
-            "--h11-max-incomplete-event-size", str(2 * self.policy.max_header_bytes),
-            "--enable-force-include-usage",
+            "mm_processor_cache_gb": 0,
+            "limit_mm_per_prompt": {"image": self.policy.max_images_per_request},
+            "allowed_media_domains": list(NO_MEDIA_DOMAINS),
+            "generation_config": "auto",
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+            "enable_force_include_usage": True,
             # usage.prompt_tokens_details.cached_tokens: how much of a consult the cache reused.
-            "--enable-prompt-tokens-details",
-        ]
-        if self.enforce_eager:
-            args.append("--enforce-eager")
-        block_size = self.kv_block_size(on_gpu=_has_cuda())
+            "enable_prompt_tokens_details": True,
+            "enable_log_requests": False,  # request bodies hold the photos
+        }
+        if self.enforce_eager or not on_gpu:
+            options["enforce_eager"] = True
+        if on_gpu and self.gpu_memory_utilization is not None:
+            options["gpu_memory_utilization"] = self.gpu_memory_utilization
+        if self.quantization:
+            options["quantization"] = self.quantization
+        block_size = self.kv_block_size(on_gpu)
         if block_size:
-            args += ["--block-size", str(block_size)]
-        return args
+            options["block_size"] = block_size
+        return options
+
+    def server_options(self) -> dict[str, Any]:
+        """Options of the embedded HTTP server only (``FrontendArgs`` / ``AsyncEngineArgs``
+        names). On Ray the model goes in ``model_loading_config``, HTTP settings to Serve's
+        proxy, the middleware to the ingress and the drain time to the deployment."""
+        return {
+            "model": self.model,
+            "served_model_name": self.model_name,
+            "host": self.host,
+            "port": self.port,
+            "middleware": MIDDLEWARE,
+            "shutdown_timeout": self.shutdown_timeout_s,
+            # The middleware answers oversized headers with a clear 431 first.
+            "h11_max_incomplete_event_size": 2 * self.policy.max_header_bytes,
+        }
+
+    def vllm_args(self, on_gpu: bool | None = None) -> list[str]:
+        """vLLM's server command line; ``on_gpu`` None: whether CUDA is present here."""
+        on_gpu = cuda_available() if on_gpu is None else on_gpu
+        return cli_args(self.server_options() | self.engine_options(on_gpu))
 
     def kv_block_size(self, on_gpu: bool) -> int | None:
         return self.block_size or (None if on_gpu else CPU_BLOCK_SIZE)
@@ -93,29 +148,125 @@ class EmbeddedServerConfig(BaseModel):
         size = vision.get("image_size", self.policy.image_size)
         return self.policy.model_copy(update={"image_size": size})
 
-    def environment(self) -> dict[str, str]:
+    def environment(
+        self, on_gpu: bool | None = None, environ: Mapping[str, str] = os.environ,
+        bind_threads: bool = True,
+    ) -> dict[str, str]:
+        """Variables for the engine's processes, set before vLLM is imported; ``environ`` holds
+        the user's settings. ``on_gpu`` None: whether CUDA is present here. ``bind_threads``:
+        a CPU tensor-parallel engine on this machine gets its thread binding
+        (:func:`cpu_thread_binding_env`; ValueError with fewer CPUs than ranks)."""
+        on_gpu = cuda_available() if on_gpu is None else on_gpu
         env = dict(self.served_policy().to_env())
         # Defence in depth behind the middleware: vLLM's own decoder limit and no redirects.
         env["VLLM_MAX_IMAGE_PIXELS"] = str(self.policy.max_image_pixels)
         env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
         env["VLLM_MEDIA_CACHE"] = ""  # vLLM's opt-in media download cache writes to disk
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+        if not on_gpu:
+            env[settings.KVCACHE_ENV] = settings.cpu_kvcache_gib(environ)
+            if bind_threads:
+                env.update(cpu_thread_binding_env(self.tensor_parallel_size, environ))
         return env
 
 
-def _has_cuda() -> bool:
+def cli_args(options: Mapping[str, Any]) -> list[str]:
+    """vLLM's command line for ``options`` (field names -> values), in the form vLLM's parser
+    builds from the same fields: ``foo_bar`` -> ``--foo-bar``; booleans as ``--foo-bar`` /
+    ``--no-foo-bar``; dicts as JSON; lists as several values."""
+    args: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, dict):
+            args += [flag, json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError(f"{name}: an empty list has no command-line form")
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
+def cpu_thread_binding(ranks: int, cpus: Iterable[int]) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``ranks`` tensor-parallel ranks: ``cpus`` split into
+    that many contiguous groups (the first ones one CPU larger when they do not divide), e.g.
+    ``0|1`` for 2 ranks on CPUs 0 and 1, ``0-3|4-7`` for 2 on 0-7."""
+    cpus = sorted(set(cpus))
+    if len(cpus) < ranks:
+        raise ValueError(
+            f"tensor parallel size {ranks} on a CPU needs at least {ranks} CPUs, one per rank; "
+            f"this process may use {len(cpus)}"
+        )
+    size, extra = divmod(len(cpus), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        end = start + size + (rank < extra)
+        groups.append(_id_list(cpus[start:end]))
+        start = end
+    return "|".join(groups)
+
+
+def _id_list(ids: list[int]) -> str:
+    """Sorted ids in vLLM's CPU-list syntax: ``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def numa_nodes_with(cpus: set[int], root: Path = NUMA_NODES) -> int:
+    """How many NUMA nodes hold some of ``cpus`` (1 when the system does not say)."""
+    found = 0
+    for cpulist in root.glob("node[0-9]*/cpulist"):
+        try:
+            text = cpulist.read_text().strip()
+        except OSError:
+            continue
+        ids = {i for part in text.split(",") if part for i in _id_range(part)}
+        found += bool(ids & cpus)
+    return max(found, 1)
+
+
+def _id_range(part: str) -> range:
+    low, _, high = part.partition("-")
+    return range(int(low), int(high or low) + 1)
+
+
+def cpu_thread_binding_env(ranks: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The thread binding of a CPU engine with ``ranks`` tensor-parallel ranks, when it needs
+    one: vLLM's default (``auto``) binds rank N to NUMA node N and refuses to start with fewer
+    nodes than ranks ("Not enough allowed NUMA nodes to bind threads"). Kept empty when the user
+    set ``VLLM_CPU_OMP_THREADS_BIND``, for one rank, and when there are nodes enough."""
+    if ranks == 1 or settings.CPU_THREADS_BIND_ENV in environ:
+        return {}
+    cpus = os.sched_getaffinity(0)
+    if numa_nodes_with(cpus) >= ranks:
+        return {}
+    return {settings.CPU_THREADS_BIND_ENV: cpu_thread_binding(ranks, cpus)}
+
+
 def run_embedded(config: EmbeddedServerConfig) -> int:
     """Serve until SIGTERM/SIGINT (blocks); 0 after such a stop, 1 when the server stopped by
     itself because its engine died, so that a supervisor restarts it. Must run under
-    ``if __name__ == "__main__"``."""
-    os.environ.update(config.environment())
-    # One machine: the engine's processes talk over loopback, not the host's network address.
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    ``if __name__ == "__main__"``. 2 when this machine cannot run the engine as configured."""
+    on_gpu = cuda_available()
+    try:
+        os.environ.update(config.environment(on_gpu))
+    except ValueError as exc:
+        print(f"skingpt4 serve: {exc}", file=sys.stderr)
+        return 2
+    settings.use_loopback()
     import asyncio
 
     import uvloop
@@ -137,7 +288,7 @@ def run_embedded(config: EmbeddedServerConfig) -> int:
             return super().add_signal_handler(sig, noted, *args)
 
     parser = make_arg_parser(FlexibleArgumentParser(prog="skingpt4 serve"))
-    args = parser.parse_args(config.vllm_args())
+    args = parser.parse_args(config.vllm_args(on_gpu))
     validate_parsed_serve_args(args)
     with asyncio.Runner(loop_factory=SignalNotingLoop) as runner:
         runner.run(run_server(args))

@@ -10,7 +10,6 @@ about 1-2 minutes on 2 cores; the cluster is shut down at module end.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -32,31 +31,26 @@ START_TIMEOUT_S = 480
 pytestmark = pytest.mark.ray
 
 
-# Embedded-server flags with no engine counterpart in Ray mode: the model and its name go in the
-# LLMConfig's model_loading_config, HTTP settings belong to Ray Serve's proxy, the middleware to the
-# ingress, and the drain time to the deployment's graceful_shutdown_timeout_s.
-NOT_ENGINE_FLAGS = {"model", "served_model_name", "host", "port", "middleware", "shutdown_timeout",
-                    "h11_max_incomplete_event_size"}
+def test_replicas_get_the_engine_options():
+    """Replicas get the embedded server's engine options, the same dict (whose command-line form
+    tests/serving/test_server_config.py parses back), for their accelerator."""
+    from serving.ray_app import RayAppArgs, llm_config
 
-
-def test_replicas_use_the_embedded_engine_options():
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    from serving.ray_app import engine_kwargs
-    from serving.server import EmbeddedServerConfig
-
-    config = EmbeddedServerConfig(model="m", dtype="float32", max_model_len=1024, max_num_seqs=8)
-    argv = config.vllm_args()
-    embedded = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
-    flags = {a[2:].replace("-", "_") for a in argv if a.startswith("--")}
-    ray_kwargs = engine_kwargs(config)
-    assert flags - NOT_ENGINE_FLAGS == set(ray_kwargs) - {"enable_log_requests"}
-    for name, value in ray_kwargs.items():
-        parsed = getattr(embedded, name)
-        if dataclasses.is_dataclass(parsed):  # JSON options parse into vLLM config objects
-            parsed = {k: getattr(parsed, k) for k in value}
-        assert parsed == value, name
+    server = {"model": "/srv/m", "gpu_memory_utilization": 0.85, "quantization": "fp8"}
+    configs = {}
+    for accelerator in ("cpu", "gpu"):
+        args = RayAppArgs.model_validate({"server": server, "replicas": {"accelerator": accelerator}})
+        configs[accelerator] = config = llm_config(args)
+        assert config.engine_kwargs == args.server.engine_options(on_gpu=accelerator == "gpu")
+        assert config.engine_kwargs["enable_log_requests"] is False  # bodies hold the photos
+    gpu, cpu = configs["gpu"], configs["cpu"]
+    assert "enforce_eager" not in gpu.engine_kwargs and "block_size" not in gpu.engine_kwargs
+    assert gpu.engine_kwargs["gpu_memory_utilization"] == 0.85
+    assert gpu.engine_kwargs["quantization"] == "fp8"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in gpu.runtime_env["env_vars"]
+    assert cpu.engine_kwargs["enforce_eager"] is True and cpu.engine_kwargs["block_size"] == 32
+    assert "gpu_memory_utilization" not in cpu.engine_kwargs
+    assert "VLLM_CPU_KVCACHE_SPACE" in cpu.runtime_env["env_vars"]
 
 
 def test_replica_settings():

@@ -1,0 +1,89 @@
+"""Settings of ``serving/`` in one place: the environment variables it reads or sets, their
+defaults, and the SkinGPT-4 constants it shares with the plugin and the vision stack.
+
+Environment variables are read here and nowhere else in ``serving/`` (the functions below take
+the environment as an argument, so tests pass a dict). Constants that ``plugins/`` or
+``encoders/`` define stay defined there (those folders may not import ``serving/``) and are
+re-exported here for ``serving/``: one definition of each. Importing this module stays light
+(``skingpt4 --help`` must not wait for torch): the separator comes from a module without
+imports, and the names whose home imports transformers or torch (:data:`RESERVED_TOKENS`,
+:data:`IMAGE_PLACEHOLDER`, :data:`IMAGE_PAD`, :data:`LLM_FAMILIES`) are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from plugins.skingpt4.template import SEP
+
+# --- environment variables ------------------------------------------------------------------
+
+API_KEY_ENV = "SKINGPT4_API_KEY"
+"""The server's API key when ``--api-key`` is not given (and the Ray ingress's, on its node)."""
+
+POLICY_ENV = "SKINGPT4_SERVE_POLICY"
+"""The server's :class:`serving.policy.ServePolicy` as JSON, for the middleware that vLLM builds
+without arguments, possibly in another process."""
+
+KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+DEFAULT_CPU_KVCACHE_GIB = 1
+"""vLLM-CPU's KV cache (GiB) unless the user set one: vLLM's own default reserves most of the
+machine's memory and refuses to start when less is free."""
+
+HOST_IP_ENV = "VLLM_HOST_IP"
+LOOPBACK_IP = "127.0.0.1"
+"""One machine: the engine's processes talk over loopback, not the host's network address."""
+
+CPU_THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+"""vLLM-CPU's per-rank CPU lists (``0-3|4-7``); its default, ``auto``, needs one NUMA node per
+tensor-parallel rank."""
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def api_key(environ: Mapping[str, str] = os.environ) -> str | None:
+    return environ.get(API_KEY_ENV) or None
+
+
+def cpu_kvcache_gib(environ: Mapping[str, str] = os.environ) -> str:
+    return environ.get(KVCACHE_ENV, str(DEFAULT_CPU_KVCACHE_GIB))
+
+
+def ray_address(environ: Mapping[str, str] = os.environ) -> str | None:
+    return environ.get(RAY_ADDRESS_ENV) or None
+
+
+def use_loopback(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Engine processes of this machine talk over loopback, unless the user chose an address."""
+    environ.setdefault(HOST_IP_ENV, LOOPBACK_IP)
+
+
+# --- SkinGPT-4 constants, defined by plugins/ and encoders/ -----------------------------------
+
+__all__ = [
+    "SEP", "RESERVED_TOKENS", "IMAGE_PLACEHOLDER", "IMAGE_PAD", "LLM_FAMILIES",
+    "API_KEY_ENV", "POLICY_ENV", "KVCACHE_ENV", "DEFAULT_CPU_KVCACHE_GIB", "HOST_IP_ENV",
+    "LOOPBACK_IP", "CPU_THREADS_BIND_ENV", "RAY_ADDRESS_ENV",
+    "api_key", "cpu_kvcache_gib", "ray_address", "use_loopback",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """The re-exports whose home modules import transformers (plugins.skingpt4.config) or torch
+    (encoders), loaded when first asked for (PEP 562)."""
+    if name in ("IMAGE_PLACEHOLDER", "IMAGE_PAD", "RESERVED_TOKENS"):
+        from plugins.skingpt4.config import IMAGE_PAD, IMAGE_PLACEHOLDER
+
+        # Text that names an image token could place or fake image positions.
+        values = {"IMAGE_PLACEHOLDER": IMAGE_PLACEHOLDER, "IMAGE_PAD": IMAGE_PAD,
+                  "RESERVED_TOKENS": (IMAGE_PLACEHOLDER, IMAGE_PAD)}
+    elif name == "LLM_FAMILIES":
+        from encoders.presets import LLM_FAMILIES
+
+        values = {"LLM_FAMILIES": LLM_FAMILIES}
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals().update(values)
+    return values[name]

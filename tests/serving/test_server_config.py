@@ -1,0 +1,214 @@
+"""The server's configuration, without an engine: the one definition of the engine options and
+its two renderings, GPU and CPU defaults (CUDA faked), the CPU thread binding of tensor parallel,
+the CLI flags, and the settings shared across packages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from serving import settings
+from serving.server import (
+    EmbeddedServerConfig,
+    cli_args,
+    cpu_thread_binding,
+    cpu_thread_binding_env,
+    numa_nodes_with,
+)
+
+GPU_CONFIG = dict(model="m", gpu_memory_utilization=0.85, quantization="fp8", max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def vllm_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+def parsed_value(parsed, name, expected):
+    value = getattr(parsed, name)
+    if dataclasses.is_dataclass(value):  # JSON options parse into vLLM config objects
+        return {k: getattr(value, k) for k in expected}
+    return value
+
+
+@pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu", "gpu"])
+def test_cli_args_parse_back_to_the_engine_options(vllm_parser, on_gpu):
+    """The embedded server's command line, read by vLLM's own parser, gives every engine option
+    its value in the dict Ray receives as engine_kwargs."""
+    config = EmbeddedServerConfig(**GPU_CONFIG, dtype="float16", block_size=16)
+    options = config.engine_options(on_gpu=on_gpu)
+    parsed = vllm_parser.parse_args(config.vllm_args(on_gpu=on_gpu))
+    for name, value in options.items():
+        assert parsed_value(parsed, name, value) == value, name
+    server = config.server_options()
+    assert parsed.model == server["model"]
+    assert parsed.served_model_name == [server["served_model_name"]]
+    assert parsed.middleware == [server["middleware"]]
+    for name in ("host", "port", "shutdown_timeout", "h11_max_incomplete_event_size"):
+        assert getattr(parsed, name) == server[name], name
+
+
+def test_cli_args_forms():
+    assert cli_args({"foo_bar": True, "no_thing": False}) == ["--foo-bar", "--no-no-thing"]
+    assert cli_args({"d": {"a": 1}, "xs": ["p", "q"], "n": 3}) == [
+        "--d", '{"a": 1}', "--xs", "p", "q", "--n", "3"]
+    with pytest.raises(ValueError, match="empty list"):
+        cli_args({"xs": []})
+
+
+def test_gpu_defaults(monkeypatch):
+    """With CUDA present: CUDA graphs, the memory share and quantization passed on, vLLM's own
+    block size."""
+    monkeypatch.setattr("serving.server.cuda_available", lambda: True)
+    config = EmbeddedServerConfig(**GPU_CONFIG)
+    options = config.engine_options(on_gpu=True)
+    assert "enforce_eager" not in options
+    assert options["gpu_memory_utilization"] == 0.85
+    assert options["quantization"] == "fp8"
+    assert options["dtype"] == "auto"
+    assert "block_size" not in options
+    argv = config.vllm_args()  # CUDA found by the (faked) check
+    assert "--enforce-eager" not in argv and "--block-size" not in argv
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.85"
+    assert argv[argv.index("--quantization") + 1] == "fp8"
+    env = config.environment(environ={})
+    assert settings.KVCACHE_ENV not in env and settings.CPU_THREADS_BIND_ENV not in env
+    # CUDA graphs off on request.
+    eager = EmbeddedServerConfig(**GPU_CONFIG, enforce_eager=True).engine_options(on_gpu=True)
+    assert eager["enforce_eager"] is True
+
+
+def test_cpu_defaults(monkeypatch):
+    monkeypatch.setattr("serving.server.cuda_available", lambda: False)
+    config = EmbeddedServerConfig(**GPU_CONFIG)
+    options = config.engine_options(on_gpu=False)
+    assert options["enforce_eager"] is True
+    assert options["block_size"] == 32
+    assert "gpu_memory_utilization" not in options
+    argv = config.vllm_args()
+    assert "--enforce-eager" in argv
+    assert argv[argv.index("--block-size") + 1] == "32"
+    assert config.environment(environ={})[settings.KVCACHE_ENV] == "1"
+    assert config.environment(environ={settings.KVCACHE_ENV: "4"})[settings.KVCACHE_ENV] == "4"
+
+
+@pytest.mark.parametrize("ranks, cpus, binding", [
+    (2, {0, 1}, "0|1"),
+    (2, range(8), "0-3|4-7"),
+    (3, range(8), "0-2|3-5|6-7"),
+    (2, {0, 2, 4, 6}, "0,2|4,6"),
+    (2, {4, 5, 6, 9}, "4-5|6,9"),
+    (1, {0, 1}, "0-1"),
+])
+def test_cpu_thread_binding(ranks, cpus, binding):
+    assert cpu_thread_binding(ranks, cpus) == binding
+
+
+def test_cpu_thread_binding_needs_a_cpu_per_rank():
+    with pytest.raises(ValueError, match="at least 4 CPUs"):
+        cpu_thread_binding(4, {0, 1})
+
+
+def test_cpu_thread_binding_env(monkeypatch, tmp_path):
+    """Set for tensor parallel unless the user set one, or vLLM's NUMA binding works."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("serving.server.numa_nodes_with", lambda cpus: 1)
+    assert cpu_thread_binding_env(2, {}) == {settings.CPU_THREADS_BIND_ENV: "0|1"}
+    assert cpu_thread_binding_env(1, {}) == {}
+    assert cpu_thread_binding_env(2, {settings.CPU_THREADS_BIND_ENV: "nobind"}) == {}
+    monkeypatch.setattr("serving.server.numa_nodes_with", lambda cpus: 2)
+    assert cpu_thread_binding_env(2, {}) == {}
+    # Through the config: CPU engines only; Ray replicas bind on their own nodes.
+    monkeypatch.setattr("serving.server.numa_nodes_with", lambda cpus: 1)
+    config = EmbeddedServerConfig(model="m", tensor_parallel_size=2)
+    assert config.environment(on_gpu=False, environ={})[settings.CPU_THREADS_BIND_ENV] == "0|1"
+    assert settings.CPU_THREADS_BIND_ENV not in config.environment(on_gpu=True, environ={})
+    unbound = config.environment(on_gpu=False, environ={}, bind_threads=False)
+    assert settings.CPU_THREADS_BIND_ENV not in unbound
+    with pytest.raises(ValueError, match="at least 4 CPUs"):
+        EmbeddedServerConfig(model="m", tensor_parallel_size=4).environment(on_gpu=False, environ={})
+
+
+def test_numa_nodes_with(tmp_path):
+    for node, cpulist in enumerate(("0-3,8-11", "4-7,12-15")):
+        (tmp_path / f"node{node}").mkdir()
+        (tmp_path / f"node{node}" / "cpulist").write_text(cpulist + "\n")
+    assert numa_nodes_with({0, 1}, tmp_path) == 1
+    assert numa_nodes_with({3, 12}, tmp_path) == 2
+    assert numa_nodes_with({0}, tmp_path / "absent") == 1
+
+
+def test_serve_flags_reach_the_config(monkeypatch, tiny_checkpoints):
+    import serving.server
+    from serving.cli import main
+
+    seen = {}
+
+    def run_embedded(config):
+        seen["c"] = config
+        return 0
+
+    monkeypatch.setattr(serving.server, "run_embedded", run_embedded)
+    model = str(tiny_checkpoints["llama"])
+    assert main(["serve", model, "--port", "0", "--enforce-eager", "--gpu-memory-utilization",
+                 "0.8", "--quantization", "fp8"]) == 0
+    config = seen["c"]
+    assert (config.enforce_eager, config.gpu_memory_utilization, config.quantization) == (True, 0.8, "fp8")
+    assert config.dtype == "auto"
+    seen.clear()
+    assert main(["serve", model, "--port", "0"]) == 0
+    assert (seen["c"].enforce_eager, seen["c"].gpu_memory_utilization, seen["c"].quantization) == (
+        False, None, None)
+
+
+def test_tiny_checkpoint_names_its_dtype(tiny_checkpoints):
+    """dtype auto reads the folder's config.json (the converter writes the language model's)."""
+    import json
+
+    config = json.loads((tiny_checkpoints["llama"] / "config.json").read_text())
+    assert config["dtype"] == "float32"
+
+
+def test_settings_are_the_defining_packages_constants(monkeypatch):
+    from encoders.presets import LLM_FAMILIES
+    from plugins.skingpt4.config import IMAGE_PAD, IMAGE_PLACEHOLDER
+    from plugins.skingpt4.template import SEP
+    from serving.chat import RESERVED_TOKENS
+    from serving.policy import ServePolicy
+
+    assert settings.SEP is SEP and ServePolicy().default_stop == (SEP,)
+    assert settings.RESERVED_TOKENS == RESERVED_TOKENS == (IMAGE_PLACEHOLDER, IMAGE_PAD)
+    assert settings.LLM_FAMILIES is LLM_FAMILIES
+    with pytest.raises(AttributeError):
+        settings.NOT_A_SETTING  # noqa: B018
+    assert settings.api_key({settings.API_KEY_ENV: "k"}) == "k"
+    assert settings.api_key({settings.API_KEY_ENV: ""}) is None
+    assert settings.cpu_kvcache_gib({}) == str(settings.DEFAULT_CPU_KVCACHE_GIB) == "1"
+    env = {}
+    settings.use_loopback(env)
+    assert env == {settings.HOST_IP_ENV: "127.0.0.1"}
+
+
+def test_the_ray_config_file_validates_as_shipped_and_with_its_gpu_options():
+    """serving/ray/skingpt4-serve.yaml's server section, and the same with its commented server
+    options switched on."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "serving/ray/skingpt4-serve.yaml"
+    text = path.read_text()
+    shipped = yaml.safe_load(text)["applications"][0]["args"]["server"]
+    EmbeddedServerConfig.model_validate(shipped)
+    commented = [line.strip()[2:] for line in text.splitlines()
+                 if line.startswith(" " * 8 + "# ") and ":" in line
+                 and line.strip()[2:].split(":")[0] in EmbeddedServerConfig.model_fields]
+    assert {line.split(":")[0] for line in commented} == {"gpu_memory_utilization", "quantization"}
+    gpu = EmbeddedServerConfig.model_validate(shipped | yaml.safe_load("\n".join(commented)))
+    options = gpu.engine_options(on_gpu=True)
+    assert options["gpu_memory_utilization"] == 0.9 and options["quantization"] == "fp8"
+    assert "enforce_eager" not in options
