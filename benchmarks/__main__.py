@@ -6,8 +6,12 @@
     python -m benchmarks run --base-url http://127.0.0.1:8000/v1 --scenario consult --num-requests 4
     # open loop: Poisson arrivals, 2 conversations per second
     python -m benchmarks run --target embedded --request-rate 2 --max-concurrency 64 --num-requests 40
-    # every target x concurrency 1, 4, 16, 32 (+ consult): JSON per run, summary, PNG, Markdown
+    # every target x concurrency 1, 4, 16, 32 (+ consult, + phone): JSON per run, summary, PNG, Markdown
     python -m benchmarks sweep --out bench-results
+    # 12 MP phone photos, 32 at once: this project, plain vLLM, and an older checkout of it
+    git worktree add ../before 3cb75e0
+    python -m benchmarks sweep --targets embedded,vllm --before-checkout ../before \
+        --concurrency '' --consult-concurrency '' --out bench-results/phone
 
 Without ``--model``, the ``bench`` preset's checkpoint is built into ``artifacts/bench-<family>``
 when missing. ``--num-requests`` counts conversations: one request each, four in ``consult``.
@@ -22,11 +26,17 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.loadgen import LoadConfig, make_client, run_load, warm_up
+from benchmarks.loadgen import LoadConfig, make_client, warm_up
 from benchmarks.report import run_record, summary_of, write_json
-from benchmarks.scenarios import SCENARIOS, build_conversations, parse_image_size
-from benchmarks.sweep import WARMUP_SEED, SweepConfig, run_sweep
-from benchmarks.targets import TARGETS, ExternalTarget, LaunchedTarget, Target, api_key
+from benchmarks.scenarios import (
+    DEFAULT_IMAGE_SIZE,
+    SCENARIOS,
+    build_conversations,
+    default_image_size,
+    parse_image_size,
+)
+from benchmarks.sweep import WARMUP_SEED, SweepConfig, measure, run_sweep
+from benchmarks.targets import CHECKOUT_TARGETS, TARGETS, ExternalTarget, LaunchedTarget, Target, api_key
 
 ARTIFACTS = Path("artifacts")
 
@@ -56,6 +66,13 @@ def _name_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def _checkout(text: str) -> Path:
+    path = Path(text)
+    if not (path / "serving" / "cli.py").is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a checkout of this project (no serving/cli.py)")
+    return path.resolve()
+
+
 def _endpoint(text: str) -> tuple[str, str]:
     name, sep, url = text.partition("=")
     if not sep or not url.startswith("http"):
@@ -68,7 +85,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=("llama", "falcon"), default="llama")
     p.add_argument("--max-tokens", type=int, default=SweepConfig.max_tokens)
     p.add_argument("--temperature", type=float, default=SweepConfig.temperature, help="0: greedy (same lengths on every target)")
-    p.add_argument("--image-size", type=parse_image_size, default=SweepConfig.image_size, help="WxH of the generated photos")
+    p.add_argument("--image-size", type=parse_image_size, default=None,
+                   help="WxH of the generated photos (default 512x384; phone: 4000x3000)")
+    p.add_argument("--before-checkout", type=_checkout, default=None,
+                   help="a checkout of an older commit (git worktree add DIR 3cb75e0): the 'before' target runs its server")
     p.add_argument("--warmup-requests", type=int, default=SweepConfig.warmup_requests)
     p.add_argument("--max-duration-s", type=float, default=None, help="start no conversation after this")
     p.add_argument("--startup-timeout-s", type=float, default=SweepConfig.startup_timeout_s)
@@ -94,10 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="all targets x concurrency levels; JSON, PNG, Markdown")
     sweep.add_argument("--targets", type=_name_list, default=SweepConfig.targets)
     sweep.add_argument("--concurrency", type=_int_list, default=SweepConfig.concurrency)
-    sweep.add_argument("--scenario", choices=SCENARIOS, default="single", help="the scenario swept over concurrency")
+    sweep.add_argument("--scenario", choices=[s for s in SCENARIOS if s != "phone"], default="single",
+                       help="the scenario swept over concurrency (phone has its own levels: --phone-concurrency)")
     sweep.add_argument("--num-requests", type=int, default=None, help="per level (default max(16, 3 x concurrency))")
     sweep.add_argument("--consult-concurrency", type=_int_list, default=SweepConfig.consult_concurrency, help="'' to skip the consult runs")
     sweep.add_argument("--consult-conversations", type=int, default=SweepConfig.consult_conversations)
+    sweep.add_argument("--phone-concurrency", type=_int_list, default=SweepConfig.phone_concurrency, help="'' to skip the phone runs")
+    sweep.add_argument("--phone-requests", type=int, default=None, help="per phone level (default: its concurrency, at least 16)")
+    sweep.add_argument("--phone-targets", type=_name_list, default=SweepConfig.phone_targets, help="which targets run the phone scenario")
+    sweep.add_argument("--phone-image-size", type=parse_image_size, default=SweepConfig.phone_image_size)
     sweep.add_argument("--budget-s", type=float, default=SweepConfig.budget_s, help="bound on the whole sweep")
     sweep.add_argument("--endpoint", type=_endpoint, action="append", default=[], help="NAME=URL: use, don't start")
     _common(sweep)
@@ -112,27 +137,33 @@ async def _measure(args, server) -> dict:
         max_duration_s=args.max_duration_s, max_tokens=args.max_tokens, temperature=args.temperature,
         seed=args.seed, show_progress=not args.no_progress,
     )
-    convs = build_conversations(args.scenario, args.num_requests, args.image_size, args.seed)
-    warm = build_conversations("single", args.warmup_requests, args.image_size, WARMUP_SEED)
+    size = args.image_size or default_image_size(args.scenario)
+    convs = build_conversations(args.scenario, args.num_requests, size, args.seed)
+    warm = build_conversations("single", args.warmup_requests, DEFAULT_IMAGE_SIZE, WARMUP_SEED)
     try:
         await warm_up(client, server.model, warm, config)
-        cpu0 = server.cpu_seconds()
-        load = await run_load(client, server.model, convs, config, label=f"{server.name} {args.scenario}")
-        cpu1 = server.cpu_seconds()
+        load, usage = await measure(server, client, convs, config, label=f"{server.name} {args.scenario}")
     finally:
         await client.close()
     return run_record(
         target=server.name, model=server.model, scenario=args.scenario, config=config, load=load,
-        num_conversations=len(convs), image_size=args.image_size,
-        server_cpu_s=None if cpu0 is None else cpu1 - cpu0,
+        num_conversations=len(convs), image_size=size, server=usage,
     )
+
+
+def _mib(value: int | float | None, scale: float = 2**-20) -> str:
+    return "n/a" if value is None else f"{value * scale:.0f}"
 
 
 def cmd_run(args) -> int:
     if args.base_url:
         server = ExternalTarget(args.target or "external", args.base_url)
     elif args.target:
-        target = Target.named(args.target, ensure_model(args.model, args.family))
+        checkout = args.before_checkout if args.target in CHECKOUT_TARGETS else None
+        try:
+            target = Target.named(args.target, ensure_model(args.model, args.family), checkout=checkout)
+        except ValueError as exc:
+            raise SystemExit(f"python -m benchmarks run: {exc}") from None
         server = LaunchedTarget(target, args.out / "logs" / f"{args.target}.log", args.startup_timeout_s)
     else:
         raise SystemExit("give --target to start one, or --base-url for a running endpoint")
@@ -142,20 +173,34 @@ def cmd_run(args) -> int:
     path = write_json(args.out / f"{record['target']}-{args.scenario}-c{args.max_concurrency}{rate}.json", record)
     s = summary_of(record)
     print(
-        f"{path}: {s['completed']} completed, {s['failed']} failed in {s['duration']:.1f} s; "
-        f"{s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} tok/s, "
+        f"{path}: {s['completed']} completed, {s['failed']} failed ({s['rejected_503']} with 503) in "
+        f"{s['duration']:.1f} s; {s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} tok/s, "
         f"median TTFT {s['median_ttft_ms']:.0f} ms, median TPOT {s['median_tpot_ms']:.1f} ms, "
-        f"client CPU {100 * s['client_cpu_share']:.0f}%"
+        f"client CPU {100 * s['client_cpu_share']:.0f}%; server: API CPU "
+        f"{_mib(s['api_cpu_ms_per_photo'], 1)} ms/photo, peak RSS {_mib(s['peak_rss_bytes'])} MiB "
+        f"(idle {_mib(s['idle_rss_bytes'])} MiB)"
     )
     return 0 if s["failed"] == 0 else 1
 
 
+def _sweep_targets(args) -> tuple[str, ...]:
+    targets = args.targets
+    if args.before_checkout is not None and "before" not in targets:
+        targets = (*targets, "before")
+    if "before" in targets and args.before_checkout is None:
+        raise SystemExit("python -m benchmarks sweep: target 'before' needs --before-checkout DIR")
+    return targets
+
+
 def cmd_sweep(args, argv: list[str]) -> int:
     cfg = SweepConfig(
-        out=args.out, model=ensure_model(args.model, args.family), targets=args.targets,
+        out=args.out, model=ensure_model(args.model, args.family), targets=_sweep_targets(args),
         concurrency=args.concurrency, scenario=args.scenario, num_requests=args.num_requests,
         consult_concurrency=args.consult_concurrency, consult_conversations=args.consult_conversations,
-        max_tokens=args.max_tokens, temperature=args.temperature, image_size=args.image_size,
+        phone_concurrency=args.phone_concurrency, phone_requests=args.phone_requests,
+        phone_targets=args.phone_targets, phone_image_size=args.phone_image_size,
+        before_checkout=args.before_checkout,
+        max_tokens=args.max_tokens, temperature=args.temperature, image_size=args.image_size or DEFAULT_IMAGE_SIZE,
         warmup_requests=args.warmup_requests, max_duration_s=args.max_duration_s, budget_s=args.budget_s,
         startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,
         endpoints=dict(args.endpoint), seed=args.seed, show_progress=not args.no_progress,

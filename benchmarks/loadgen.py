@@ -7,7 +7,8 @@ for the token counts. The run stops starting conversations after ``num_requests`
 ``max_duration_s``, whichever comes first; started conversations finish.
 
 The client's own CPU time (``getrusage(RUSAGE_SELF)``, all threads, no child processes) over the
-run is measured, because the client shares the machine with the server it measures.
+run is measured, because the client shares the machine with the server it measures. The client
+never retries: a 503 from the server's admission control is a failed request, counted by status.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from openai import AsyncOpenAI
 from tqdm.auto import tqdm
 
 from benchmarks.metrics import RequestResult
-from benchmarks.scenarios import Conversation
+from benchmarks.scenarios import Conversation, images_in
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,9 @@ async def chat_request(
                     result.itl.append(now - last)
                 last = now
                 text.append(chunk.choices[0].delta.content)
-    except Exception as exc:  # every failure is data: kept in ``errors``
+    except Exception as exc:  # every failure is data: kept in ``errors`` (and ``statuses``)
         result.error = f"{type(exc).__name__}: {exc}"
+        result.status = getattr(exc, "status_code", None)  # openai.APIStatusError: 4xx/5xx
         result.latency = time.perf_counter() - start
         return
     end = time.perf_counter()
@@ -127,7 +129,7 @@ async def run_conversation(
     results = []
     for turn, content in enumerate(conv.user_turns, start=1):
         messages.append({"role": "user", "content": content})
-        result = RequestResult(conversation=conv.index, turn=turn)
+        result = RequestResult(conversation=conv.index, turn=turn, images=images_in(messages))
         await chat_request(client, model, messages, config, result, t0)
         results.append(result)
         if on_done is not None:

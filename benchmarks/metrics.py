@@ -10,13 +10,20 @@ Follows vLLM's ``benchmarks/serve.py`` (``calculate_metrics``):
 
 Times are seconds in :class:`RequestResult` and the raw arrays, milliseconds in the aggregates
 (``*_ms``), as in vLLM's result files.
+
+The server side of a run (:class:`ServerUsage`): the CPU time of the server's process tree and
+of its API-server process alone, and the RSS of the whole tree sampled on a thread
+(:class:`MemorySampler`) while the run lasts.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import psutil
 
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 STATISTICS = ("mean", "median", "std", "p90", "p99")
@@ -43,6 +50,10 @@ class RequestResult:
     """Send time, seconds after the run began."""
     generated_text: str = ""
     error: str = ""
+    status: int | None = None
+    """HTTP status of a failed request (503: refused by admission control); None otherwise."""
+    images: int = 0
+    """Image parts in the request's messages, history included (the server decodes them all)."""
 
     @property
     def tpot(self) -> float | None:
@@ -134,6 +145,8 @@ def raw_arrays(results: list[RequestResult]) -> dict[str, list]:
         "successes": [r.success for r in results],
         "generated_texts": [r.generated_text for r in results],
         "errors": [r.error for r in results],
+        "statuses": [r.status for r in results],
+        "images": [r.images for r in results],
     }
 
 
@@ -153,3 +166,128 @@ def followup_ttft_ratio(results: list[RequestResult]) -> float | None:
     if not first or not later or np.median(first) == 0:
         return None
     return float(np.median(later) / np.median(first))
+
+
+def count_status(results: list[RequestResult], status: int) -> int:
+    return sum(1 for r in results if r.status == status)
+
+
+# --------------------------------------------------------------------------- the server's side
+
+
+def tree_rss(processes: list[psutil.Process]) -> int:
+    """Summed RSS of ``processes`` (those that exited count 0). Shared pages count once per
+    process, as ``ps`` shows them."""
+    total = 0
+    for p in processes:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+class MemorySampler:
+    """RSS of a process tree (the root and every descendant), read every ``interval_s`` on a
+    thread while used as a context manager.
+
+    On entry it takes the *idle* reading (the median of three, ``interval_s`` apart); then the
+    thread samples until exit. Reading a known process's RSS is one small ``/proc`` read; the
+    tree itself (a scan of the whole process table) is found again only every ``rescan_s``.
+    """
+
+    def __init__(self, root_pid: int, interval_s: float = 0.05, rescan_s: float = 1.0) -> None:
+        self.root = psutil.Process(root_pid)
+        self.interval_s = interval_s
+        self.rescan_s = rescan_s
+        self.idle = 0
+        self.times: list[float] = []
+        """Seconds since entry of each sample."""
+        self.rss: list[int] = []
+        """Bytes, one per time."""
+        self._tree: list[psutil.Process] = []
+        self._scanned = -float("inf")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._t0 = 0.0
+
+    @property
+    def peak(self) -> int:
+        """The largest reading, idle included."""
+        return max(self.idle, *self.rss)
+
+    def read(self) -> int:
+        now = time.monotonic()
+        if now - self._scanned >= self.rescan_s:
+            try:
+                self._tree = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                self._tree = []
+            self._scanned = now
+        return tree_rss(self._tree)
+
+    def __enter__(self) -> MemorySampler:
+        self._t0 = time.monotonic()
+        idle = []
+        for _ in range(3):
+            idle.append(self.read())
+            time.sleep(self.interval_s)
+        self.idle = int(np.median(idle))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = self.read()
+            self.times.append(time.monotonic() - self._t0)
+            self.rss.append(rss)
+            self._stop.wait(self.interval_s)
+
+
+@dataclass(frozen=True)
+class ServerUsage:
+    """What a run cost the server; None where the harness cannot see it (an external endpoint)."""
+
+    cpu_s: float | None = None
+    """User + system CPU seconds of the whole process tree (API server, engine, workers)."""
+    api_cpu_s: float | None = None
+    """The same for the API-server process alone (the tree's leader: HTTP, JSON, photos)."""
+    idle_rss: int | None = None
+    """Bytes, the tree's RSS just before the run."""
+    peak_rss: int | None = None
+    """Bytes, the largest sample during the run."""
+    rss_times: list[float] = field(default_factory=list)
+    rss_bytes: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, cpu_s: float | None, api_cpu_s: float | None, memory: MemorySampler | None) -> ServerUsage:
+        if memory is None:
+            return cls(cpu_s, api_cpu_s)
+        return cls(cpu_s, api_cpu_s, memory.idle, memory.peak, list(memory.times), list(memory.rss))
+
+
+def per_photo(results: list[RequestResult], usage: ServerUsage, concurrency: int | None) -> dict:
+    """The server's cost per photo: CPU milliseconds per photo of the answered requests, and the
+    RSS growth over idle per photo in flight at most (``concurrency`` x the most images one
+    request carried, at most the run's photos)."""
+    answered = sum(r.images for r in results if r.success)
+    most = max((r.images for r in results), default=0)
+    in_flight = min(sum(r.images for r in results), (concurrency or len(results)) * most)
+    growth = None if usage.peak_rss is None else max(0, usage.peak_rss - usage.idle_rss)
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None or answered == 0 else 1000.0 * seconds / answered
+
+    return {
+        "photos": sum(r.images for r in results),
+        "photos_answered": answered,
+        "photos_in_flight": in_flight,
+        "server_cpu_ms_per_photo": ms(usage.cpu_s),
+        "api_cpu_ms_per_photo": ms(usage.api_cpu_s),
+        "rss_growth_bytes": growth,
+        "rss_growth_per_photo_mib": None if growth is None or in_flight == 0 else growth / in_flight / 2**20,
+    }

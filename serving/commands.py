@@ -34,7 +34,7 @@ def add_serving_commands(sub) -> None:
     serve.add_argument("--admission-queue-size", type=int, default=None,
                        help="requests that may wait for admission before a 503 (default 256)")
     serve.add_argument("--admission-timeout", type=float, default=None,
-                       help="seconds a request may wait for admission before a 503 (default 10)")
+                       help="seconds a request may wait for admission before a 503 (default 30)")
     serve.add_argument("--dtype", default="auto",
                        help="vLLM --dtype (default auto: the model folder's, float16 for the "
                        "Llama-2 release, bfloat16 for Falcon; float32 for exact tests)")

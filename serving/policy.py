@@ -74,7 +74,7 @@ class ServePolicy(BaseModel):
         default=256, ge=0, description="Requests that may wait for admission; more get a 503."
     )
     admission_timeout_s: float = Field(
-        default=10.0, gt=0, description="Longest wait for admission before a 503."
+        default=30.0, gt=0, description="Longest wait for admission before a 503."
     )
     max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="All request headers.")
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request).")
