@@ -13,6 +13,9 @@ A stopping criterion called after every step streams each row's new token to its
 first token is real) and ends rows one by one: EOS, ``###`` in the row's text (MiniGPT-4
 ``StoppingCriteriaSub``), the row's own ``max_tokens``, or a client that went away. A finished row's
 slot stays idle until the whole batch ends: that is static batching's cost.
+
+``close()`` (or leaving ``with HFEngine(...)``) stops the worker: the running batch's rows are
+cancelled (they end at the next step), jobs still waiting get an ``error`` event, and the thread is joined.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from benchmarks.reference import ReferencePipeline
 from plugins.skingpt4.template import SEP
 
 FinishReason = Literal["stop", "length", "abort"]
+
+_CLOSE = object()  # put in the inbox by ``close()`` to wake the worker
 
 
 @dataclass(frozen=True)
@@ -132,16 +137,38 @@ class HFEngine:
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self._inbox: queue.Queue[Job] = queue.Queue()
+        self._inbox: queue.Queue[Job | object] = queue.Queue()
         self._held: deque[Job] = deque()  # taken from the inbox but left for a later batch
+        self._closing = threading.Event()
+        self._running: list[Job] = []  # the batch in ``generate`` now
         self.batch_sizes: list[int] = []
-        self._thread = threading.Thread(target=self._serve_forever, name="hf-generate", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._serve_forever, name="hf-generate", daemon=True)
+        self.thread.start()
+
+    def __enter__(self) -> HFEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def submit(self, job: Job) -> None:
+        if self._closing.is_set():
+            raise RuntimeError("the HF engine is closed; it takes no more jobs")
         self._inbox.put(job)
 
-    def _take(self, timeout: float | None) -> Job | None:
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stop the worker thread: cancel the running batch, fail the waiting jobs, join the thread.
+        Idempotent."""
+        if not self._closing.is_set():
+            self._closing.set()
+            for job in list(self._running):
+                job.cancelled = True  # ``_BatchMonitor`` ends the row at the next step
+            self._inbox.put(_CLOSE)
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            raise RuntimeError(f"the HF engine's worker did not stop within {timeout_s} s")
+
+    def _take(self, timeout: float | None) -> Job | object | None:
         if self._held:
             return self._held.popleft()
         try:
@@ -150,23 +177,44 @@ class HFEngine:
             return None
 
     def next_batch(self) -> list[Job]:
-        """The oldest job plus compatible ones waiting now or arriving within the wait window."""
+        """The oldest job plus compatible ones waiting now or arriving within the wait window;
+        empty once ``close()`` was called."""
         first = self._take(timeout=None)
+        if first is _CLOSE or self._closing.is_set():
+            if first is not _CLOSE:
+                self._held.appendleft(first)  # left for ``_fail_waiting``
+            return []
         batch, skipped = [first], []
         deadline = time.monotonic() + self.batch_wait_s
         while len(batch) < self.max_batch_size:
             job = self._take(timeout=max(0.0, deadline - time.monotonic()))
-            if job is None:
+            if job is None or job is _CLOSE:
                 break
             (batch if job.sampling.batch_key == first.sampling.batch_key else skipped).append(job)
         self._held.extendleft(reversed(skipped))
         return batch
 
     def _serve_forever(self) -> None:
-        while True:
+        while not self._closing.is_set():
             batch = [job for job in self.next_batch() if not job.cancelled]
-            if batch:
+            if batch and not self._closing.is_set():
                 self.run_batch(batch)
+            else:
+                self._held.extendleft(reversed(batch))
+        self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        """Answer every job that will now never run, so no client waits forever."""
+        while True:
+            job = self._take(timeout=0)
+            if job is None:
+                return
+            if job is not _CLOSE and not job.finished:
+                job.finished = True
+                try:
+                    job.emit("error", "the HF engine was closed before this request ran")
+                except RuntimeError:  # its event loop is gone: nobody is waiting
+                    pass
 
     def _embed(self, jobs: list[Job]) -> tuple[list[Job], list[torch.Tensor]]:
         ready, embeds = [], []
@@ -188,6 +236,10 @@ class HFEngine:
         if not jobs:
             return
         self.batch_sizes.append(len(jobs))
+        self._running = jobs
+        if self._closing.is_set():  # close() may have missed this batch
+            for job in jobs:
+                job.cancelled = True
         inputs, mask = left_pad(embeds)
         sampling = jobs[0].sampling
         if sampling.seed is not None:
@@ -214,6 +266,8 @@ class HFEngine:
                     job.finished = True
                     job.emit("error", f"generate failed: {type(exc).__name__}: {exc}")
             return
+        finally:
+            self._running = []
         for job in jobs:
             if not job.finished:
                 job.finish("length")

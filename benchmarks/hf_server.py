@@ -16,18 +16,20 @@ Both modes run :class:`benchmarks.hf_engine.HFEngine` over :class:`benchmarks.re
 (the parity oracle) and stream one token at a time from a per-step hook, so time to first token is
 real. Routes: ``/health``,
 ``/v1/models``, ``/v1/chat/completions`` (data-URL ``image_url`` parts, multi-turn, streaming SSE with
-``usage`` in the last chunk when ``stream_options.include_usage``). Messages render to the prompt as
-SkinGPT-4's chat template does: one ``<Img><ImageHere></Img>`` per image part, parts joined by spaces.
+``usage`` in the last chunk when ``stream_options.include_usage``). Messages render to the prompt
+through SkinGPT-4's chat template itself (``plugins.skingpt4.template.render_chat``, the template vLLM
+renders); responses are the ``openai`` package's own types. Sampling defaults are the model folder's
+``generation_config.json`` (``transformers.GenerationConfig``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import string
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, AsyncIterator, Literal
@@ -35,12 +37,18 @@ from typing import Annotated, AsyncIterator, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from openai.types import CompletionUsage, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+from transformers import GenerationConfig
 
 from benchmarks.hf_engine import HFEngine, Job, Sampling
 from benchmarks.reference import ReferencePipeline
-from plugins.skingpt4.template import DEFAULT_SYSTEM, IMAGE_SEGMENT, SEP, build_prompt
+from plugins.skingpt4.template import SEP, render_chat
 from serving.errors import InternalError, InvalidRequest, NotFound, ServingError
 from serving.media import data_url_bytes, decode_photo
 from serving.policy import ServePolicy
@@ -117,36 +125,23 @@ def decode_data_url(url: str) -> Image.Image:
         return im.convert("RGB")
 
 
-def _message_text(message: ChatMessage, images: list[Image.Image]) -> str:
+def _message_images(message: ChatMessage) -> list[Image.Image]:
+    """The decoded photos of one message's image parts, in order; only user messages carry them."""
     if isinstance(message.content, str):
-        return message.content
-    pieces = []
-    for part in message.content:
-        if isinstance(part, ImagePart):
-            if message.role != "user":
-                raise InvalidRequest(f"an image part in a {message.role!r} message; images go in user messages")
-            images.append(decode_data_url(part.image_url.url))
-            pieces.append(IMAGE_SEGMENT)
-        else:
-            pieces.append(part.text)
-    return " ".join(pieces)
+        return []
+    parts = [part for part in message.content if isinstance(part, ImagePart)]
+    if parts and message.role != "user":
+        raise InvalidRequest(f"an image part in a {message.role!r} message; images go in user messages")
+    return [decode_data_url(part.image_url.url) for part in parts]
 
 
 def render_messages(messages: list[ChatMessage]) -> tuple[str, list[Image.Image]]:
-    """The SkinGPT-4 prompt (as ``CHAT_TEMPLATE`` renders it, without BOS) and the images in order."""
-    system = DEFAULT_SYSTEM
-    turns: list[tuple[str, str]] = []
-    images: list[Image.Image] = []
-    for message in messages:
-        if message.role == "system":
-            system = message.content if isinstance(message.content, str) else " ".join(
-                p.text for p in message.content if isinstance(p, TextPart)
-            )
-        else:
-            turns.append((message.role, _message_text(message, images)))
-    if not turns or turns[-1][0] != "user":
+    """The SkinGPT-4 prompt (``CHAT_TEMPLATE`` rendered, without BOS) and the images in order."""
+    if messages[-1].role != "user":
         raise InvalidRequest("the last message must come from the user")
-    return build_prompt(turns, system), images
+    images = [image for message in messages for image in _message_images(message)]
+    prompt = render_chat([m.model_dump(exclude_none=True) for m in messages], add_generation_prompt=True)
+    return prompt, images
 
 
 # --------------------------------------------------------------------------- text and responses
@@ -197,12 +192,16 @@ class GenerationDefaults:
 
     @classmethod
     def from_folder(cls, folder: Path) -> GenerationDefaults:
-        path = folder / "generation_config.json"
-        cfg = json.loads(path.read_text()) if path.exists() else {}
+        """Unset fields (or no file at all) keep the class defaults; ``do_sample: false`` is greedy."""
+        try:
+            cfg = GenerationConfig.from_pretrained(folder)
+        except OSError:  # no generation_config.json
+            return cls()
+        temperature = cls.temperature if cfg.temperature is None else cfg.temperature
         return cls(
-            max_tokens=cfg.get("max_new_tokens", cls.max_tokens),
-            temperature=cfg.get("temperature", cls.temperature) if cfg.get("do_sample", True) else 0.0,
-            top_p=cfg.get("top_p", cls.top_p),
+            max_tokens=cls.max_tokens if cfg.max_new_tokens is None else cfg.max_new_tokens,
+            temperature=0.0 if cfg.do_sample is False else temperature,
+            top_p=cls.top_p if cfg.top_p is None else cfg.top_p,
         )
 
     def sampling(self, req: ChatCompletionRequest) -> Sampling:
@@ -222,12 +221,31 @@ class Completion:
     completion_tokens: int = 0
     finish_reason: str | None = None
 
-    def usage(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+    def usage(self) -> CompletionUsage:
+        return CompletionUsage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class ResponseHead:
+    """The fields every chunk and completion of one response share."""
+
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def new(cls, model: str) -> ResponseHead:
+        return cls(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model)
+
+
+def _json(body: BaseModel) -> str:
+    # exclude_unset: fields never set (``usage`` of a plain chunk, ``refusal``...) stay off the wire;
+    # fields set to None on purpose (``finish_reason: null``, ``logprobs: null``) stay on it.
+    return body.model_dump_json(exclude_unset=True)
 
 
 async def _job_stream(job: Job, assembler: TextAssembler, done: Completion) -> AsyncIterator[str]:
@@ -253,43 +271,46 @@ async def _job_stream(job: Job, assembler: TextAssembler, done: Completion) -> A
             job.cancelled = True
 
 
-def _chunk(base: dict, delta: dict | None, finish_reason: str | None = None, usage: dict | None = None) -> str:
-    body = dict(base, object="chat.completion.chunk")
-    body["choices"] = [] if delta is None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def _chunk(head: ResponseHead, delta: ChoiceDelta | None, finish_reason: str | None = None,
+           usage: CompletionUsage | None = None) -> str:
+    choices = [] if delta is None else [
+        ChunkChoice(index=0, delta=delta, logprobs=None, finish_reason=finish_reason)
     ]
-    if usage is not None:
-        body["usage"] = usage
-    return f"data: {json.dumps(body)}\n\n"
+    extra = {} if usage is None else {"usage": usage}
+    chunk = ChatCompletionChunk(
+        id=head.id, created=head.created, model=head.model, object="chat.completion.chunk",
+        choices=choices, **extra,
+    )
+    return f"data: {_json(chunk)}\n\n"
 
 
-async def _sse(job: Job, assembler: TextAssembler, base: dict, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(job: Job, assembler: TextAssembler, head: ResponseHead, include_usage: bool) -> AsyncIterator[str]:
     done = Completion()
-    yield _chunk(base, {"role": "assistant", "content": ""})
+    yield _chunk(head, ChoiceDelta(role="assistant", content=""))
     try:
         async for delta in _job_stream(job, assembler, done):
-            yield _chunk(base, {"content": delta})
+            yield _chunk(head, ChoiceDelta(content=delta))
     except ServingError as exc:  # headers are sent: report in-band as OpenAI does
         yield f"data: {exc.body().decode()}\n\n"
         return
-    yield _chunk(base, {}, finish_reason=done.finish_reason)
+    yield _chunk(head, ChoiceDelta(), finish_reason=done.finish_reason)
     if include_usage:
-        yield _chunk(base, None, usage=done.usage())
+        yield _chunk(head, None, usage=done.usage())
     yield "data: [DONE]\n\n"
 
 
-async def _complete(job: Job, assembler: TextAssembler, base: dict) -> dict:
+async def _complete(job: Job, assembler: TextAssembler, head: ResponseHead) -> ChatCompletion:
+    # ``finish_reason`` "abort" (a client gone) never gets here: only an abandoned stream cancels a job.
     done = Completion()
     text = "".join([delta async for delta in _job_stream(job, assembler, done)])
-    return dict(
-        base,
-        object="chat.completion",
-        choices=[{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": done.finish_reason,
-        }],
+    return ChatCompletion(
+        id=head.id, created=head.created, model=head.model, object="chat.completion",
+        choices=[Choice(
+            index=0,
+            message=ChatCompletionMessage(role="assistant", content=text),
+            logprobs=None,
+            finish_reason=done.finish_reason,
+        )],
         usage=done.usage(),
     )
 
@@ -298,7 +319,16 @@ async def _complete(job: Job, assembler: TextAssembler, base: dict) -> dict:
 
 
 def create_app(engine: HFEngine, model_name: str, defaults: GenerationDefaults) -> FastAPI:
-    app = FastAPI(title="skingpt4 HF baseline")
+    """The app over ``engine``; the app owns it and closes it (stops its worker) at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.close)  # waits out the running batch's next step
+
+    app = FastAPI(title="skingpt4 HF baseline", lifespan=lifespan)
     tokenizer = engine.pipeline.tokenizer
 
     @app.exception_handler(ServingError)
@@ -315,9 +345,8 @@ def create_app(engine: HFEngine, model_name: str, defaults: GenerationDefaults) 
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": 0, "owned_by": "skingpt4-serve"}
-        ]}
+        card = Model(id=model_name, object="model", created=0, owned_by="skingpt4-serve")
+        return {"object": "list", "data": [card.model_dump(exclude_unset=True)]}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
@@ -328,12 +357,13 @@ def create_app(engine: HFEngine, model_name: str, defaults: GenerationDefaults) 
         prompt, images = render_messages(req.messages)
         job = Job(prompt, images, defaults.sampling(req), asyncio.get_running_loop())
         engine.submit(job)
-        base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        head = ResponseHead.new(model_name)
         assembler = TextAssembler(tokenizer)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(job, assembler, base, include_usage), media_type="text/event-stream")
-        return await _complete(job, assembler, base)
+            return StreamingResponse(_sse(job, assembler, head, include_usage), media_type="text/event-stream")
+        completion = await _complete(job, assembler, head)
+        return Response(_json(completion), media_type="application/json")
 
     return app
 

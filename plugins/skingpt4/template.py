@@ -8,9 +8,15 @@ generated (``:`` + `` The``), so prefix caching covers the whole history, not ju
 The Jinja template below renders exactly this from OpenAI chat messages. It loops over the
 content parts, so vLLM hands it the ``openai`` content format and the template, not vLLM, puts
 each image where the user put it. Literal text keeps its spaces (``'###Human: '``).
+
+The template is the one source of the prompt: vLLM renders it (through the model folder's
+tokenizer), and :func:`render_chat` / :func:`build_prompt` render it here the way transformers
+does, without the BOS, for the reference pipeline, the Hugging Face baselines and the tests.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 DEFAULT_SYSTEM = (
     "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once "
@@ -61,16 +67,38 @@ CHAT_TEMPLATE = (
 )
 
 
+@lru_cache(maxsize=1)
+def _compiled_template():
+    # jinja2 is imported here so that importing the constants above stays free. The environment is
+    # the one transformers renders chat templates in (``chat_template_utils._compile_jinja_template``).
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(CHAT_TEMPLATE)
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """``CHAT_TEMPLATE`` over OpenAI-style chat messages (``{"role", "content"}``, content a string
+    or a list of ``text`` / ``image_url`` parts), without the BOS: what
+    ``tokenizer.apply_chat_template(messages, tokenize=False)`` returns minus ``bos_token``."""
+    return _compiled_template().render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=""
+    )
+
+
 def build_prompt(turns: list[tuple[str, str]], system: str = DEFAULT_SYSTEM) -> str:
     """Render (role, text) turns the way SkinGPT-4's ``Conversation.get_prompt`` does.
 
     ``role`` is ``user`` or ``assistant``; user text carries ``<Img><ImageHere></Img>`` where an
     image goes; answers are stripped. Ends with ``###Assistant:`` so the model answers next.
+    A thin front of :func:`render_chat`: the turns become string-content messages.
     """
-    out = system
+    messages = [{"role": "system", "content": system}]
     for role, text in turns:
-        out += f"{SEP}{ROLES[role]}: {text.strip() if role == 'assistant' else text}"
-    return out + f"{SEP}Assistant:"
+        if role not in ROLES:
+            raise ValueError(f"turn role is {role!r}; it must be one of {sorted(ROLES)}")
+        messages.append({"role": role, "content": text})
+    return render_chat(messages, add_generation_prompt=True)
 
 
 def image_question(question: str = DEFAULT_QUESTION, num_images: int = 1) -> str:
