@@ -37,6 +37,7 @@ from benchmarks.scenarios import (
 )
 from benchmarks.sweep import WARMUP_SEED, SweepConfig, measure, run_sweep
 from benchmarks.targets import CHECKOUT_TARGETS, TARGETS, ExternalTarget, LaunchedTarget, Target, api_key
+from encoders.presets import LLM_FAMILIES
 
 ARTIFACTS = Path("artifacts")
 
@@ -82,7 +83,7 @@ def _endpoint(text: str) -> tuple[str, str]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="model folder (default: artifacts/bench-<family>)")
-    p.add_argument("--family", choices=("llama", "falcon"), default="llama")
+    p.add_argument("--family", choices=LLM_FAMILIES, default="llama")
     p.add_argument("--max-tokens", type=int, default=SweepConfig.max_tokens)
     p.add_argument("--temperature", type=float, default=SweepConfig.temperature, help="0: greedy (same lengths on every target)")
     p.add_argument("--image-size", type=parse_image_size, default=None,

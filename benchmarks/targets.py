@@ -40,6 +40,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.metrics import MemorySampler
+from serving import settings
 from serving.process import ServerProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,19 +84,19 @@ CHILD_ENV_DEFAULTS = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_HOST_IP": "127.0.0.1",  # one machine: engine traffic stays on loopback
+    settings.KVCACHE_ENV: str(settings.DEFAULT_CPU_KVCACHE_GIB),
+    settings.HOST_IP_ENV: settings.LOOPBACK_IP,  # one machine: engine traffic stays on loopback
     "TOKENIZERS_PARALLELISM": "false",
 }
 
 
 # A server started with an API key (``serving.cli serve`` reads it from here too) needs it on
 # every route but /health; the client sends it when set.
-API_KEY_ENV = "SKINGPT4_API_KEY"
+API_KEY_ENV = settings.API_KEY_ENV
 
 
 def api_key() -> str | None:
-    return os.environ.get(API_KEY_ENV) or None
+    return settings.api_key()
 
 
 class TargetError(RuntimeError):

@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from serving import settings
 from serving.admission import Admission
 from serving.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.errors import InvalidRequest, NotFound, ServingError
@@ -377,7 +378,7 @@ def prepare_environment(config: EmbeddedServerConfig, verbose: bool = False) -> 
 
     os.environ.update(config.environment())
     os.environ.update(engine_environment(verbose))
-    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")  # engine processes talk over loopback
+    settings.use_loopback()
 
 
 class BatchEngine:
