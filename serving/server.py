@@ -105,6 +105,10 @@ class EmbeddedServerConfig(BaseModel):
             "enable_prompt_tokens_details": True,
             "enable_log_requests": False,  # request bodies hold the photos
         }
+        if self.tensor_parallel_size > 1:
+            # Each rank encodes its share of the photos instead of all of them (the vision stack
+            # is replicated, not sharded); the embeddings are gathered on every rank.
+            options["mm_encoder_tp_mode"] = "data"
         if self.enforce_eager or not on_gpu:
             options["enforce_eager"] = True
         if on_gpu and self.gpu_memory_utilization is not None:

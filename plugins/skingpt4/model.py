@@ -4,7 +4,10 @@ Follows vLLM's ``blip2.py`` (same data flow) with two differences that SkinGPT-4
 ``<ImageHere>`` may stand anywhere in the prompt (a ``PromptReplacement``, not an insertion at the
 start), and a prompt may carry several images. The language model is built by vLLM itself
 (``init_vllm_registered_model``), so it gets paged attention, continuous batching and tensor
-parallelism; the vision stack is the plain torch module of ``encoders`` (replicated per rank).
+parallelism; the vision stack is the plain torch module of ``encoders``, replicated per rank. Under
+tensor parallelism every rank encodes every photo unless the engine runs with
+``mm_encoder_tp_mode="data"``: then each rank encodes its share of the photos and the embeddings
+are all-gathered (vLLM's encoder data-parallel mode, ``run_dp_sharded_vision_model``).
 
 Data flow per request::
 
@@ -37,6 +40,7 @@ from vllm.model_executor.models.utils import (
     init_vllm_registered_model,
     maybe_prefix,
 )
+from vllm.model_executor.models.vision import run_dp_sharded_vision_model
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
@@ -151,6 +155,10 @@ class SkinGPT4MultiModalProcessor(BaseMultiModalProcessor[SkinGPT4ProcessingInfo
     dummy_inputs=SkinGPT4DummyInputsBuilder,
 )
 class SkinGPT4ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP):
+    # `mm_encoder_tp_mode="data"`: the photos of a batch are split across the tensor-parallel
+    # ranks (the vision stack is replicated, never sharded by weights).
+    supports_encoder_tp_data = True
+
     # Folder names -> module names. Vision weights keep their names; the LM's own HF names
     # (as in the released shards) move under `language_model.`.
     hf_to_vllm_mapper = WeightsMapper(
@@ -171,6 +179,12 @@ class SkinGPT4ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP
         super().__init__()
         config: SkinGPT4Config = vllm_config.model_config.hf_config
         self.config = config
+        mm_config = vllm_config.model_config.multimodal_config
+        self.use_data_parallel = (
+            mm_config is not None
+            and mm_config.mm_encoder_tp_mode == "data"
+            and vllm_config.parallel_config.tensor_parallel_size > 1
+        )
 
         with self._mark_tower_model(vllm_config, "image"):
             self.vision = VisionStack(
@@ -210,7 +224,12 @@ class SkinGPT4ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP
         image_input = self._parse_image_input(**kwargs)
         if image_input is None:
             return []
-        embeds = self.vision(image_input["data"])  # (N, 32, H)
+        pixel_values = image_input["data"]
+        if self.use_data_parallel:
+            # Rank r encodes photos [r*k, (r+1)*k) (zero-padded to k per rank), then all-gather.
+            embeds = run_dp_sharded_vision_model(pixel_values, self.vision)  # (N, 32, H)
+        else:
+            embeds = self.vision(pixel_values)  # (N, 32, H)
         return list(embeds.unbind(0))  # one (32, H) per image
 
     def forward(

@@ -17,7 +17,8 @@ from serving.server import (
     numa_nodes_with,
 )
 
-GPU_CONFIG = dict(model="m", gpu_memory_utilization=0.85, quantization="fp8", max_num_seqs=8)
+GPU_CONFIG = dict(model="m", gpu_memory_utilization=0.85, quantization="fp8", max_num_seqs=8,
+                  tensor_parallel_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def test_cli_args_parse_back_to_the_engine_options(vllm_parser, on_gpu):
     its value in the dict Ray receives as engine_kwargs."""
     config = EmbeddedServerConfig(**GPU_CONFIG, dtype="float16", block_size=16)
     options = config.engine_options(on_gpu=on_gpu)
+    assert options["mm_encoder_tp_mode"] == "data"  # ranks share the photos, not encode them all
     parsed = vllm_parser.parse_args(config.vllm_args(on_gpu=on_gpu))
     for name, value in options.items():
         assert parsed_value(parsed, name, value) == value, name
