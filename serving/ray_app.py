@@ -20,8 +20,14 @@ point ``build_openai_app`` documents, a custom ingress class (``ingress_cls_conf
 app's lifespan and first request. The policy never goes into a ``runtime_env`` (the Ray dashboard
 shows those); without a key in it, the ingress takes ``SKINGPT4_API_KEY`` from its environment.
 
+Routing (``ReplicaSettings.routing``, default ``session``): the LLM deployment's request router is
+:class:`SessionAffinityRouter`, so every turn of a consult sent with an ``x-session-id`` header
+reaches the replica holding its prefix (Ray's proxy and ``OpenAiIngress`` pass the header on as the
+request's session id), and a request without one follows prefix affinity. vLLM's engine metrics
+go out per replica through each node's Ray metrics export port (``log_engine_metrics``).
+
 Only ``serving.commands`` imports this module, and only in Ray mode (importing Ray Serve LLM
-imports vLLM: several seconds).
+imports vLLM: several seconds); Ray Serve imports it too, by path, for the router class.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_openai_app
+from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.llm.ingress import OpenAiIngress
+from ray.serve.llm.request_router import PrefixCacheAffinityRouter
 from starlette.responses import JSONResponse, Response
 
 from serving import settings
@@ -49,6 +57,59 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "skingpt4"
 HEALTH_TIMEOUT_S = 5.0
+# The consult header (Ray Serve's RAY_SERVE_SESSION_ID_HEADER_KEY, default x-session-id): the proxy
+# and OpenAiIngress read it and hand it to the LLM deployment's router as the request's session_id.
+SESSION_HEADER = "x-session-id"
+
+
+class SessionAffinityRouter(PrefixCacheAffinityRouter):
+    """Request router of the LLM deployment: a request with a session id (header
+    ``x-session-id``) goes to the replica a consistent hash of that id picks (Ray Serve's
+    :class:`ConsistentHashRouter` ring: the same replica for every turn of a consult, up to
+    ``num_fallback_replicas`` successors when it refuses under back-pressure); a request without
+    one follows :class:`PrefixCacheAffinityRouter` (the replica that already saw the longest
+    prefix of its prompt, else the least loaded). Both keep a consult's photo and history in one
+    replica's prefix cache. ``request_router_kwargs``: ``num_virtual_nodes``,
+    ``num_fallback_replicas``, and the prefix router's own."""
+
+    # The ring, built and walked exactly as ConsistentHashRouter does.
+    _rebuild_ring = ConsistentHashRouter._rebuild_ring
+    _lookup_ranked_replicas = ConsistentHashRouter._lookup_ranked_replicas
+
+    def __init__(self, *args, **kwargs):
+        self._ring_hashes: list = []
+        self._ring_replicas: list = []
+        self._replica_set_snapshot: frozenset = frozenset()
+        self._num_virtual_nodes = 100
+        self._num_fallback_replicas = 2
+        super().__init__(*args, **kwargs)
+
+    def initialize_state(self, num_virtual_nodes: int = 100, num_fallback_replicas: int = 2,
+                         **prefix_kwargs) -> None:
+        self._num_virtual_nodes = num_virtual_nodes
+        self._num_fallback_replicas = num_fallback_replicas
+        super().initialize_state(**prefix_kwargs)
+
+    def update_replicas(self, replicas) -> None:
+        super().update_replicas(replicas)
+        snapshot = frozenset(self._replica_id_set)
+        if snapshot != self._replica_set_snapshot:
+            self._rebuild_ring(snapshot)
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        session = pending_request.metadata.session_id if pending_request is not None else ""
+        if not session or not candidate_replicas:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        pending_request.routing_context.should_backoff = True
+        return [[self._replicas[r]] for r in self._lookup_ranked_replicas(session)
+                if r in self._replicas]
+
+
+ROUTERS = {
+    "session": f"{__name__}.SessionAffinityRouter",
+    "prefix": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
+    "pow2": None,  # Ray Serve's default: the less loaded of two random replicas
+}
 
 
 class ReplicaSettings(BaseModel):
@@ -74,6 +135,18 @@ class ReplicaSettings(BaseModel):
     max_ongoing_requests: int | None = Field(
         default=None, ge=1,
         description="Requests one replica accepts at once; None: Ray Serve LLM's default (no cap).",
+    )
+    health_check_period_s: float | None = Field(
+        default=None, gt=0,
+        description="How often Serve checks each LLM replica's engine; after 3 failed checks the "
+        "replica is replaced, and until then requests routed to it fail fast (5xx). "
+        "None: Ray Serve LLM's default (10 s).",
+    )
+    routing: Literal["session", "prefix", "pow2"] = Field(
+        default="session",
+        description="session: a request with an x-session-id header goes to the replica that "
+        "header hashes to, one without follows prefix affinity; prefix: prefix affinity only; "
+        "pow2: Ray Serve's default (the less loaded of two random replicas).",
     )
 
     @model_validator(mode="after")
@@ -111,6 +184,10 @@ class ReplicaSettings(BaseModel):
             config["num_replicas"] = self.bounds[0]
         if self.max_ongoing_requests is not None:
             config["max_ongoing_requests"] = self.max_ongoing_requests
+        if self.health_check_period_s is not None:
+            config["health_check_period_s"] = self.health_check_period_s
+        if ROUTERS[self.routing]:
+            config["request_router_config"] = {"request_router_class": ROUTERS[self.routing]}
         return config
 
 
@@ -158,13 +235,21 @@ def llm_config(args: RayAppArgs) -> LLMConfig:
                 "bundles": [{"GPU": 1}] * server.tensor_parallel_size,
                 "strategy": "STRICT_PACK",
             }
-    return LLMConfig(
+    config = LLMConfig(
         model_loading_config={"model_id": server.model_name, "model_source": _model_path(server.model)},
         engine_kwargs=server.engine_options(on_gpu=replicas.accelerator == "gpu"),
         deployment_config=replicas.deployment_config(server.shutdown_timeout_s),
         runtime_env={"env_vars": engine_environment(server, replicas.accelerator)},
+        # vLLM's engine metrics (TTFT, throughput, KV-cache use, prefix-cache hits) per replica,
+        # through each node's Ray metrics export port (docs/ray-cluster.md, "Metrics").
+        log_engine_metrics=True,
         **options,
     )
+    # The model card (GET /v1/models) says "input_modality": "image" only for configs Ray has
+    # read a vision_config from, which happens in the replicas, after the ingress's cards were
+    # made. SkinGPT-4 always takes a photo: say so from the start.
+    config._supports_vision = True
+    return config
 
 
 def build_serve_app(args: RayAppArgs) -> Application:

@@ -10,8 +10,10 @@ about 1-2 minutes on 2 cores; the cluster is shut down at module end.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -57,7 +59,12 @@ def test_replica_settings():
     from serving.ray_app import ReplicaSettings, RayAppArgs, llm_config
 
     fixed = ReplicaSettings(accelerator="cpu", num_replicas=2).deployment_config(30)
-    assert fixed == {"graceful_shutdown_timeout_s": 30, "num_replicas": 2}
+    assert fixed == {"graceful_shutdown_timeout_s": 30, "num_replicas": 2, "request_router_config": {
+        "request_router_class": "serving.ray_app.SessionAffinityRouter"}}
+    prefix = ReplicaSettings(routing="prefix").deployment_config(30)["request_router_config"]
+    assert prefix["request_router_class"].endswith("PrefixCacheAffinityRouter")
+    assert "request_router_config" not in ReplicaSettings(routing="pow2").deployment_config(30)
+    assert ReplicaSettings(health_check_period_s=3).deployment_config(30)["health_check_period_s"] == 3
     scaled = ReplicaSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=8)
     assert scaled.deployment_config(30)["autoscaling_config"] == {
         "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
@@ -75,6 +82,46 @@ def test_replica_settings():
     cpu = llm_config(RayAppArgs.model_validate({"server": server, "replicas": {"accelerator": "cpu"}}))
     assert cpu.accelerator_config.kind == "cpu"
     assert cpu.runtime_env["env_vars"]["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+
+
+def test_engine_metrics_and_image_model_card():
+    """vLLM's engine metrics go out through Ray's metrics port, and the model card says the model
+    takes images (Ray reads that from the model's config only inside the replicas)."""
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+
+    from serving.ray_app import RayAppArgs, llm_config
+
+    config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
+    assert config.log_engine_metrics is True
+    assert "disable_log_stats" not in config.engine_kwargs
+    assert to_model_metadata("skingpt4", config).metadata["input_modality"] == "image"
+
+
+def test_session_router_uses_the_ring_for_sessions_and_prefixes_otherwise():
+    import asyncio
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from serving.ray_app import SessionAffinityRouter
+
+    router = SessionAffinityRouter.__new__(SessionAffinityRouter)  # no Ray: state set by hand
+    replica_id = namedtuple("ReplicaID", "unique_id")
+    ids = [replica_id(f"r{i}") for i in range(3)]
+    router._replicas = {rid: f"replica-{rid.unique_id}" for rid in ids}
+    router._num_virtual_nodes, router._num_fallback_replicas = 100, 0
+    router._deployment_id = "test"
+    router._rebuild_ring(frozenset(ids))
+
+    def request(session):
+        return SimpleNamespace(metadata=SimpleNamespace(session_id=session),
+                               routing_context=SimpleNamespace(should_backoff=False))
+
+    chosen = {s: asyncio.run(router.choose_replicas(list(router._replicas.values()), request(s)))
+              for s in ("consult-a", "consult-b", "consult-c", "consult-d")}
+    for session, ranks in chosen.items():
+        assert len(ranks) == 1 and len(ranks[0]) == 1
+        assert asyncio.run(router.choose_replicas(list(router._replicas.values()), request(session))) == ranks
+    assert len({ranks[0][0] for ranks in chosen.values()}) >= 2  # sessions spread over replicas
 
 
 def test_ingress_takes_the_key_from_its_environment(monkeypatch):
@@ -217,6 +264,7 @@ def test_api_key_required_except_health(ray_server):
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200
     models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert [m["id"] for m in models.json()["data"]] == [MODEL]
+    assert models.json()["data"][0]["metadata"]["input_modality"] == "image"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
 
@@ -229,6 +277,191 @@ def test_bad_image_is_refused_and_server_stays_up(client, photo_url):
     assert "base64" in str(err.value)
     again = client.chat.completions.create(model=MODEL, messages=[image_message([photo_url])], **GREEDY)
     assert again.choices[0].message.content
+
+
+@pytest.mark.parametrize("field", [{"echo": True}, {"prompt_logprobs": 1}], ids=["echo", "prompt_logprobs"])
+def test_engine_killing_fields_are_refused(ray_server, client, photo_url, field):
+    """The request contract holds in Ray mode too: prompt logprobs over a photo (which kill the
+    engine) get a 400 naming the field, and the replicas stay up."""
+    base = ray_server.base_url
+    body = {"model": MODEL, "messages": [image_message([photo_url])], **GREEDY, **field}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 400, r.text[:500]
+    assert r.headers["content-type"].startswith("application/json")
+    assert next(iter(field)) in r.json()["error"]["message"]
+    assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+    again = client.chat.completions.create(model=MODEL, messages=[image_message([photo_url])], **GREEDY)
+    assert again.choices[0].message.content is not None
+
+
+BLOCK = 32  # KV-cache block of a CPU replica; the prefix cache reuses whole blocks
+
+
+def test_consults_stick_to_their_replica(client, photos):
+    """Interleaved consults, each with its own x-session-id: every later turn lands on the replica
+    that holds the consult's prefix, and reports the reused photo and system prompt in
+    usage.prompt_tokens_details.cached_tokens (streaming and not). With two replicas and random
+    routing, each later turn would miss half the time."""
+    from encoders.samples import encode_image, synthetic_skin_photo
+    from plugins.skingpt4.template import CONSULT_QUESTIONS
+
+    consults = {}
+    for i in range(4):
+        photo = data_url(encode_image(synthetic_skin_photo(seed=100 + i)))
+        consults[f"consult-{i}"] = {"messages": [image_message([photo], CONSULT_QUESTIONS[0])]}
+    cached: dict[str, list[int]] = {s: [] for s in consults}
+    for turn in range(3):
+        for session, consult in consults.items():
+            stream = turn == 2 and session in ("consult-0", "consult-2")
+            kwargs = dict(model=MODEL, messages=consult["messages"], temperature=0, max_tokens=8,
+                          extra_headers={"x-session-id": session})
+            if stream:
+                chunks = list(client.chat.completions.create(
+                    stream=True, stream_options={"include_usage": True}, **kwargs))
+                usage = [c.usage for c in chunks if c.usage][-1]
+                answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                done = client.chat.completions.create(**kwargs)
+                usage, answer = done.usage, done.choices[0].message.content or ""
+            assert usage.prompt_tokens_details is not None
+            cached[session].append(usage.prompt_tokens_details.cached_tokens or 0)
+            if turn == 0:
+                consult["reusable"] = (usage.prompt_tokens - 1) // BLOCK * BLOCK
+                assert consult["reusable"] >= BLOCK
+            consult["messages"] = consult["messages"] + [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": CONSULT_QUESTIONS[turn + 1]}]
+    print("cached tokens per turn:", json.dumps(cached))
+    for session, consult in consults.items():
+        assert all(c >= consult["reusable"] for c in cached[session][1:]), (session, cached)
+
+
+def test_without_a_session_routing_follows_the_prefix(client):
+    """No x-session-id: the prefix-affinity router sends a consult's next turn to the replica
+    that saw its first turn."""
+    from encoders.samples import encode_image, synthetic_skin_photo
+    from plugins.skingpt4.template import CONSULT_QUESTIONS
+
+    photo = data_url(encode_image(synthetic_skin_photo(seed=200)))
+    messages = [image_message([photo], CONSULT_QUESTIONS[0])]
+    first = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8)
+    reusable = (first.usage.prompt_tokens - 1) // BLOCK * BLOCK
+    messages += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                 {"role": "user", "content": CONSULT_QUESTIONS[1]}]
+    for _ in range(2):
+        later = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8)
+        assert later.usage.prompt_tokens_details.cached_tokens >= reusable
+
+
+def test_engine_metrics_reach_prometheus(cluster, client, photo_url):
+    """Each node's Ray metrics export port (what Prometheus scrapes) shows vLLM's engine metrics
+    of the replicas on it: time to first token, prefix-cache hits, KV-cache use."""
+    client.chat.completions.create(model=MODEL, messages=[image_message([photo_url])], **GREEDY)
+    ports = [n.metrics_export_port for n in [cluster.head_node, *cluster.worker_nodes]]
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = ""
+        for port in ports:
+            try:
+                text += httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            except httpx.HTTPError:
+                pass
+        names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                 if "vllm" in line and not line.startswith("#")}
+        if any("time_to_first_token" in n for n in names) and any("prefix_cache" in n for n in names):
+            break
+        time.sleep(5)
+    print("vLLM metric names:", sorted(names)[:80])
+    assert any("time_to_first_token" in n for n in names), sorted(names)
+    assert any("prefix_cache" in n for n in names), sorted(names)
+    assert any("kv_cache_usage" in n or "cache_usage" in n for n in names), sorted(names)
+
+
+def _llm_replicas(cluster):
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name.startswith(f"ServeReplica:skingpt4:LLMServer:{MODEL}")]
+
+
+def _kill_engine(pid: int) -> list[int]:
+    """SIGKILL the vLLM engine-core process under a replica actor; the pids killed."""
+    import psutil
+
+    killed = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                child.kill()
+                killed.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return killed
+
+
+FAULT_REQUESTS, FAULT_CONCURRENCY, FAULT_BOUND_S, RECOVERY_BOUND_S = 100, 16, 90, 420
+
+
+def test_a_dead_engine_fails_its_requests_and_is_replaced(cluster, ray_server, photo_url):
+    """One replica's engine is killed mid-load: the requests that fail get a JSON 5xx within a
+    bound (none hangs), the others answer; Ray Serve replaces the replica, /health returns to 200
+    and later requests succeed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, headers = ray_server.base_url, {"Authorization": f"Bearer {API_KEY}"}
+    ray_server.running()
+    victim = _llm_replicas(cluster)[0]
+    results: list[tuple[int, float, object]] = []
+    done_before_kill = 0
+
+    def one(i: int):
+        body = {"model": MODEL, "messages": [image_message([photo_url])], **GREEDY}
+        started = time.monotonic()
+        try:
+            r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=FAULT_BOUND_S,
+                           headers={**headers, "x-session-id": f"load-{i}"})
+            status, payload = r.status_code, r.text
+        except httpx.HTTPError as exc:
+            status, payload = -1, repr(exc)
+        results.append((status, time.monotonic() - started, payload))
+
+    with ThreadPoolExecutor(FAULT_CONCURRENCY) as pool:
+        futures = [pool.submit(one, i) for i in range(FAULT_REQUESTS)]
+        while len(results) < 20:
+            time.sleep(0.2)
+        done_before_kill = len(results)
+        killed_at = time.monotonic()
+        assert _kill_engine(victim.pid), "no EngineCore process under the replica"
+        for f in futures:
+            f.result()
+
+    failed = [(s, t, p) for s, t, p in results if s != 200]
+    print(f"fault: {len(failed)} of {FAULT_REQUESTS} failed ({done_before_kill} done before the kill); "
+          f"statuses {sorted({s for s, _, _ in failed})}; slowest failure "
+          f"{max((t for _, t, _ in failed), default=0):.1f} s")
+    assert len(failed) < FAULT_REQUESTS - done_before_kill, "every request after the kill failed"
+    for status, seconds, payload in failed:
+        assert 500 <= status < 600, (status, payload[:300])
+        assert "error" in json.loads(payload), payload[:300]
+        assert seconds < FAULT_BOUND_S
+
+    deadline, recovered_s = killed_at + RECOVERY_BOUND_S, None
+    while time.monotonic() < deadline:
+        alive = _llm_replicas(cluster)
+        if len(alive) == 2 and victim.actor_id not in {a.actor_id for a in alive} and \
+                httpx.get(f"{base}/health", timeout=30).status_code == 200:
+            recovered_s = time.monotonic() - killed_at
+            break
+        time.sleep(2)
+    assert recovered_s is not None, "the dead replica was not replaced in time"
+    later = []
+    for i in range(8):
+        body = {"model": MODEL, "messages": [image_message([photo_url])], **GREEDY}
+        later.append(httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120,
+                                headers={**headers, "x-session-id": f"after-{i}"}).status_code)
+    print(f"fault: replica replaced and /health 200 after {recovered_s:.0f} s; later requests {later}")
+    assert later == [200] * 8
 
 
 @pytest.mark.stops_shared_server
