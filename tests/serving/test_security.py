@@ -211,6 +211,7 @@ def _vllm_fetch(url: str, allowed_media_domains) -> Exception | None:
     return None
 
 
+@pytest.mark.slow  # imports vLLM's media stack (seconds)
 def test_vllm_itself_fetches_no_url():
     """Defence in depth: a URL that got past the middleware would still not be fetched by vLLM,
     given the flags the embedded server passes it."""
