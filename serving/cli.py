@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from plugins.skingpt4.template import DEFAULT_QUESTION
+from serving import settings
 from serving.settings import DEFAULT_CPU_KVCACHE_GIB, KVCACHE_ENV
 
 USAGE_ERROR = 2
@@ -154,6 +155,10 @@ def _run_generate(args) -> int:
 
 
 def _check_serve(args) -> None:
+    if args.ray and settings.ray_address():
+        # Joining a running cluster: the folder may exist only on its nodes, and its Serve proxy
+        # may already hold the port (a redeploy); Ray reports its own errors.
+        return
     check_model_folder(Path(args.model))
     check_port_free(args.host, args.port)
 

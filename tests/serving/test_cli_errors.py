@@ -168,3 +168,25 @@ def test_generate_prints_only_the_answer(tiny_checkpoints, tmp_path):
     # Hugging Face's decode and withheld by vLLM's incremental detokenizer.
     answer = want.text.rstrip("\ufffd").strip()
     assert answer and out.stdout == answer + "\n"
+
+
+def test_joining_a_ray_cluster_skips_the_local_checks(monkeypatch):
+    """With RAY_ADDRESS the model folder lives on the cluster's nodes and its Serve proxy may hold
+    the port already (a redeploy): the local checks would refuse a valid command."""
+    import argparse
+    import socket
+
+    import pytest
+
+    from serving.cli import UsageError, _check_serve
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = argparse.Namespace(ray=True, model="/srv/models/on-the-nodes", host="127.0.0.1",
+                                  port=busy.getsockname()[1])
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+        _check_serve(args)
+        monkeypatch.delenv("RAY_ADDRESS")
+        with pytest.raises(UsageError, match="no such model folder"):
+            _check_serve(args)
