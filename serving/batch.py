@@ -72,10 +72,11 @@ from typing import Any, BinaryIO
 
 from serving import settings
 from serving.admission import Admission
+from serving.commands import add_model_arguments, config_error
 from serving.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.errors import InvalidRequest, NotFound, ServingError
 from serving.policy import BODY_COST_FACTOR, ServePolicy
-from serving.server import DEFAULT_MODEL_NAME, EmbeddedServerConfig
+from serving.server import EmbeddedServerConfig
 
 ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE)
 LINE_KEYS = ("custom_id", "method", "url", "body")
@@ -679,16 +680,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         "resumes")
     parser.add_argument("--max-concurrency", type=_positive, default=DEFAULT_MAX_CONCURRENCY,
                         help="requests in flight at once (default: %(default)s)")
-    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
-                        help="the name request bodies use as model (as for serve)")
-    parser.add_argument("--max-images-per-request", type=int, default=4)
-    parser.add_argument("--allowed-media-domains", nargs="*", default=[],
-                        help="hosts that remote image URLs may name (default: data URLs only)")
-    parser.add_argument("--max-image-pixels", type=int, default=25_000_000)
-    parser.add_argument("--dtype", default="auto", help="vLLM --dtype (float32 for exact tests)")
-    parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    add_model_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--verbose", action="store_true", help="vLLM's INFO logs on stderr")
     parser.set_defaults(func=run_batch_command)
@@ -724,9 +716,7 @@ def _config(args: argparse.Namespace) -> EmbeddedServerConfig:
             ),
         )
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"])
-        raise _UsageProblem(f"{where}: {error['msg']}") from None
+        raise _UsageProblem(config_error(exc)) from None
 
 
 def _check_files(args: argparse.Namespace) -> None:

@@ -14,18 +14,38 @@ from serving.server import DEFAULT_MODEL_NAME, EmbeddedServerConfig
 DEMO_DIR = Path("artifacts/tiny-llama")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, photo and engine flags that ``serve`` and ``batch`` share."""
+    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                        help="the name requests use as model (default: %(default)s)")
+    parser.add_argument("--max-images-per-request", type=int, default=4)
+    parser.add_argument("--allowed-media-domains", nargs="*", default=[],
+                        help="hosts that remote image URLs may name (default: data URLs only)")
+    parser.add_argument("--max-image-pixels", type=int, default=25_000_000)
+    parser.add_argument("--dtype", default="auto",
+                        help="vLLM --dtype (default auto: the model folder's, float16 for the "
+                        "Llama-2 release, bfloat16 for Falcon; float32 for exact tests)")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="GPUs per engine (one per rank); on a CPU, ranks get contiguous CPU "
+                        "groups unless VLLM_CPU_OMP_THREADS_BIND is set")
+
+
+def config_error(exc) -> str:
+    """A pydantic ``ValidationError`` of the server config as one line: ``field: problem``."""
+    error = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+
+
 def add_serving_commands(sub) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible server (embedded; --ray for Ray Serve)")
     serve.add_argument("model", help="a SkinGPT-4 model folder")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    add_model_arguments(serve)
     serve.add_argument("--api-key", default=settings.api_key(),
                        help=f"require this key on every route but /health (or {settings.API_KEY_ENV})")
-    serve.add_argument("--max-images-per-request", type=int, default=4)
-    serve.add_argument("--allowed-media-domains", nargs="*", default=[],
-                       help="hosts that remote image URLs may name (default: data URLs only)")
-    serve.add_argument("--max-image-pixels", type=int, default=25_000_000)
     serve.add_argument("--max-inflight-mb", type=int, default=None,
                        help="memory budget (MiB) for request bodies being read and checked at "
                        "once; default: 1/16 of the machine's memory (see README, Admission control)")
@@ -35,14 +55,6 @@ def add_serving_commands(sub) -> None:
                        help="requests that may wait for admission before a 503 (default 256)")
     serve.add_argument("--admission-timeout", type=float, default=None,
                        help="seconds a request may wait for admission before a 503 (default 30)")
-    serve.add_argument("--dtype", default="auto",
-                       help="vLLM --dtype (default auto: the model folder's, float16 for the "
-                       "Llama-2 release, bfloat16 for Falcon; float32 for exact tests)")
-    serve.add_argument("--max-model-len", type=int, default=2048)
-    serve.add_argument("--max-num-seqs", type=int, default=64)
-    serve.add_argument("--tensor-parallel-size", type=int, default=1,
-                       help="GPUs per engine (one per rank); on a CPU, ranks get contiguous CPU "
-                       "groups unless VLLM_CPU_OMP_THREADS_BIND is set")
     serve.add_argument("--enforce-eager", action="store_true",
                        help="no CUDA graphs on a GPU (quicker start, slower decoding); a CPU "
                        "always runs eager")
@@ -94,9 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
             policy=_policy(args),
         )
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"])
-        print(f"skingpt4 serve: {where}: {error['msg']}", file=sys.stderr)
+        print(f"skingpt4 serve: {config_error(exc)}", file=sys.stderr)
         return 2
     if args.ray:
         from serving.ray_app import run_ray
