@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,3 +71,26 @@ def data_url(data: bytes, mime: str = "image/jpeg") -> str:
 def image_message(urls, text: str = "What's wrong with my skin?") -> dict:
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+@contextmanager
+def ray_test_cluster(worker_cpus: int = 3, workers: int = 2) -> Iterator:
+    """Ray's multi-node test cluster on this machine: a head node with 1 logical CPU and
+    ``workers`` worker nodes of ``worker_cpus`` each (a CPU replica takes 2: actor and engine).
+    ``worker_node_ids`` holds the workers' node ids. Shut down on exit."""
+    import pytest
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        # Inherited by every Ray process: no telemetry, a small KV cache, no model hub.
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            nodes = [c.add_node(num_cpus=worker_cpus) for _ in range(workers)]
+            c.wait_for_nodes()
+            c.worker_node_ids = {n.node_id for n in nodes}
+            yield c
+        finally:
+            c.shutdown()

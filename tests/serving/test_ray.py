@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from serving.process import ServerProcess, free_port
-from tests.serving.helpers import data_url, image_message
+from tests.serving.helpers import data_url, image_message, ray_test_cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "ray-test-key-0123456789"
@@ -137,21 +137,8 @@ def test_ingress_takes_the_key_from_its_environment(monkeypatch):
 
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    with pytest.MonkeyPatch.context() as mp:
-        # Inherited by every Ray process: no telemetry, a small KV cache, no model hub.
-        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-        try:
-            workers = [c.add_node(num_cpus=3) for _ in range(2)]
-            c.wait_for_nodes()
-            c.worker_node_ids = {w.node_id for w in workers}
-            yield c
-        finally:
-            c.shutdown()
+    with ray_test_cluster() as c:
+        yield c
 
 
 class RayServe:
