@@ -48,6 +48,12 @@ server parser, then ``init_app_state``, which creates the same ``OpenAIServingCh
 writes OUTPUT only at the end (no resume), has no ``/v1/completions`` and puts errors in
 ``error`` with an empty body, so its file handling and record models are not used.
 
+``--ray``: the same run, with the accepted requests answered on Ray Data across a cluster
+(:mod:`serving.ray_batch`). Reading, checks, refusals, records and resuming are this module's
+:class:`BatchRun` either way; only the :class:`AnswerEngine` differs. An in-process engine answers
+each request as it is submitted; Ray Data answers them all in one pipeline run once the file has
+been read (:meth:`AnswerEngine.flush`).
+
 Privacy: photos are decoded and shrunk in memory (:func:`serving.chat.prepare_chat_request`),
 never written to disk; request logging stays off and no message here echoes a request body.
 vLLM's logs and the progress bar go to stderr.
@@ -65,10 +71,10 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from serving import settings
 from serving.admission import Admission
@@ -82,6 +88,7 @@ ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE)
 LINE_KEYS = ("custom_id", "method", "url", "body")
 MAX_CUSTOM_ID_CHARS = 512
 DEFAULT_MAX_CONCURRENCY = 64
+UNCAPPED = 2**31 - 1
 # Waiting for memory or a decode slot is normal in a batch (the reader runs ahead of the engine);
 # the server's 10 s admission timeout would turn that wait into 503s.
 ADMISSION_TIMEOUT_S = 24 * 3600.0
@@ -382,8 +389,30 @@ def prepare_environment(config: EmbeddedServerConfig, verbose: bool = False) -> 
     settings.use_loopback()
 
 
+Answer = tuple[int, dict, "str | None"]  # (status, response body, request id)
+
+
+class AnswerEngine(Protocol):
+    """What answers the requests that passed the checks: :class:`BatchEngine` (one in-process
+    engine), or :class:`serving.ray_batch.RayDataEngine` (Ray Data across a cluster).
+    Everything else about a run (reading, checks, refusals, records, resuming) is
+    :class:`BatchRun`'s, the same for both."""
+
+    policy: ServePolicy
+    bulk: bool  # True: answers come only after flush(), so no cap on requests in flight
+
+    @property
+    def dead(self) -> bool: ...
+
+    async def submit(self, route: str, body: dict) -> Awaitable[Answer]: ...
+
+    async def flush(self) -> None: ...
+
+
 class BatchEngine:
     """An in-process vLLM engine and the server's OpenAI serving objects over it."""
+
+    bulk = False  # each request is answered as soon as it is submitted
 
     def __init__(self, client, handlers: dict, request_models: dict, policy: ServePolicy) -> None:
         self.client = client
@@ -395,7 +424,14 @@ class BatchEngine:
     def dead(self) -> bool:
         return self.client.errored
 
-    async def answer(self, route: str, body: dict) -> tuple[int, dict, str | None]:
+    async def submit(self, route: str, body: dict) -> Awaitable[Answer]:
+        """The answer to a checked body, to await (the engine starts on it at once)."""
+        return self.answer(route, body)
+
+    async def flush(self) -> None:
+        """Every request is submitted (nothing to do: each one is running already)."""
+
+    async def answer(self, route: str, body: dict) -> Answer:
         """(status, response body, request id) as vLLM's server answers a checked body."""
         from pydantic import BaseModel
         from vllm.entrypoints.serve import create_error_response
@@ -494,7 +530,7 @@ class _Reservation:
 class BatchRun:
     """One pass over INPUT: skip what OUTPUT holds, write a record for every other line."""
 
-    def __init__(self, engine: BatchEngine, log: OutputLog,
+    def __init__(self, engine: AnswerEngine, log: OutputLog,
                  max_concurrency: int = DEFAULT_MAX_CONCURRENCY, progress: bool = True) -> None:
         self.engine = engine
         self.log = log
@@ -504,7 +540,12 @@ class BatchRun:
             queue_size=max_concurrency * self.policy.max_images_per_request + 1,
             timeout_s=ADMISSION_TIMEOUT_S,
         )
-        self.slots = asyncio.Semaphore(max_concurrency)
+        # A bulk engine answers only once everything is submitted: no cap, or it would wait
+        # forever; the checked bodies (photos already shrunk) wait in memory meanwhile.
+        self.slots = asyncio.Semaphore(UNCAPPED if engine.bulk else max_concurrency)
+        self.unsubmitted = 0  # tasks still checking or submitting their request
+        self.all_submitted = asyncio.Event()
+        self.all_submitted.set()
         self.progress = progress
         self.seen: dict[str, int] = {}  # custom_id -> the line that has it
         self.tasks: set[asyncio.Task] = set()
@@ -528,6 +569,8 @@ class BatchRun:
                     if self.engine.dead:
                         break
                     await self._dispatch(line, raw)
+            await self.all_submitted.wait()
+            await self.engine.flush()
             while self.tasks:
                 await asyncio.wait(set(self.tasks))
         finally:
@@ -566,6 +609,8 @@ class BatchRun:
                 await self._write(refusal_record(job.custom_id, job.refusal), refused=True)
             else:
                 task = asyncio.create_task(self._serve(job, reservation))
+                self.unsubmitted += 1
+                self.all_submitted.clear()
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
                 started = True
@@ -602,9 +647,13 @@ class BatchRun:
         try:
             try:
                 body = await self._check(job)
+                answer = await self.engine.submit(job.route, body)
             finally:
                 await reservation.release()
-            status, response, request_id = await self.engine.answer(job.route, body)
+                self.unsubmitted -= 1
+                if not self.unsubmitted:
+                    self.all_submitted.set()
+            status, response, request_id = await answer
             if status >= 500:
                 return self._failed(job, status, str(response.get("error", {}).get("message")))
             await self._write(response_record(job.custom_id, status, response, request_id),
@@ -644,7 +693,7 @@ class BatchRun:
                    f"{message[:300]}; not written, a rerun retries it", file=sys.stderr)
 
 
-async def run_batch(engine: BatchEngine, input_path: Path, log: OutputLog, *,
+async def run_batch(engine: AnswerEngine, input_path: Path, log: OutputLog, *,
                     max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
                     progress: bool = True) -> BatchSummary:
     """Answer every line of ``input_path`` that ``log`` does not hold yet."""
@@ -679,8 +728,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="records are appended here (OpenAI Batch output format); a rerun "
                         "resumes")
     parser.add_argument("--max-concurrency", type=_positive, default=DEFAULT_MAX_CONCURRENCY,
-                        help="requests in flight at once (default: %(default)s)")
+                        help="requests in flight at once in the in-process engine (default: "
+                        "%(default)s; with --ray each engine batches up to --max-num-seqs)")
     add_model_arguments(parser)
+    ray = parser.add_argument_group(
+        "Ray", "--ray answers the checked requests on Ray Data across a cluster (RAY_ADDRESS; "
+        "without it, a local Ray instance): the same checks, records and resuming")
+    ray.add_argument("--ray", action="store_true",
+                     help="answer on Ray Data (ray.data.llm) instead of an in-process engine")
+    ray.add_argument("--replicas", type=_positive, default=1,
+                     help="engines, spread over the cluster's nodes (--ray; default: 1)")
+    ray.add_argument("--accelerator", choices=["cpu", "gpu"], default=None,
+                     help="engine resources (--ray; default: gpu when the cluster has GPUs)")
+    ray.add_argument("--accelerator-type", default=None,
+                     help="GPU kind for the engines, e.g. A100 or H100 (--ray, gpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--verbose", action="store_true", help="vLLM's INFO logs on stderr")
     parser.set_defaults(func=run_batch_command)
@@ -733,11 +794,22 @@ def _check_files(args: argparse.Namespace) -> None:
         raise _UsageProblem("OUTPUT must be another file than INPUT")
 
 
+def _open(config: EmbeddedServerConfig, args: argparse.Namespace):
+    """The engine that answers the checked requests: in-process, or Ray Data with ``--ray``."""
+    if not args.ray:
+        return open_engine(config)
+    from serving.ray_batch import RayBatchSettings, open_ray_engine
+
+    return open_ray_engine(config, RayBatchSettings(
+        replicas=args.replicas, accelerator=args.accelerator,
+        accelerator_type=args.accelerator_type, verbose=args.verbose))
+
+
 async def _run_once(config: EmbeddedServerConfig, args: argparse.Namespace,
                     log: OutputLog) -> BatchSummary:
     main_task = asyncio.current_task()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    async with open_engine(config) as engine:
+    async with _open(config, args) as engine:
         return await run_batch(engine, args.input, log, max_concurrency=args.max_concurrency,
                                progress=not args.no_progress)
 

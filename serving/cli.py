@@ -4,7 +4,7 @@
     skingpt4 checkpoint convert --vit F --qformer F --proj F --llm DIR OUT
     skingpt4 generate MODEL --image PATH [--image PATH ...] [--question TEXT] [--verbose]
     skingpt4 serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key K] [--ray ...]
-    skingpt4 batch MODEL INPUT.jsonl OUTPUT.jsonl
+    skingpt4 batch MODEL INPUT.jsonl OUTPUT.jsonl [--ray [--replicas N] [--accelerator cpu|gpu]]
     skingpt4 demo
 
 vLLM and Ray are imported only by the subcommands that need them. Problems the user can fix (a

@@ -337,8 +337,61 @@ def test_batch_subcommand_registers(tiny_checkpoints, tmp_path):
     add_batch_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["batch", "M", "in.jsonl", "out.jsonl", "--max-concurrency", "8"])
     assert args.func is run_batch_command and args.max_concurrency == 8
+    assert not args.ray and args.replicas == 1 and args.accelerator is None
     with pytest.raises(SystemExit):
         parser.parse_args(["batch", "M", "in.jsonl", "out.jsonl", "--max-concurrency", "0"])
+    args = parser.parse_args(["batch", "M", "in.jsonl", "out.jsonl", "--ray", "--replicas", "2",
+                              "--accelerator", "cpu"])
+    assert args.ray and args.replicas == 2 and args.accelerator == "cpu"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["batch", "M", "in.jsonl", "out.jsonl", "--ray", "--replicas", "0"])
+
+
+class BulkEngine:
+    """Answers only once every request is submitted, as Ray Data does (serving.ray_batch)."""
+
+    bulk = True
+    dead = False
+
+    def __init__(self) -> None:
+        from serving.policy import ServePolicy
+
+        self.policy = ServePolicy()
+        self.pending: list[tuple[dict, asyncio.Future]] = []
+        self.flushed_with: int | None = None
+
+    async def submit(self, route, body):
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((body, future))
+        return future
+
+    async def flush(self):
+        self.flushed_with = len(self.pending)
+        for body, future in self.pending:
+            future.set_result((200, {"prompt": body["prompt"], "stop": body["stop"]}, "cmpl-1"))
+
+
+def test_a_bulk_engine_gets_every_checked_request_before_it_answers(tmp_path):
+    """More lines than --max-concurrency: a bulk engine must see all of them submitted (checked,
+    with the ### stop) before its flush, or the run would wait forever."""
+    lines = [completion(f"case-{i}", {"model": MODEL, "prompt": f"case {i}"}) for i in range(12)]
+    lines.insert(5, completion("refused", {"model": MODEL, "prompt": "x", "echo": True}))
+    input_path, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    input_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    engine = BulkEngine()
+
+    async def run() -> BatchSummary:
+        with OutputLog.open(output) as log:
+            return await asyncio.wait_for(
+                run_batch(engine, input_path, log, max_concurrency=2, progress=False), 60)
+
+    summary = asyncio.run(run())
+    assert engine.flushed_with == 12
+    assert (summary.answered, summary.refused, summary.lines) == (12, 1, 13) and summary.complete
+    records = by_key(read_records(output))
+    assert records["refused"]["response"]["status_code"] == 400
+    body = records["case-7"]["response"]["body"]
+    assert body["prompt"] == "case 7" and "###" in body["stop"]
 
 
 def test_oversized_lines_are_reported_not_held(tmp_path):
