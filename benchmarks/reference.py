@@ -31,6 +31,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.initialization import no_init_weights
 
 from encoders import ImagePreprocessor, VisionStack
 from plugins.skingpt4.checkpoint import SENTENCEPIECE_MODEL, VISION_WEIGHTS
@@ -89,9 +90,9 @@ class ReferencePipeline:
             )
         self.preprocess = ImagePreprocessor(self.config.vision_config.image_size)
 
-        self.vision = VisionStack(
+        self.vision = VisionStack.for_loading(
             self.config.vision_config, self.config.qformer_config,
-            self.config.num_query_tokens, self.config.text_config.hidden_size,
+            self.config.num_query_tokens, self.config.text_config.hidden_size, device="cpu",
         )
         vision_state = {
             k.removeprefix("vision."): v for k, v in load_file(str(folder / VISION_WEIGHTS)).items()
@@ -99,7 +100,8 @@ class ReferencePipeline:
         self.vision.load_state_dict(vision_state, strict=True)
         self.vision.to(self.device, dtype).eval()
 
-        self.lm = AutoModelForCausalLM.from_config(self.config.text_config, dtype=dtype)
+        with no_init_weights():  # every weight comes from the folder (checked below)
+            self.lm = AutoModelForCausalLM.from_config(self.config.text_config, dtype=dtype)
         state = _lm_state_dict(folder)
         if getattr(self.config.text_config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)

@@ -66,6 +66,26 @@ class VisionStack(nn.Module):
         self.qformer = Blip2QFormerModel(qformer_config)
         self.llm_proj = nn.Linear(qformer_config.hidden_size, llm_hidden_size)
 
+    @classmethod
+    def for_loading(cls, *args, device: torch.device | str | None = None) -> VisionStack:
+        """The stack with its weights allocated but not initialized, to load a checkpoint into.
+
+        timm's random init of a full-size ViT takes about a minute on a CPU, and every weight is
+        overwritten by the checkpoint anyway (load it strictly). Only the non-persistent buffers
+        are set here: EVA's fixed zero ``k_bias``; any other would be an error.
+        """
+        with torch.device("meta"):
+            stack = cls(*args)
+        stack.to_empty(device=device if device is not None else torch.get_default_device())
+        saved = set(stack.state_dict())
+        for name, buffer in stack.named_buffers():
+            if name in saved:
+                continue
+            if not name.endswith(".attn.k_bias"):
+                raise RuntimeError(f"VisionStack has a buffer this loader does not know: {name}")
+            buffer.zero_()
+        return stack
+
     @property
     def dtype(self) -> torch.dtype:
         return self.llm_proj.weight.dtype

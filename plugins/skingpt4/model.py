@@ -187,7 +187,7 @@ class SkinGPT4ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsPP
         )
 
         with self._mark_tower_model(vllm_config, "image"):
-            self.vision = VisionStack(
+            self.vision = VisionStack.for_loading(
                 config.vision_config,
                 config.qformer_config,
                 config.num_query_tokens,

@@ -67,6 +67,23 @@ def test_tiny_stack_runs_and_depends_on_the_image():
     assert not torch.allclose(out[0], out[1])
 
 
+def test_stack_for_loading_computes_like_the_initialized_one_once_loaded():
+    """No random init, and the one fixed buffer (EVA's zero k_bias) is set, not left empty."""
+    torch.manual_seed(0)
+    stack = _stack("tiny", 64).eval()
+    p = get_preset("tiny")
+    loaded = VisionStack.for_loading(
+        Blip2VisionConfig(**p.vision), Blip2QFormerConfig(**p.qformer), p.num_query_tokens, 64,
+        device="cpu",
+    ).eval()
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    loaded.load_state_dict(stack.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), stack(x))
+    assert all(torch.count_nonzero(b.attn.k_bias) == 0 for b in loaded.vit.blocks)
+
+
 def _lm_params(text: dict) -> int:
     cfg = AutoConfig.for_model(**{**text, "vocab_size": text["vocab_size"] or 1024})
     with torch.device("meta"):

@@ -15,12 +15,11 @@ import gc
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from encoders import get_preset
 from plugins.skingpt4.checkpoint import VISION_WEIGHTS
@@ -38,11 +37,10 @@ from plugins.skingpt4.convert import (
     vit_keys,
 )
 from plugins.skingpt4.template import build_prompt, image_question
-from plugins.skingpt4.tokenizer import build_tiny_tokenizer
+from tests.plugins.release_files import blip2_extras, make_release
 
 NEW_TOKENS = 16
 DEPTH = get_preset("tiny").vision["num_hidden_layers"]
-QF_LAYERS = get_preset("tiny").qformer["num_hidden_layers"]
 VIT_KEYS = vit_keys(DEPTH)
 SOURCE_TABLES = (VIT_KEYS, QFORMER_KEYS, ANY_PROJ_KEYS)
 
@@ -72,98 +70,6 @@ RELEASED_NAMES = {
         "Qformer.bert.encoder.layer.1.output_query.LayerNorm.bias",
     "llm_proj.weight": "llm_proj.weight",
 }
-
-
-def _blip2_extras() -> dict[str, torch.Tensor]:
-    """Keys of the BLIP-2 file that SkinGPT-4 does not use (shapes do not matter: dropped)."""
-    extras = {
-        "Qformer.bert.embeddings.word_embeddings.weight": torch.randn(30, 64),
-        "Qformer.bert.embeddings.position_embeddings.weight": torch.randn(16, 64),
-        "Qformer.bert.embeddings.position_ids": torch.arange(16)[None],
-        "Qformer.cls.predictions.bias": torch.randn(30),
-        "Qformer.cls.predictions.transform.dense.weight": torch.randn(64, 64),
-        "t5_model.shared.weight": torch.randn(30, 8),
-        "t5_proj.weight": torch.randn(8, 64),
-        "t5_proj.bias": torch.randn(8),
-        "vision_proj.weight": torch.randn(16, 64),
-        "text_proj.weight": torch.randn(16, 64),
-        "itm_head.weight": torch.randn(2, 64),
-        "temp": torch.tensor(0.07),
-    }
-    for n in range(QF_LAYERS):  # the text branch of every layer
-        layer = f"Qformer.bert.encoder.layer.{n}"
-        extras |= {
-            f"{layer}.intermediate.dense.weight": torch.randn(128, 64),
-            f"{layer}.intermediate.dense.bias": torch.randn(128),
-            f"{layer}.output.dense.weight": torch.randn(64, 128),
-            f"{layer}.output.dense.bias": torch.randn(64),
-            f"{layer}.output.LayerNorm.weight": torch.randn(64),
-            f"{layer}.output.LayerNorm.bias": torch.randn(64),
-        }
-    return extras
-
-
-def _released(state: dict[str, torch.Tensor], keys: KeyMap) -> dict[str, torch.Tensor]:
-    """Our state dict -> the part one released file holds, under the released names."""
-    out = {}
-    for k, v in state.items():
-        original = keys.to_original(k)
-        if original is not None:
-            out[original] = v.clone()
-    return out
-
-
-def _write_llm_folder(
-    tiny: Path, family: str, out: Path, shards: int, write_tokenizer: Callable[[Path], None]
-) -> None:
-    """The LM as Hugging Face ships it: its config, its tokenizer (no image tokens), shards."""
-    out.mkdir(parents=True)
-    SkinGPT4Config.from_pretrained(tiny).text_config.save_pretrained(out)
-    write_tokenizer(out)
-    state = load_file(str(tiny / "model.safetensors"))
-    if shards == 1:
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    names = sorted(state)
-    weight_map = {}
-    for i in range(shards):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in names[i::shards]}
-        save_file(part, str(out / file), metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(part, file)
-    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index))
-
-
-def make_release(
-    tiny: Path, family: str, root: Path, write_tokenizer: Callable[[Path], None] | None = None
-) -> dict[str, Path]:
-    """The four inputs of ``convert_release`` in their released layouts. ``write_tokenizer``
-    writes the LLM folder's tokenizer files (default: the family's tiny byte-level BPE)."""
-    if write_tokenizer is None:
-        write_tokenizer = build_tiny_tokenizer(family).save_pretrained
-    root.mkdir(parents=True)
-    ours = {k.removeprefix("vision."): v for k, v in load_file(str(tiny / VISION_WEIGHTS)).items()}
-
-    vit = _released(ours, VIT_KEYS)
-    block0 = {k.removeprefix("blocks.0."): v for k, v in vit.items() if k.startswith("blocks.0.")}
-    # The release's 40th block: one more than BLIP-2 builds.
-    vit |= {f"blocks.{DEPTH}.{k}": torch.randn_like(v) for k, v in block0.items()}
-    torch.save(vit, root / "eva_vit_g.pth")
-
-    blip2 = _released(ours, QFORMER_KEYS) | _blip2_extras()
-    torch.save({"model": blip2}, root / "blip2_pretrained_flant5xxl.pth")
-
-    proj = _released(ours, PROJ_KEYS[family])
-    torch.save({"model": proj, "epoch": 4}, root / f"skingpt4_{family}.pth")
-
-    _write_llm_folder(tiny, family, root / "llm", 2 if family == "llama" else 1, write_tokenizer)
-    return {
-        "vit": root / "eva_vit_g.pth",
-        "qformer": root / "blip2_pretrained_flant5xxl.pth",
-        "proj": root / f"skingpt4_{family}.pth",
-        "llm": root / "llm",
-    }
 
 
 def _edit_pth(src: Path, dst: Path, edit) -> Path:
@@ -234,7 +140,7 @@ def test_projection_names_of_both_releases():
 
 
 def test_only_listed_keys_are_dropped():
-    for key in _blip2_extras():
+    for key in blip2_extras(get_preset("tiny").qformer):
         assert QFORMER_KEYS.is_dropped(key), key
     assert VIT_KEYS.is_dropped(f"blocks.{DEPTH}.attn.qkv.weight")
     kept = ["blocks.0.attn.qkv.weight", f"blocks.{DEPTH + 1}.attn.qkv.weight", "norm.weight"]

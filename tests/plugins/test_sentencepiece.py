@@ -19,7 +19,6 @@ engine below), so one engine, on the variant the Llama-2 release ships, covers t
 from __future__ import annotations
 
 import gc
-import io
 import json
 import shutil
 from pathlib import Path
@@ -28,16 +27,16 @@ import pytest
 
 from plugins.skingpt4.config import IMAGE_PLACEHOLDER, SkinGPT4Config
 from plugins.skingpt4.template import CONSULT_QUESTIONS, SEP, build_prompt, image_question
+from tests.plugins.release_files import (
+    make_release,
+    train_llama2_sentencepiece,
+    write_llama2_tokenizer,
+)
 
 pytestmark = pytest.mark.engine
 
 VARIANTS = ("legacy", "non-legacy", "tokenizer-json")
 SP_VOCAB = 800
-LLAMA2_TOKENIZER_CONFIG = {  # as in Llama-2-13b-chat-hf, less the chat template
-    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-    "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
-    "clean_up_tokenization_spaces": False, "model_max_length": 4096, "sp_model_kwargs": {},
-}
 
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -45,21 +44,7 @@ LLAMA2_TOKENIZER_CONFIG = {  # as in Llama-2-13b-chat-hf, less the chat template
 
 @pytest.fixture(scope="module")
 def sp_model() -> bytes:
-    """A SentencePiece BPE model with Llama-2's trainer settings (byte fallback, dummy prefix,
-    whitespace kept as is, identity normalization), trained on the tiny tokenizer's corpus."""
-    import sentencepiece as spm
-
-    from plugins.skingpt4.tokenizer import _CORPUS
-
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS * 4), model_writer=model, model_type="bpe",
-        vocab_size=SP_VOCAB, byte_fallback=True, add_dummy_prefix=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
-        allow_whitespace_only_pieces=True, character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-    )
-    return model.getvalue()
+    return train_llama2_sentencepiece(SP_VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -69,32 +54,12 @@ def sp(sp_model):
     return spm.SentencePieceProcessor(model_proto=sp_model)
 
 
-def write_llama2_tokenizer(out: Path, sp_model: bytes, variant: str) -> None:
-    """``tokenizer.model`` + ``tokenizer_config.json`` (+ ``tokenizer.json``) as Llama-2 ships."""
-    from tokenizers import normalizers
-    from transformers import AutoTokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.model").write_bytes(sp_model)
-    config = dict(LLAMA2_TOKENIZER_CONFIG, legacy=variant == "legacy")
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    if variant == "tokenizer-json":
-        # Llama-2's tokenizer.json: the per-piece dummy prefix as a normalizer, no pre-tokenizer.
-        backend = AutoTokenizer.from_pretrained(out).backend_tokenizer
-        backend.normalizer = normalizers.Sequence(
-            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
-        )
-        backend.pre_tokenizer = None
-        backend.save(str(out / "tokenizer.json"))
-
-
 @pytest.fixture(scope="module")
 def sp_releases(sp_model, tmp_path_factory) -> dict[str, dict[str, Path]]:
     """{variant: released files}: the weights of one tiny checkpoint, the variant's tokenizer."""
     from transformers import AutoTokenizer
 
     from plugins.skingpt4.checkpoint import write_tiny_checkpoint
-    from tests.plugins.test_convert import make_release
 
     root = tmp_path_factory.mktemp("sentencepiece")
     write_llama2_tokenizer(root / "tok", sp_model, "non-legacy")
