@@ -8,24 +8,28 @@
     python -m benchmarks run --target embedded --request-rate 2 --max-concurrency 64 --num-requests 40
     # every target x concurrency 1, 4, 16, 32 (+ consult, + phone): JSON per run, summary, PNG, Markdown
     python -m benchmarks sweep --out bench-results
+    # the same 96 requests through `skingpt4 batch` and the embedded server (32 at once)
+    python -m benchmarks batch-vs-server --num-requests 96 --concurrency 32 --out bench-results/batch
     # 12 MP phone photos, 32 at once: this project, plain vLLM, and an older checkout of it
     git worktree add ../before 3cb75e0
     python -m benchmarks sweep --targets embedded,vllm --before-checkout ../before \
         --concurrency '' --consult-concurrency '' --out bench-results/phone
 
 Without ``--model``, the ``bench`` preset's checkpoint is built into ``artifacts/bench-<family>``
-when missing. ``--num-requests`` counts conversations: one request each, four in ``consult``.
+when missing (or built before its tokenizer was word-level: then rebuilt). ``--num-requests`` counts conversations: one request each, four in ``consult``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import shlex
 import sys
 from pathlib import Path
 
+from benchmarks.batch_compare import CompareConfig, compare_markdown, run_compare
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
 from benchmarks.report import run_record, summary_of, write_json
 from benchmarks.scenarios import (
@@ -47,12 +51,22 @@ def ensure_model(model: Path | None, family: str) -> Path:
     if model is not None:
         return model
     path = ARTIFACTS / f"bench-{family}"
-    if not (path / "config.json").exists():
+    if not (path / "config.json").exists() or not has_word_tokenizer(path):
         from plugins.skingpt4.checkpoint import write_tiny_checkpoint
 
         print(f"building the bench checkpoint in {path}", file=sys.stderr)
         write_tiny_checkpoint(path, preset="bench", family=family)
     return path
+
+
+def has_word_tokenizer(folder: Path) -> bool:
+    """Whether ``folder``'s tokenizer is the word-level one of today's ``bench`` checkpoints
+    (earlier ones had a byte-level BPE, whose answers do not re-tokenize as generated)."""
+    try:
+        spec = json.loads((folder / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return spec.get("model", {}).get("type") == "WordLevel"
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -95,6 +109,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout-s", type=float, default=SweepConfig.startup_timeout_s)
     p.add_argument("--request-timeout-s", type=float, default=SweepConfig.request_timeout_s)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-session-id", dest="session_ids", action="store_false",
+                   help="send no x-session-id header (Ray then routes a consult's turns by prefix)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
 
@@ -128,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--endpoint", type=_endpoint, action="append", default=[], help="NAME=URL: use, don't start")
     _common(sweep)
     sweep.set_defaults(max_duration_s=SweepConfig.max_duration_s)
+
+    compare = sub.add_parser("batch-vs-server", help="the same requests through skingpt4 batch and the embedded server")
+    compare.add_argument("--num-requests", type=int, default=CompareConfig.num_requests)
+    compare.add_argument("--concurrency", type=int, default=CompareConfig.concurrency, help="the server's")
+    compare.add_argument("--batch-concurrency", type=int, default=None,
+                         help="skingpt4 batch --max-concurrency (default: the command's own)")
+    _common(compare)
     return parser
 
 
@@ -136,7 +159,7 @@ async def _measure(args, server) -> dict:
     config = LoadConfig(
         max_concurrency=args.max_concurrency, request_rate=args.request_rate,
         max_duration_s=args.max_duration_s, max_tokens=args.max_tokens, temperature=args.temperature,
-        seed=args.seed, show_progress=not args.no_progress,
+        seed=args.seed, show_progress=not args.no_progress, session_ids=args.session_ids,
     )
     size = args.image_size or default_image_size(args.scenario)
     convs = build_conversations(args.scenario, args.num_requests, size, args.seed)
@@ -204,7 +227,8 @@ def cmd_sweep(args, argv: list[str]) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, image_size=args.image_size or DEFAULT_IMAGE_SIZE,
         warmup_requests=args.warmup_requests, max_duration_s=args.max_duration_s, budget_s=args.budget_s,
         startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,
-        endpoints=dict(args.endpoint), seed=args.seed, show_progress=not args.no_progress,
+        endpoints=dict(args.endpoint), seed=args.seed, session_ids=args.session_ids,
+        show_progress=not args.no_progress,
         command="python -m benchmarks " + shlex.join(argv),
     )
     summary = run_sweep(cfg)
@@ -214,11 +238,29 @@ def cmd_sweep(args, argv: list[str]) -> int:
     return 0 if summary["runs"] else 1
 
 
+def cmd_compare(args, argv: list[str]) -> int:
+    cfg = CompareConfig(
+        out=args.out, model=ensure_model(args.model, args.family), num_requests=args.num_requests,
+        concurrency=args.concurrency, batch_concurrency=args.batch_concurrency,
+        max_tokens=args.max_tokens, temperature=args.temperature,
+        image_size=args.image_size or DEFAULT_IMAGE_SIZE, seed=args.seed,
+        warmup_requests=args.warmup_requests, startup_timeout_s=args.startup_timeout_s,
+        request_timeout_s=args.request_timeout_s, show_progress=not args.no_progress,
+        command="python -m benchmarks " + shlex.join(argv),
+    )
+    summary = run_compare(cfg)
+    print(compare_markdown(summary))
+    print(f"{cfg.out / 'batch-vs-server.json'}, {cfg.out / 'batch-vs-server.png'}")
+    return 0 if summary["batch"]["failed"] == 0 and summary["server"]["failed"] == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "batch-vs-server":
+        return cmd_compare(args, argv)
     return cmd_sweep(args, argv)
 
 

@@ -3,7 +3,10 @@
 Like ``vllm bench serve``: arrivals are a Poisson process of ``request_rate`` per second (seeded;
 ``inf`` sends all at once) and at most ``max_concurrency`` conversations run at a time (closed loop
 when the rate is ``inf``). Every request streams, with ``stream_options={"include_usage": True}``
-for the token counts. The run stops starting conversations after ``num_requests`` or
+for the token counts and the prompt tokens the server's prefix cache supplied
+(``usage.prompt_tokens_details.cached_tokens``). Every turn of a conversation carries the same
+``x-session-id`` header, as a consult client sends it for Ray Serve's session affinity
+(``session_ids=False``: no header). The run stops starting conversations after ``num_requests`` or
 ``max_duration_s``, whichever comes first; started conversations finish.
 
 The client's own CPU time (``getrusage(RUSAGE_SELF)``, all threads, no child processes) over the
@@ -42,6 +45,9 @@ class LoadConfig:
     seed: int = 0
     """Seeds the arrival times and each request's sampling seed."""
     show_progress: bool = True
+    session_ids: bool = True
+    """Send ``x-session-id: <run seed>-<conversation>`` with every turn (the embedded server
+    ignores it; Ray's session router keeps a consult on one replica by it)."""
 
     def __post_init__(self) -> None:
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -78,6 +84,19 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+SESSION_HEADER = "x-session-id"
+
+
+def session_header(config: LoadConfig, conversation: int) -> dict[str, str] | None:
+    return {SESSION_HEADER: f"{config.seed}-{conversation}"} if config.session_ids else None
+
+
+def cached_tokens(usage) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens``; None when the server does not report it."""
+    details = getattr(usage, "prompt_tokens_details", None) if usage else None
+    return getattr(details, "cached_tokens", None) if details else None
+
+
 async def chat_request(
     client: AsyncOpenAI, model: str, messages: list[dict], config: LoadConfig, result: RequestResult, t0: float
 ) -> None:
@@ -93,6 +112,7 @@ async def chat_request(
             model=model, messages=messages, max_tokens=config.max_tokens,
             temperature=config.temperature, seed=config.seed + result.conversation,
             stream=True, stream_options={"include_usage": True},
+            extra_headers=session_header(config, result.conversation),
         )
         async for chunk in stream:
             now = time.perf_counter()
@@ -115,6 +135,7 @@ async def chat_request(
     result.generated_text = "".join(text)
     result.prompt_len = usage.prompt_tokens if usage else 0
     result.output_len = usage.completion_tokens if usage else len(text)
+    result.cached_tokens = cached_tokens(usage)
     result.success = True
 
 

@@ -6,7 +6,11 @@ Follows vLLM's ``benchmarks/serve.py`` (``calculate_metrics``):
 - ITL: the gaps between successive chunks with text;
 - TPOT: ``(E2EL - TTFT) / (output_len - 1)`` per request with more than one output token;
 - E2EL: from sending the request to the end of its stream;
-- throughputs divide completed requests and tokens (from the server's ``usage``) by the run's wall time.
+- throughputs divide completed requests and tokens (from the server's ``usage``) by the run's wall time;
+- cache hit rate: the prompt tokens the server's prefix cache supplied
+  (``usage.prompt_tokens_details.cached_tokens``) over all prompt tokens, of the successful
+  requests whose server reports it; per turn too (``consult``: turns 2-4 should find the photo
+  and the history cached).
 
 Times are seconds in :class:`RequestResult` and the raw arrays, milliseconds in the aggregates
 (``*_ms``), as in vLLM's result files.
@@ -54,6 +58,9 @@ class RequestResult:
     """HTTP status of a failed request (503: refused by admission control); None otherwise."""
     images: int = 0
     """Image parts in the request's messages, history included (the server decodes them all)."""
+    cached_tokens: int | None = None
+    """``usage.prompt_tokens_details.cached_tokens``: prompt tokens found in the prefix cache;
+    None when the server does not report it."""
 
     @property
     def tpot(self) -> float | None:
@@ -147,6 +154,7 @@ def raw_arrays(results: list[RequestResult]) -> dict[str, list]:
         "errors": [r.error for r in results],
         "statuses": [r.status for r in results],
         "images": [r.images for r in results],
+        "cached_tokens": [r.cached_tokens for r in results],
     }
 
 
@@ -166,6 +174,36 @@ def followup_ttft_ratio(results: list[RequestResult]) -> float | None:
     if not first or not later or np.median(first) == 0:
         return None
     return float(np.median(later) / np.median(first))
+
+
+def cache_hit_rate(results: list[RequestResult], turns: range | None = None) -> float | None:
+    """Cached prompt tokens over prompt tokens of the successful requests (of ``turns`` only, if
+    given) that report cached tokens; None when there are none."""
+    done = [r for r in results if r.success and r.cached_tokens is not None and r.prompt_len > 0
+            and (turns is None or r.turn in turns)]
+    prompt = sum(r.prompt_len for r in done)
+    return sum(r.cached_tokens for r in done) / prompt if prompt else None
+
+
+def cache_hit_rate_by_turn(results: list[RequestResult]) -> dict[str, float]:
+    """:func:`cache_hit_rate` of each turn that has one, keyed by the turn number."""
+    rates = {t: cache_hit_rate(results, range(t, t + 1)) for t in sorted({r.turn for r in results})}
+    return {str(t): rate for t, rate in rates.items() if rate is not None}
+
+
+FOLLOWUP_TURNS = range(2, 1_000)
+"""The turns after the first (``consult``: 2-4)."""
+
+
+def history_reuse(results: list[RequestResult]) -> float | None:
+    """How much of the previous turn the prefix cache still held: over every successful later
+    turn whose previous turn succeeded, its cached tokens over that previous turn's prompt and
+    answer tokens. 1.0 at best, less a block's rounding (the cache reuses whole KV blocks, and
+    the last generated token is never fed back); None without such turns."""
+    done = {(r.conversation, r.turn): r for r in results if r.success and r.cached_tokens is not None}
+    pairs = [(r, done[(c, t - 1)]) for (c, t), r in done.items() if (c, t - 1) in done]
+    history = sum(prev.prompt_len + prev.output_len for _, prev in pairs)
+    return sum(r.cached_tokens for r, _ in pairs) / history if history else None
 
 
 def count_status(results: list[RequestResult], status: int) -> int:

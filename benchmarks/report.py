@@ -1,7 +1,7 @@
 """Result files: one JSON per run (``vllm bench serve`` keys), a PNG plot and a Markdown table.
 
 A run record holds the aggregates of :class:`benchmarks.metrics.BenchmarkMetrics`, the raw
-per-request arrays, the client's and the server's CPU share, the server's cost per photo (CPU
+per-request arrays, per-turn TTFT and prefix-cache hit rates, the client's and the server's CPU share, the server's cost per photo (CPU
 time, RSS of its process tree sampled during the run, with the samples), the 503s of admission
 control, the machine and the package versions. The sweep summary is the list of run records
 without their raw arrays.
@@ -19,10 +19,14 @@ from pathlib import Path
 
 from benchmarks.loadgen import LoadConfig, LoadResult
 from benchmarks.metrics import (
+    FOLLOWUP_TURNS,
     ServerUsage,
+    cache_hit_rate,
+    cache_hit_rate_by_turn,
     compute_metrics,
     count_status,
     followup_ttft_ratio,
+    history_reuse,
     median_ttft_by_turn,
     per_photo,
     raw_arrays,
@@ -97,6 +101,11 @@ def run_record(
         **per_photo(load.results, server, config.max_concurrency),
         "median_ttft_by_turn_ms": median_ttft_by_turn(load.results),
         "followup_ttft_ratio": followup_ttft_ratio(load.results),
+        "session_ids": config.session_ids,
+        "cache_hit_rate": cache_hit_rate(load.results),
+        "cache_hit_rate_followup": cache_hit_rate(load.results, FOLLOWUP_TURNS),
+        "cache_hit_rate_by_turn": cache_hit_rate_by_turn(load.results),
+        "history_reuse": history_reuse(load.results),
         "machine": machine_info(),
         "versions": package_versions(),
         **raw_arrays(load.results),
@@ -197,10 +206,17 @@ def throughput_table(runs: list[dict], scenario: str = "single") -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
 def consult_table(runs: list[dict]) -> str:
+    """The consult runs: median TTFT per turn, the turns 2-4 / turn 1 ratio, and the prefix
+    cache's share of the prompt tokens (turn 1, turns 2-4, all) and of the previous turn."""
     head = (
-        "| target | concurrency | conversations | median TTFT turn 1 ms | median TTFT turns 2-4 ms | ratio (goal <= 0.5) |\n"
-        "|---|---:|---:|---:|---:|---:|\n"
+        "| target | concurrency | conversations | x-session-id | median TTFT turn 1 ms | median TTFT turns 2-4 ms | "
+        "ratio (goal <= 0.5) | cache hit turn 1 | cache hit turns 2-4 | cache hit all | history reused |\n"
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for r in (r for r in runs if r["scenario"] == "consult"):
@@ -208,10 +224,52 @@ def consult_table(runs: list[dict]) -> str:
         later = [v for t, v in turns.items() if t != "1"]
         ratio = r["followup_ttft_ratio"]
         rows.append(
-            f"| {r['target']} | {r['max_concurrency']} | {r['num_prompts']} | {turns.get('1', 0):.0f} | "
-            f"{' / '.join(f'{v:.0f}' for v in later)} | {'n/a' if ratio is None else f'{ratio:.2f}'} |"
+            f"| {r['target']} | {r['max_concurrency']} | {r['num_prompts']} | "
+            f"{'yes' if r.get('session_ids', True) else 'no'} | {turns.get('1', 0):.0f} | "
+            f"{' / '.join(f'{v:.0f}' for v in later)} | {'n/a' if ratio is None else f'{ratio:.2f}'} | "
+            f"{_pct(r.get('cache_hit_rate_by_turn', {}).get('1'))} | {_pct(r.get('cache_hit_rate_followup'))} | "
+            f"{_pct(r.get('cache_hit_rate'))} | {_pct(r.get('history_reuse'))} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+CONSULT_NOTES = (
+    "Cache hit: `usage.prompt_tokens_details.cached_tokens` over `usage.prompt_tokens`, summed over "
+    "the answered requests of those turns. History reused: each later turn's cached tokens over the "
+    "previous turn's prompt and answer tokens (at most 100%, less a 32-token block's rounding)."
+)
+
+
+def plot_consult(runs: list[dict], path: Path) -> Path | None:
+    """Median TTFT and prefix-cache hit rate per consult turn, one line per run; None without
+    consult runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r["scenario"] == "consult"]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, r in enumerate(runs):
+        label = f"{r['target']} c{r['max_concurrency']}"
+        for ax, key, scale in ((axes[0], "median_ttft_by_turn_ms", 1.0), (axes[1], "cache_hit_rate_by_turn", 100.0)):
+            points = sorted((int(t), v * scale) for t, v in r.get(key, {}).items())
+            ax.plot([t for t, _ in points], [v for _, v in points], "-o", color=f"C{i}", label=label)
+    for ax, title in zip(axes, ("median TTFT (ms)", "prefix-cache hit rate (% of prompt tokens)")):
+        ax.set_xlabel("consult turn")
+        ax.set_xticks([1, 2, 3, 4])
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[1].set_ylim(0, 100)
+    fig.suptitle("skingpt4-serve: consult (four questions on one photo)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
@@ -276,7 +334,8 @@ def goals_section(runs: list[dict], scenario: str = "single") -> str:
     for r in (r for r in runs if r["scenario"] == "consult" and r["followup_ttft_ratio"] is not None):
         lines.append(
             f"- consult, {r['target']} at concurrency {r['max_concurrency']}: median TTFT turns 2-4 / "
-            f"turn 1 = {r['followup_ttft_ratio']:.2f} (goal <= 0.5)"
+            f"turn 1 = {r['followup_ttft_ratio']:.2f} (goal <= 0.5); cache hit rate of turns 2-4 "
+            f"{_pct(r.get('cache_hit_rate_followup'))}"
         )
     return "\n".join(lines or ["- n/a: the runs these goals compare are missing"]) + "\n"
 
@@ -300,7 +359,7 @@ def markdown_report(
     if any(r["scenario"] == scenario for r in runs):
         out += [f"## Scenario {scenario!r}: throughput and latency against `{BASELINE}`\n", throughput_table(runs, scenario)]
     if any(r["scenario"] == "consult" for r in runs):
-        out += ["## Consult (four questions on one photo)\n", consult_table(runs)]
+        out += ["## Consult (four questions on one photo)\n", consult_table(runs), CONSULT_NOTES + "\n"]
     if any(r["scenario"] == "phone" for r in runs):
         size = next(r["image_size"] for r in runs if r["scenario"] == "phone")
         out += ["## Phone photos: what full-size photos cost the server\n", phone_table(runs), PHONE_NOTES.format(size=size) + "\n"]

@@ -13,7 +13,13 @@ scenario at each concurrency (1, 4, 16, 32) and the ``consult`` scenario at
 are there to compare the API server's cost of full-size photos. Same weights (the ``bench``
 preset, built into ``artifacts/bench-<family>`` if missing), same photos, same client for every
 target. Writes into ``--out``: ``runs/<target>-<scenario>-c<N>.json``, ``summary.json``,
-``sweep.png``, ``report.md`` and the servers' logs under ``logs/``.
+``sweep.png``, ``consult.png`` (TTFT and prefix-cache hit rate per consult turn), ``report.md``
+and the servers' logs under ``logs/``.
+
+    # consult only: the prefix cache on one engine, and on two Ray replicas routed by session
+    # affinity, by prefix affinity, and by Ray Serve's default power-of-two router
+    python -m benchmarks sweep --targets embedded,ray-affinity,ray-prefix,ray-pow2 --concurrency '' \
+        --phone-concurrency '' --consult-concurrency 4 --consult-conversations 8 --out bench-results/consult
 
 Sized for ``make bench`` on 2 CPU cores (20 minutes at most): greedy answers of at most 64 tokens,
 ``max(16, 3 x concurrency)`` requests per level, 4 consult conversations per level, 32 phone
@@ -37,6 +43,7 @@ from benchmarks.report import (
     machine_info,
     markdown_report,
     package_versions,
+    plot_consult,
     plot_sweep,
     run_record,
     summary_of,
@@ -95,6 +102,8 @@ class SweepConfig:
     endpoints: dict[str, str] = field(default_factory=dict)
     """Targets already running, name -> base URL (``http://127.0.0.1:8000/v1``): not launched."""
     seed: int = 0
+    session_ids: bool = True
+    """Send ``x-session-id`` with every turn (Ray's session affinity; see ``LoadConfig``)."""
     show_progress: bool = True
     command: str = ""
 
@@ -189,6 +198,7 @@ def load_config(cfg: SweepConfig, run: PlannedRun, clock: Clock) -> LoadConfig:
         temperature=cfg.temperature,
         seed=cfg.seed,
         show_progress=cfg.show_progress,
+        session_ids=cfg.session_ids,
     )
 
 
@@ -267,6 +277,8 @@ def write_outputs(cfg: SweepConfig, runs: list[dict], failures: dict[str, str], 
     header = header_of(cfg, commands)
     files = {"png": cfg.out / "sweep.png", "markdown": cfg.out / "report.md", "summary": cfg.out / "summary.json"}
     plot_sweep(runs, files["png"], scenario=cfg.scenario)
+    if plot_consult(runs, cfg.out / "consult.png"):
+        files["consult_png"] = cfg.out / "consult.png"
     files["markdown"].write_text(markdown_report(runs, header, failures, scenario=cfg.scenario))
     summary = {**header, "runs": runs, "failures": failures, "files": {k: str(v) for k, v in files.items()}}
     write_json(files["summary"], summary)

@@ -11,6 +11,9 @@ gets SIGTERM, then its process group and any descendant that left it (Ray's work
 | `hf-batched` | ``benchmarks.hf_server --mode hf-batched`` (static batching)  |
 | `embedded`   | ``serving.cli serve`` (vLLM in the API server process)       |
 | `ray`        | ``serving.cli serve --ray --replicas 1`` (Ray Serve)          |
+| `ray-affinity` | ``serving.cli serve --ray --replicas 2``: session affinity (``x-session-id``), else prefix |
+| `ray-prefix` | the same, routing by prefix affinity only (``benchmarks.ray_routing prefix``) |
+| `ray-pow2`   | the same, Ray Serve's default power-of-two router (``benchmarks.ray_routing pow2``) |
 | `vllm`       | vLLM's own OpenAI server on the same folder: no middleware, vLLM's defaults |
 | `before`     | ``serving.cli serve`` of another checkout (``--before-checkout DIR``) |
 
@@ -52,6 +55,11 @@ TARGET_ARGS: dict[str, tuple[str, ...]] = {
     # float32 everywhere: the same weights at the same precision as the Hugging Face targets.
     "embedded": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32"),
     "ray": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "1"),
+    # Two replicas: a consult's turns on the replica its x-session-id hashes to (serve --ray's
+    # default router), by prefix affinity only, or wherever Ray Serve's power-of-two router puts them.
+    "ray-affinity": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2"),
+    "ray-prefix": ("-m", "benchmarks.ray_routing", "prefix", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2"),
+    "ray-pow2": ("-m", "benchmarks.ray_routing", "pow2", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2"),
     # vLLM out of the box: what `vllm serve FOLDER` would run, with the same precision, context
     # and eager mode as `embedded` (whose --max-model-len default is 2048).
     "vllm": ("-c", "{vllm_script}", "--model", "{model}", "--dtype", "float32", "--max-model-len", "2048",

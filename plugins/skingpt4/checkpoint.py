@@ -1,7 +1,10 @@
 """Model folders that the plugin loads (see docs/architecture.md, "The model folder").
 
 - :func:`write_tiny_checkpoint`: a complete folder with random weights of a preset's shapes,
-  whose greedy answer depends on the image. Used by tests, the demo and the benchmarks.
+  whose greedy answer depends on the image. Used by tests, the demo and the benchmarks. The
+  ``bench`` preset gets a word-level tokenizer, so that its answers are canonical: sent back as
+  history, they tokenize to the ids generated, and a consult's later turns find the whole
+  history in the prefix cache, as with trained weights.
 - :func:`write_model_folder`: the common tail: config, tokenizer, generation config, vision
   weights. The converter of released weights (``convert.py``) uses it too.
 
@@ -33,6 +36,7 @@ from plugins.skingpt4.config import SkinGPT4Config
 from plugins.skingpt4.tokenizer import (
     add_skingpt4_tokens,
     build_tiny_tokenizer,
+    build_word_tokenizer,
     encode_like_sentencepiece,
 )
 
@@ -40,6 +44,8 @@ TEXT_ARCHITECTURES = {"falcon": "FalconForCausalLM", "llama": "LlamaForCausalLM"
 VISION_WEIGHTS = "vision.safetensors"
 SENTENCEPIECE_MODEL = "tokenizer.model"
 """A Llama-2 release's SentencePiece model, copied along by the converter for the reference."""
+# Presets whose generated checkpoints use the word-level tokenizer (canonical answers).
+WORD_TOKENIZER_PRESETS = frozenset({"bench"})
 # SkinGPT-4 demo defaults (sampling on, T=1.0, top_p=0.9, repetition penalty 1.0, 300 tokens).
 GENERATION_DEFAULTS = dict(
     do_sample=True, temperature=1.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=300
@@ -113,21 +119,36 @@ def _randomize(module: nn.Module, std: float, generator: torch.Generator) -> Non
                 p.zero_()
 
 
+def _never_generate(lm: nn.Module, token_ids: list[int]) -> None:
+    """Zero the output rows of ``token_ids``: their logit is 0 while the random rows give the
+    others logits of a few units either side (std ``init_std`` x sqrt(hidden)), so greedy
+    decoding, which takes the largest of about a thousand, does not pick them."""
+    with torch.no_grad():
+        lm.get_output_embeddings().weight[token_ids] = 0.0
+
+
 def write_tiny_checkpoint(
     out: str | Path, preset: str = "tiny", family: str = "llama", seed: int = 0,
-    tokenizer: PreTrainedTokenizerBase | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None, word_tokenizer: bool | None = None,
 ) -> Path:
     """A complete model folder with random weights of ``preset``'s shapes (float32).
 
     ``tokenizer``: the language model's (e.g. a SentencePiece Llama tokenizer in tests); by
-    default a small byte-level BPE of the family. The vocabulary is its size.
+    default a small byte-level BPE of the family, or with ``word_tokenizer`` (default: for the
+    ``WORD_TOKENIZER_PRESETS``) a word-level one whose decode/encode round-trips; then the
+    output rows of the special tokens other than EOS are zero, so that greedy answers never
+    hold a token that decoding drops. The vocabulary is the tokenizer's size.
     """
     out = Path(out)
     spec = get_preset(preset)
     if family not in spec.text:
         raise ValueError(f"unknown language model {family!r}; choose one of {sorted(spec.text)}")
+    if word_tokenizer is None:
+        word_tokenizer = tokenizer is None and preset in WORD_TOKENIZER_PRESETS
+    if word_tokenizer and tokenizer is not None:
+        raise ValueError("give a tokenizer or word_tokenizer=True, not both")
     if tokenizer is None:
-        tokenizer = build_tiny_tokenizer(family)
+        tokenizer = build_word_tokenizer(family) if word_tokenizer else build_tiny_tokenizer(family)
     text = dict(spec.text[family])
     text["vocab_size"] = len(tokenizer)  # the image tokens are added after: outside the vocab
     if tokenizer.bos_token_id is not None:
@@ -150,6 +171,10 @@ def write_tiny_checkpoint(
     save_vision_weights(out, vision.state_dict())
     lm = AutoModelForCausalLM.from_config(config.text_config, dtype=torch.float32)
     _randomize(lm, spec.init_std, generator)
+    if word_tokenizer:
+        # The LM's vocabulary ends before the image tokens, which are special too.
+        _never_generate(lm, [i for i in tokenizer.all_special_ids
+                             if i != tokenizer.eos_token_id and i < text["vocab_size"]])
     save_file(
         {k: v.contiguous() for k, v in lm.state_dict().items()},
         str(out / "model.safetensors"), metadata={"format": "pt"},

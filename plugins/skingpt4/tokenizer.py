@@ -5,11 +5,15 @@
 :func:`encode_like_sentencepiece` makes a SentencePiece tokenizer (Llama-2's) give the original's
 ids for whole prompts. :func:`build_tiny_tokenizer` makes a small byte-level BPE for generated
 test checkpoints that behaves like the family's own: Falcon has no BOS, Llama-2 starts with ``<s>``.
+:func:`build_word_tokenizer` makes a word-level one for benchmark checkpoints, whose answers
+re-tokenize to the ids that were generated, whatever they are (canonical answers).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import string
 
 from tokenizers import (
     Tokenizer,
@@ -61,20 +65,79 @@ def build_tiny_tokenizer(family: str, vocab_size: int = 1024) -> PreTrainedToken
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return _family_tokenizer(tok, family, processors.ByteLevel(trim_offsets=False))
+
+
+def _family_tokenizer(tok: Tokenizer, family: str, no_bos_post_processor=None,
+                      **kwargs) -> PreTrainedTokenizerFast:
+    """``tok`` with the family's special tokens: Llama-2 puts ``<s>`` first, Falcon nothing."""
+    specials = FAMILY_SPECIALS[family]
     if specials["bos"]:
         bos = specials["bos"]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    elif no_bos_post_processor is not None:
+        tok.post_processor = no_bos_post_processor
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=specials["bos"],
         eos_token=specials["eos"],
         unk_token="<unk>",
         model_max_length=2048,
+        **kwargs,
     )
+
+
+# Pieces of text a word tokenizer never merges: each is a token of its own.
+WORD_PUNCTUATION = tuple(string.punctuation)
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def word_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Split at whitespace (dropped), then every punctuation character on its own."""
+    return pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+
+
+def _filler_words(taken: set[str]) -> itertools.chain:
+    """Pronounceable two- and three-syllable words (``baba``, ``babe``, ...) not in ``taken``."""
+    words = itertools.chain(
+        ("".join(p) for p in itertools.product(_SYLLABLES, repeat=2)),
+        ("".join(p) for p in itertools.product(_SYLLABLES, repeat=3)),
+    )
+    return (w for w in words if w not in taken)
+
+
+def build_word_tokenizer(family: str, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose decode and encode are inverse on every sequence of ordinary
+    tokens, so a model's answer, sent back as history, tokenizes to the ids it was generated as.
+
+    Random benchmark weights answer with arbitrary token ids. With a byte-level BPE their text
+    re-tokenizes differently (adjacent tokens merge, partial UTF-8 bytes become U+FFFD), so the
+    next turn's prompt leaves the prefix cache right after the previous prompt. Here a token is
+    either one punctuation character or a run of characters that are neither punctuation nor
+    whitespace, decoding joins tokens with a space, and encoding splits at whitespace and
+    isolates each punctuation character: ``encode(decode(ids)) == ids`` for any ids but the special tokens (which decoding
+    skips). An answer cannot contain ``###`` (it decodes as ``# # #``), so the ``###`` stop
+    never cuts a token in two. The vocabulary: the special tokens, every piece of
+    the SkinGPT-4 prompts and of a small dermatology corpus, the punctuation and digits, then
+    pronounceable filler words up to ``vocab_size``; text outside it encodes as ``<unk>``.
+    """
+    specials = FAMILY_SPECIALS[family]
+    special_tokens = [t for t in (specials["bos"], specials["eos"], "<unk>") if t]
+    pre = word_pre_tokenizer()
+    pieces = [piece for text in _CORPUS for piece, _ in pre.pre_tokenize_str(text)]
+    words = list(dict.fromkeys([*special_tokens, *pieces, *WORD_PUNCTUATION, *string.digits]))
+    if len(words) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is below the {len(words)} tokens the prompts need")
+    words += itertools.islice(_filler_words(set(words)), vocab_size - len(words))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.add_special_tokens(special_tokens)
+    # No decoder: tokenizers joins the tokens with a space.
+    return _family_tokenizer(tok, family, clean_up_tokenization_spaces=False)
 
 
 def encode_like_sentencepiece(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
