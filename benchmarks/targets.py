@@ -12,8 +12,8 @@ gets SIGTERM, then its process group and any descendant that left it (Ray's work
 | `embedded`   | ``serving.cli serve`` (vLLM in the API server process)       |
 | `ray`        | ``serving.cli serve --ray --replicas 1`` (Ray Serve)          |
 | `ray-affinity` | ``serving.cli serve --ray --replicas 2``: session affinity (``x-session-id``), else prefix |
-| `ray-prefix` | the same, routing by prefix affinity only (``benchmarks.ray_routing prefix``) |
-| `ray-pow2`   | the same, Ray Serve's default power-of-two router (``benchmarks.ray_routing pow2``) |
+| `ray-prefix` | the same with ``--routing prefix``: prefix affinity only |
+| `ray-pow2`   | the same with ``--routing pow2``: Ray Serve's default power-of-two router |
 | `vllm`       | vLLM's own OpenAI server on the same folder: no middleware, vLLM's defaults |
 | `before`     | ``serving.cli serve`` of another checkout (``--before-checkout DIR``) |
 
@@ -58,8 +58,8 @@ TARGET_ARGS: dict[str, tuple[str, ...]] = {
     # Two replicas: a consult's turns on the replica its x-session-id hashes to (serve --ray's
     # default router), by prefix affinity only, or wherever Ray Serve's power-of-two router puts them.
     "ray-affinity": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2"),
-    "ray-prefix": ("-m", "benchmarks.ray_routing", "prefix", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2"),
-    "ray-pow2": ("-m", "benchmarks.ray_routing", "pow2", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2"),
+    "ray-prefix": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2", "--routing", "prefix"),
+    "ray-pow2": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2", "--routing", "pow2"),
     # vLLM out of the box: what `vllm serve FOLDER` would run, with the same precision, context
     # and eager mode as `embedded` (whose --max-model-len default is 2048).
     "vllm": ("-c", "{vllm_script}", "--model", "{model}", "--dtype", "float32", "--max-model-len", "2048",

@@ -69,6 +69,10 @@ def add_serving_commands(sub) -> None:
     serve.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (--ray)")
     serve.add_argument("--accelerator", choices=["cpu", "gpu"], default=None,
                        help="replica resources (--ray; default: gpu when CUDA is present)")
+    serve.add_argument("--routing", choices=settings.RAY_ROUTINGS, default="session",
+                       help="which replica a request goes to (--ray): session (x-session-id, "
+                       "else prefix affinity; default), prefix (prefix affinity), pow2 (Ray "
+                       "Serve's default, the less loaded of two random replicas)")
     serve.set_defaults(func=run_serve)
 
     demo = sub.add_parser("demo", help="tiny checkpoint, server, one streamed diagnosis, stop")

@@ -26,8 +26,19 @@ reaches the replica holding its prefix (Ray's proxy and ``OpenAiIngress`` pass t
 request's session id), and a request without one follows prefix affinity. vLLM's engine metrics
 go out per replica through each node's Ray metrics export port (``log_engine_metrics``).
 
+Engine failure: the LLM deployment is :class:`SkinGPT4Server` (``LLMConfig.server_cls``), Ray Serve
+LLM's ``LLMServer`` that leaves as soon as its vLLM engine dies (as vLLM's own server does): the
+requests in flight on it fail (JSON 500), a request that reaches it after the death is refused
+before anything of it runs (:class:`EngineUnavailable`), and the replica stops itself as Serve's
+controller would (drain, then reject new requests, which Serve's routers retry on another
+replica), then kills its own actor. Routers drop a dead actor at once and the controller replaces
+it at its next health check, instead of after three failed ones while routers keep feeding it. The
+ingress sends a refused request again (at most twice, a second and then two apart); a request that
+had already received output is never sent again.
+
 Only ``serving.commands`` imports this module, and only in Ray mode (importing Ray Serve LLM
-imports vLLM: several seconds); Ray Serve imports it too, by path, for the router class.
+imports vLLM: several seconds); Ray Serve imports it too, by path, for the router and server
+classes.
 """
 
 from __future__ import annotations
@@ -42,14 +53,17 @@ from typing import Any, Literal
 import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_openai_app
 from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
+from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.request_router import PrefixCacheAffinityRouter
 from starlette.responses import JSONResponse, Response
 
 from serving import settings
+from serving.errors import InternalError, ServerBusy, ServingError
 from serving.policy import ServePolicy
 from serving.server import EmbeddedServerConfig
 
@@ -60,6 +74,15 @@ HEALTH_TIMEOUT_S = 5.0
 # The consult header (Ray Serve's RAY_SERVE_SESSION_ID_HEADER_KEY, default x-session-id): the proxy
 # and OpenAiIngress read it and hand it to the LLM deployment's router as the request's session_id.
 SESSION_HEADER = "x-session-id"
+# A replica looks at its engine this often; once it is dead, the replica drains (Serve's graceful
+# stop, checking every DRAIN_POLL_S for requests still in flight) and leaves, or leaves anyway
+# after LEAVE_TIMEOUT_S.
+ENGINE_WATCH_PERIOD_S = 0.25
+DRAIN_POLL_S = 0.5
+LEAVE_TIMEOUT_S = 60.0
+# The ingress sends a refused request again after each of these pauses: by then the refusing
+# replica has drained, and Ray Serve's routers send the request to another replica.
+REFUSED_RETRY_DELAYS_S = (1.0, 2.0)
 
 
 class SessionAffinityRouter(PrefixCacheAffinityRouter):
@@ -105,6 +128,71 @@ class SessionAffinityRouter(PrefixCacheAffinityRouter):
                 if r in self._replicas]
 
 
+class EngineUnavailable(RuntimeError):
+    """Raised by an LLM replica for a request that reached it after its engine died: nothing of
+    the request ran, so the ingress may send it again."""
+
+
+class SkinGPT4Server(LLMServer):
+    """The LLM deployment: Ray Serve LLM's ``LLMServer``, which leaves as soon as its vLLM engine
+    dies instead of waiting for three failed health checks.
+
+    A dead engine answers every new request with an error at once, and Ray Serve's routers keep
+    sending requests to a replica until the controller marks it unhealthy (three failed checks,
+    30 s at the default period). So the replica watches its engine (the check Serve's health check
+    runs: a flag in vLLM's client), refuses requests once it is dead (:class:`EngineUnavailable`,
+    before anything of them runs), and stops itself the way Serve's controller stops a replica
+    (``perform_graceful_shutdown`` of its actor): it waits until no request is in flight (those on
+    the dead engine end with their errors at once), then rejects new requests, which Serve's
+    routers send to another replica, and shuts the engine down. Then it kills its own actor, which
+    routers drop at once and the controller replaces at its next health check. No request is cut
+    off by the kill: by then the replica accepts none.
+    """
+
+    async def start(self) -> None:
+        self._engine_dead = False
+        await super().start()
+        self._engine_watch = asyncio.get_running_loop().create_task(self._leave_when_engine_dies())
+
+    async def _engine_alive(self) -> bool:
+        if self.engine is not None and not self._engine_dead:
+            try:
+                await self.engine.check_health()
+            except Exception:
+                self._engine_dead = True
+        return not self._engine_dead
+
+    async def _leave_when_engine_dies(self) -> None:
+        while await self._engine_alive():
+            await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
+        logger.error("the vLLM engine of this replica died: the replica drains and leaves, and Ray "
+                     "Serve replaces it")
+        actor = ray.get_runtime_context().current_actor
+        try:
+            # The replica actor's stop method, the one Serve's controller calls (not a public API:
+            # should a Ray upgrade drop it, the replica leaves at once, cutting off what is left).
+            drained = actor.perform_graceful_shutdown.remote().future()
+            await asyncio.wait_for(asyncio.wrap_future(drained), LEAVE_TIMEOUT_S)
+        except Exception:
+            logger.exception("the replica did not drain; it leaves now")
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:
+            logger.exception("the replica could not leave; Serve replaces it after 3 failed checks")
+
+    async def _refuse_when_engine_dead(self) -> None:
+        if not await self._engine_alive():
+            raise EngineUnavailable("the vLLM engine of this replica has died; the replica is leaving")
+
+    async def chat(self, request, raw_request_info=None):
+        await self._refuse_when_engine_dead()
+        return await super().chat(request, raw_request_info)
+
+    async def completions(self, request, raw_request_info=None):
+        await self._refuse_when_engine_dead()
+        return await super().completions(request, raw_request_info)
+
+
 ROUTERS = {
     "session": f"{__name__}.SessionAffinityRouter",
     "prefix": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
@@ -138,9 +226,9 @@ class ReplicaSettings(BaseModel):
     )
     health_check_period_s: float | None = Field(
         default=None, gt=0,
-        description="How often Serve checks each LLM replica's engine; after 3 failed checks the "
-        "replica is replaced, and until then requests routed to it fail fast (5xx). "
-        "None: Ray Serve LLM's default (10 s).",
+        description="How often Serve checks each LLM replica: a replica whose engine died leaves "
+        "by itself and is replaced at the next check; one that fails 3 checks in a row "
+        "(e.g. a hung engine) is replaced. None: Ray Serve LLM's default (10 s).",
     )
     routing: Literal["session", "prefix", "pow2"] = Field(
         default="session",
@@ -172,7 +260,12 @@ class ReplicaSettings(BaseModel):
         return low, self.max_replicas if self.max_replicas is not None else max(low, 1)
 
     def deployment_config(self, graceful_shutdown_timeout_s: float) -> dict[str, Any]:
-        config: dict[str, Any] = {"graceful_shutdown_timeout_s": graceful_shutdown_timeout_s}
+        config: dict[str, Any] = {
+            "graceful_shutdown_timeout_s": graceful_shutdown_timeout_s,
+            # How often a draining replica looks for requests still in flight (Serve's default,
+            # 2 s, would hold a replica whose engine died, refusing requests, that much longer).
+            "graceful_shutdown_wait_loop_s": DRAIN_POLL_S,
+        }
         if self.autoscaled:
             low, high = self.bounds
             config["autoscaling_config"] = {
@@ -243,6 +336,7 @@ def llm_config(args: RayAppArgs) -> LLMConfig:
         # vLLM's engine metrics (TTFT, throughput, KV-cache use, prefix-cache hits) per replica,
         # through each node's Ray metrics export port (docs/ray-cluster.md, "Metrics").
         log_engine_metrics=True,
+        server_cls=SkinGPT4Server,
         **options,
     )
     # The model card (GET /v1/models) says "input_modality": "image" only for configs Ray has
@@ -277,9 +371,33 @@ def with_key_from_env(policy: ServePolicy) -> ServePolicy:
     return policy.model_copy(update={"api_key": key}) if policy.api_key is None and key else policy
 
 
+def _causes(exc: BaseException | None, depth: int = 8):
+    """The exception and what it wraps: Ray's ``RayTaskError.cause``, then ``__cause__``."""
+    while exc is not None and depth > 0:
+        yield exc
+        exc, depth = getattr(exc, "cause", None) or exc.__cause__, depth - 1
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a replica refused the request before running any of it (its engine had died)."""
+    return any(isinstance(e, EngineUnavailable) for e in _causes(exc))
+
+
+def replica_failure(exc: BaseException) -> ServingError | None:
+    """The client's error for a request whose replica failed under it (its engine died, or its
+    actor); None for other errors, which Ray Serve LLM reports as before."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if any(isinstance(e, (EngineDeadError, RayActorError)) for e in _causes(exc)):
+        return InternalError("the model replica answering this request failed before the answer "
+                             "was complete; send the request again")
+    return None
+
+
 class SkinGPT4Ingress(OpenAiIngress):
-    """``OpenAiIngress`` with :class:`RequestPolicyMiddleware` in front of every route, and a
-    ``/health`` route that answers 200 once every LLM deployment passes its health check."""
+    """``OpenAiIngress`` with :class:`RequestPolicyMiddleware` in front of every route, a
+    ``/health`` route that answers 200 once every LLM deployment passes its health check, and
+    requests refused by a replica whose engine died sent again (:meth:`_get_response`)."""
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, policy: dict | None = None):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
@@ -298,6 +416,54 @@ class SkinGPT4Ingress(OpenAiIngress):
         self._policy_installed = True
         super()._set_asgi_app(app)
 
+    async def _get_response(self, *, body, call_method: str, raw_request=None):
+        """The LLM deployment's answer stream, as ``OpenAiIngress`` gets it, except that a request
+        refused by a replica (:class:`EngineUnavailable`, nothing of it ran) is sent again after
+        each pause of ``REFUSED_RETRY_DELAYS_S``, and a replica failure is reported as a JSON error
+        without Ray's traceback: before the first output as a :class:`ServingError` (an HTTP
+        error, :meth:`_process_llm_request`), after it as the stream's last event. Nothing is sent
+        again once output has arrived."""
+        delays = iter(REFUSED_RETRY_DELAYS_S)
+        while True:
+            stream = super()._get_response(body=body, call_method=call_method, raw_request=raw_request)
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                if not refused(exc):
+                    failure = replica_failure(exc)
+                    if failure is None:
+                        raise
+                    logger.warning("a request failed with its replica: %s", type(exc).__name__)
+                    raise failure from exc
+                delay = next(delays, None)
+                if delay is None:
+                    raise ServerBusy("no model replica with a running engine took the request; "
+                                     "send it again in a few seconds", retry_after_s=5) from exc
+                logger.warning("a replica whose engine died refused a request; sending it again "
+                               "in %.1f s", delay)
+                await asyncio.sleep(delay)
+                continue
+            break
+        yield first
+        try:
+            async for item in stream:
+                yield item
+        except Exception as exc:
+            failure = replica_failure(exc)
+            if failure is None:
+                raise
+            logger.warning("a streamed answer failed with its replica: %s", type(exc).__name__)
+            yield f"data: {failure.body().decode()}\n\n"
+
+    async def _process_llm_request(self, body, call_method: str, raw_request=None) -> Response:
+        try:
+            return await super()._process_llm_request(body, call_method, raw_request)
+        except ServingError as error:
+            return Response(error.body(), status_code=error.status, media_type="application/json",
+                            headers={k.decode(): v.decode() for k, v in error.headers()})
+
     async def check_health(self) -> None:
         if not self._policy_installed:
             raise RuntimeError("the request policy middleware was not installed on the ingress app")
@@ -315,12 +481,14 @@ class SkinGPT4Ingress(OpenAiIngress):
 
 
 def replica_settings_from_cli(args: Any, accelerator: str) -> ReplicaSettings:
-    """``--replicas`` / ``--min-replicas`` / ``--max-replicas`` of ``skingpt4 serve --ray``."""
+    """``--replicas`` / ``--min-replicas`` / ``--max-replicas`` / ``--routing`` of
+    ``skingpt4 serve --ray``."""
     return ReplicaSettings(
         accelerator=accelerator,
         num_replicas=args.replicas,
         min_replicas=args.min_replicas,
         max_replicas=args.max_replicas,
+        routing=args.routing,
     )
 
 

@@ -41,6 +41,8 @@ CPU_THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 tensor-parallel rank."""
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+# Request routers of the Ray LLM deployment (serving.ray_app.ROUTERS): the CLI offers these.
+RAY_ROUTINGS = ("session", "prefix", "pow2")
 
 
 def api_key(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -65,7 +67,7 @@ def use_loopback(environ: MutableMapping[str, str] = os.environ) -> None:
 __all__ = [
     "SEP", "RESERVED_TOKENS", "IMAGE_PLACEHOLDER", "IMAGE_PAD", "LLM_FAMILIES",
     "API_KEY_ENV", "POLICY_ENV", "KVCACHE_ENV", "DEFAULT_CPU_KVCACHE_GIB", "HOST_IP_ENV",
-    "LOOPBACK_IP", "CPU_THREADS_BIND_ENV", "RAY_ADDRESS_ENV",
+    "LOOPBACK_IP", "CPU_THREADS_BIND_ENV", "RAY_ADDRESS_ENV", "RAY_ROUTINGS",
     "api_key", "cpu_kvcache_gib", "ray_address", "use_loopback",
 ]
 

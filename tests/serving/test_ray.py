@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ from tests.serving.helpers import data_url, image_message, ray_test_cluster
 REPO_ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "ray-test-key-0123456789"
 MODEL = "skingpt4"
+LLM_REPLICA_CLASS = f"ServeReplica:skingpt4:SkinGPT4Server:{MODEL}"  # the LLM deployment's actors
 GREEDY = dict(temperature=0, max_tokens=12)
 START_TIMEOUT_S = 480
 
@@ -55,12 +57,157 @@ def test_replicas_get_the_engine_options():
     assert "VLLM_CPU_KVCACHE_SPACE" in cpu.runtime_env["env_vars"]
 
 
+@pytest.mark.filterwarnings("ignore:coroutine 'LLMServer.__del__' was never awaited")
+def test_replicas_leave_when_their_engine_dies():
+    """The LLM deployment is SkinGPT4Server: once its engine is dead it refuses requests before
+    running any of them, stops itself as Serve's controller would (drain, then reject), and only
+    then kills its own actor, so that Ray Serve replaces it at once."""
+    import asyncio
+    from concurrent.futures import Future
+
+    from serving import ray_app
+    from serving.ray_app import EngineUnavailable, RayAppArgs, SkinGPT4Server, llm_config
+
+    config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
+    assert config.server_cls is SkinGPT4Server
+    assert config.deployment_config["graceful_shutdown_wait_loop_s"] == ray_app.DRAIN_POLL_S
+
+    class Engine:
+        alive = True
+
+        async def check_health(self):
+            if not self.alive:
+                raise RuntimeError("EngineCore encountered an issue")
+
+    steps = []
+
+    class Actor:  # the replica's own actor handle
+        class perform_graceful_shutdown:
+            @staticmethod
+            def remote():
+                steps.append("drain")
+                done = Future()
+                done.set_result(None)
+                return type("Ref", (), {"future": lambda self: done})()
+
+    server = SkinGPT4Server.sync_init(config, engine_cls=None)
+    server.engine, server._engine_dead = Engine(), False
+
+    async def scenario():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ray_app, "ENGINE_WATCH_PERIOD_S", 0.01)
+            mp.setattr(ray_app.ray, "get_runtime_context", lambda: type("C", (), {"current_actor": Actor}))
+            mp.setattr(ray_app.ray, "kill", lambda actor, no_restart: steps.append(("kill", actor, no_restart)))
+            watch = asyncio.create_task(server._leave_when_engine_dies())
+            await asyncio.sleep(0.05)
+            assert not watch.done() and not steps
+            server.engine.alive = False
+            with pytest.raises(EngineUnavailable):
+                await server.chat(None)
+            with pytest.raises(EngineUnavailable):
+                await server.completions(None)
+            await asyncio.wait_for(watch, 5)
+
+    asyncio.run(scenario())
+    assert steps == ["drain", ("kill", Actor, True)]
+
+
+def _delivered(exc: Exception) -> Exception:
+    """An exception raised in a replica, as the ingress receives it from Ray."""
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("chat", "Traceback (most recent call last): ...", exc).as_instanceof_cause()
+
+
+@pytest.fixture
+def ingress(monkeypatch):
+    """A SkinGPT4Ingress without Ray, whose LLM deployment answers from ``ingress.outcomes``: one
+    list per call, of chunks and exceptions (raised where they stand)."""
+    from ray.serve.llm.ingress import OpenAiIngress
+
+    from serving import ray_app
+
+    ingress = ray_app.SkinGPT4Ingress.__new__(ray_app.SkinGPT4Ingress)
+    ingress.outcomes, ingress.calls = [], 0
+
+    async def answers(self, *, body, call_method, raw_request=None):
+        self.calls += 1
+        for item in self.outcomes[self.calls - 1]:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    monkeypatch.setattr(OpenAiIngress, "_get_response", answers)
+    monkeypatch.setattr(ray_app, "REFUSED_RETRY_DELAYS_S", (0.01, 0.01))
+    return ingress
+
+
+def _stream(ingress) -> list:
+    import asyncio
+
+    async def collect():
+        return [item async for item in ingress._get_response(body=None, call_method="chat")]
+
+    return asyncio.run(collect())
+
+
+def test_ingress_sends_a_refused_request_again(ingress):
+    from serving.ray_app import EngineUnavailable
+
+    refusal = _delivered(EngineUnavailable("engine died"))
+    ingress.outcomes = [[refusal], [refusal], ["answer"]]
+    assert _stream(ingress) == ["answer"] and ingress.calls == 3
+
+
+def test_ingress_gives_up_on_refusals_with_a_503(ingress):
+    import asyncio
+
+    from starlette.responses import Response
+
+    from serving.ray_app import EngineUnavailable
+
+    ingress.outcomes = [[_delivered(EngineUnavailable("engine died"))]] * 3
+    response = asyncio.run(ingress._process_llm_request(None, call_method="chat"))
+    assert isinstance(response, Response) and response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    error = json.loads(response.body)["error"]
+    assert error["type"] == "ServiceUnavailableError" and "send it again" in error["message"]
+    assert ingress.calls == 3  # the first try and two more, no further
+
+
+def test_ingress_never_resends_a_request_that_ran(ingress):
+    """A request whose replica failed under it is not sent again: before any output it gets a
+    JSON 500 without Ray's traceback; after output, its stream ends with an error event."""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    ingress.outcomes = [[_delivered(EngineDeadError())]]
+    response = asyncio.run(ingress._process_llm_request(None, call_method="chat"))
+    assert response.status_code == 500 and ingress.calls == 1
+    error = json.loads(response.body)["error"]
+    assert error["type"] == "InternalServerError" and "send the request again" in error["message"]
+    assert "Traceback" not in response.body.decode()
+
+    ingress.calls, ingress.outcomes = 0, [["data: {}\n\n", ActorDiedError()]]
+    first, last = _stream(ingress)
+    assert first == "data: {}\n\n" and ingress.calls == 1
+    assert last.startswith("data: ") and json.loads(last[6:])["error"]["code"] == "internal_error"
+
+    ingress.calls, ingress.outcomes = 0, [[ValueError("not a replica failure")]]
+    with pytest.raises(ValueError):
+        _stream(ingress)
+    assert ingress.calls == 1
+
+
 def test_replica_settings():
     from serving.ray_app import ReplicaSettings, RayAppArgs, llm_config
 
     fixed = ReplicaSettings(accelerator="cpu", num_replicas=2).deployment_config(30)
-    assert fixed == {"graceful_shutdown_timeout_s": 30, "num_replicas": 2, "request_router_config": {
-        "request_router_class": "serving.ray_app.SessionAffinityRouter"}}
+    assert fixed == {"graceful_shutdown_timeout_s": 30, "graceful_shutdown_wait_loop_s": 0.5,
+                     "num_replicas": 2, "request_router_config": {
+                         "request_router_class": "serving.ray_app.SessionAffinityRouter"}}
     prefix = ReplicaSettings(routing="prefix").deployment_config(30)["request_router_config"]
     assert prefix["request_router_class"].endswith("PrefixCacheAffinityRouter")
     assert "request_router_config" not in ReplicaSettings(routing="pow2").deployment_config(30)
@@ -82,6 +229,26 @@ def test_replica_settings():
     cpu = llm_config(RayAppArgs.model_validate({"server": server, "replicas": {"accelerator": "cpu"}}))
     assert cpu.accelerator_config.kind == "cpu"
     assert cpu.runtime_env["env_vars"]["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] == "0"
+
+
+def test_routing_flag_reaches_the_replica_settings():
+    import typing
+
+    from serving import settings
+    from serving.cli import build_parser
+    from serving.ray_app import ROUTERS, ReplicaSettings, replica_settings_from_cli
+
+    assert typing.get_args(ReplicaSettings.model_fields["routing"].annotation) == settings.RAY_ROUTINGS
+    assert set(ROUTERS) == set(settings.RAY_ROUTINGS)
+    parser = build_parser()
+    default = parser.parse_args(["serve", "m", "--ray", "--replicas", "2"])
+    assert replica_settings_from_cli(default, "cpu").routing == "session"
+    pow2 = replica_settings_from_cli(
+        parser.parse_args(["serve", "m", "--ray", "--replicas", "2", "--routing", "pow2"]), "cpu")
+    assert (pow2.routing, pow2.num_replicas) == ("pow2", 2)
+    assert "request_router_config" not in pow2.deployment_config(30)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "m", "--ray", "--routing", "random"])
 
 
 def test_engine_metrics_and_image_model_card():
@@ -208,7 +375,7 @@ def test_replicas_on_different_nodes(cluster, ray_server):
     ray_server.running()
     replicas = [
         a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.class_name.startswith(f"ServeReplica:skingpt4:LLMServer:{MODEL}")
+        if a.class_name.startswith(LLM_REPLICA_CLASS)
     ]
     nodes = {a.node_id for a in replicas}
     assert len(replicas) == 2
@@ -369,38 +536,55 @@ def _llm_replicas(cluster):
     from ray.util.state import list_actors
 
     return [a for a in list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name.startswith(f"ServeReplica:skingpt4:LLMServer:{MODEL}")]
+            if a.class_name.startswith(LLM_REPLICA_CLASS)]
 
 
-def _kill_engine(pid: int) -> list[int]:
-    """SIGKILL the vLLM engine-core process under a replica actor; the pids killed."""
+def _engine_processes(pid: int) -> list:
+    """The vLLM engine-core processes under a replica actor (psutil processes)."""
     import psutil
 
-    killed = []
+    found = []
     for child in psutil.Process(pid).children(recursive=True):
         try:
             if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
-                child.kill()
-                killed.append(child.pid)
+                found.append(child)
         except psutil.NoSuchProcess:
             pass
-    return killed
+    return found
 
 
 FAULT_REQUESTS, FAULT_CONCURRENCY, FAULT_BOUND_S, RECOVERY_BOUND_S = 100, 16, 90, 420
+# Requests in flight on the victim that Serve's count just before the kill misses: those already
+# on their way to the replica, and those reaching it before vLLM marks its engine dead (vLLM's
+# monitor first shuts the engine's process manager down), which the engine takes and fails with
+# the rest. Seen on a shared 2-core machine: 0 to 5, so 8 leaves room (without the replica
+# leaving, some 30 more failed).
+IN_FLIGHT_MARGIN = 8
 
 
-def test_a_dead_engine_fails_its_requests_and_is_replaced(cluster, ray_server, photo_url):
-    """One replica's engine is killed mid-load: the requests that fail get a JSON 5xx within a
-    bound (none hangs), the others answer; Ray Serve replaces the replica, /health returns to 200
-    and later requests succeed."""
+@contextmanager
+def _driver(cluster):
+    """This process as a Ray driver on the test cluster (to ask a replica actor questions)."""
+    import ray
+
+    ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_a_dead_engine_fails_only_its_requests_in_flight_and_is_replaced(cluster, ray_server, photo_url):
+    """One replica's engine is killed mid-load: only the requests in flight on that replica fail,
+    each with a JSON 5xx in the OpenAI error shape within a bound (none hangs); those routed to it
+    afterwards are answered by the other replica. Ray Serve replaces the replica, /health returns
+    to 200 and later requests succeed."""
     from concurrent.futures import ThreadPoolExecutor
 
     base, headers = ray_server.base_url, {"Authorization": f"Bearer {API_KEY}"}
     ray_server.running()
     victim = _llm_replicas(cluster)[0]
-    results: list[tuple[int, float, object]] = []
-    done_before_kill = 0
+    results: list[tuple[int, float, float, str]] = []  # status, sent at, seconds, body
 
     def one(i: int):
         body = {"model": MODEL, "messages": [image_message([photo_url])], **GREEDY}
@@ -411,26 +595,37 @@ def test_a_dead_engine_fails_its_requests_and_is_replaced(cluster, ray_server, p
             status, payload = r.status_code, r.text
         except httpx.HTTPError as exc:
             status, payload = -1, repr(exc)
-        results.append((status, time.monotonic() - started, payload))
+        results.append((status, started, time.monotonic() - started, payload))
 
-    with ThreadPoolExecutor(FAULT_CONCURRENCY) as pool:
+    with _driver(cluster) as ray, ThreadPoolExecutor(FAULT_CONCURRENCY) as pool:
+        replica = ray.get_actor(victim.name, namespace=victim.ray_namespace)
+        engines = _engine_processes(victim.pid)
+        assert engines, "no EngineCore process under the replica"
         futures = [pool.submit(one, i) for i in range(FAULT_REQUESTS)]
         while len(results) < 20:
             time.sleep(0.2)
-        done_before_kill = len(results)
+        done_before_kill, in_flight, deadline = len(results), 0, time.monotonic() + 60
+        while in_flight == 0 and time.monotonic() < deadline:  # Serve's count: accepted, unfinished
+            in_flight = ray.get(replica.get_num_ongoing_requests.remote(), timeout=30)
         killed_at = time.monotonic()
-        assert _kill_engine(victim.pid), "no EngineCore process under the replica"
+        for engine in engines:
+            engine.kill()  # SIGKILL
         for f in futures:
             f.result()
 
-    failed = [(s, t, p) for s, t, p in results if s != 200]
-    print(f"fault: {len(failed)} of {FAULT_REQUESTS} failed ({done_before_kill} done before the kill); "
-          f"statuses {sorted({s for s, _, _ in failed})}; slowest failure "
-          f"{max((t for _, t, _ in failed), default=0):.1f} s")
-    assert len(failed) < FAULT_REQUESTS - done_before_kill, "every request after the kill failed"
+    failed = [(s, t, p) for s, sent, t, p in results if s != 200]
+    sent_after = sum(1 for s, sent, _, _ in results if s != 200 and sent > killed_at)
+    print(f"fault: {len(failed)} of {FAULT_REQUESTS} failed ({sent_after} sent after the kill), "
+          f"{in_flight} were in flight on the replica ({done_before_kill} done before the kill); "
+          f"statuses {sorted({s for s, _, _ in failed})}; "
+          f"slowest failure {max((t for _, t, _ in failed), default=0):.1f} s")
+    assert in_flight > 0, "the replica had no request in flight when its engine was killed"
+    assert len(failed) <= in_flight + IN_FLIGHT_MARGIN, (len(failed), in_flight)
     for status, seconds, payload in failed:
         assert 500 <= status < 600, (status, payload[:300])
-        assert "error" in json.loads(payload), payload[:300]
+        error = json.loads(payload)["error"]
+        assert error["message"] and error["type"] and error["code"], payload[:300]
+        assert "Traceback" not in payload
         assert seconds < FAULT_BOUND_S
 
     deadline, recovered_s = killed_at + RECOVERY_BOUND_S, None
