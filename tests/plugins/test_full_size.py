@@ -10,7 +10,7 @@ The converter runs through the CLI with its default architecture, as a user runs
 Both sides compute in float32 (the fp16 weights are widened the same way), so greedy tokens must
 be equal. The load time and peak memory of each side are printed: the vision stack is the real
 one (1.1B parameters), the language model about 1B of Llama-2-13b's 13B.
-About 6.5 GB of files (removed at the end); peak memory about 15 GiB while vLLM runs (engine and
+About 6.5 GB of files (removed at the end); peak memory about 16 GiB while vLLM runs (engine and
 front end), then 13 GiB for the reference, one after the other.
 """
 
