@@ -306,7 +306,8 @@ def engine_environment(config: EmbeddedServerConfig, accelerator: str) -> dict[s
     return env
 
 
-def _model_path(model: str) -> str:
+def model_path(model: str) -> str:
+    """The model as replicas and Ray Data engines name it."""
     # Replicas run in other working directories (and on other nodes): a folder that exists here
     # goes out as an absolute path; any other path is taken to exist on the replicas' nodes.
     path = Path(model).expanduser()
@@ -329,7 +330,7 @@ def llm_config(args: RayAppArgs) -> LLMConfig:
                 "strategy": "STRICT_PACK",
             }
     config = LLMConfig(
-        model_loading_config={"model_id": server.model_name, "model_source": _model_path(server.model)},
+        model_loading_config={"model_id": server.model_name, "model_source": model_path(server.model)},
         engine_kwargs=server.engine_options(on_gpu=replicas.accelerator == "gpu"),
         deployment_config=replicas.deployment_config(server.shutdown_timeout_s),
         runtime_env={"env_vars": engine_environment(server, replicas.accelerator)},

@@ -408,7 +408,7 @@ def processor_config(config: EmbeddedServerConfig, ray_settings: RayBatchSetting
     """The ``vLLMEngineProcessorConfig`` of a run over ``rows`` requests."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from serving.ray_app import _model_path, engine_environment
+    from serving.ray_app import engine_environment, model_path
 
     on_gpu = ray_settings.accelerator == "gpu"
     engine_kwargs = engine_arguments(config.engine_options(on_gpu=on_gpu))
@@ -425,7 +425,7 @@ def processor_config(config: EmbeddedServerConfig, ray_settings: RayBatchSetting
     # Small enough batches that every engine gets some of the rows.
     batch_size = ray_settings.batch_size or max(1, min(64, -(-rows // (2 * replicas))))
     return vLLMEngineProcessorConfig(
-        model_source=_model_path(config.model),
+        model_source=model_path(config.model),
         engine_kwargs=engine_kwargs,
         runtime_env={"env_vars": engine_environment(config, ray_settings.accelerator)},
         concurrency=(replicas, replicas),
