@@ -1,4 +1,4 @@
-"""The README's contract tables list exactly the fields the contract accepts and refuses."""
+"""The contract tables in docs/api.md list exactly the fields the contract accepts and refuses."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 from serving.contract import EXCLUDED, MODELS
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
 
 def table_after(heading: str) -> list[list[str]]:
-    text = README.read_text()
+    text = API_DOC.read_text()
     start = text.index(heading)
     rows = []
     for line in text[start:].splitlines()[1:]:
