@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from encoders.resize import resize_rgb
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -41,8 +43,7 @@ class ImagePreprocessor:
     def resize(self, image: Image.Image) -> Image.Image:
         """RGB at (S, S), bicubic: the one resize of the pipeline. An image already RGB at
         (S, S) comes back unchanged (PIL copies it), so resizing twice equals resizing once."""
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        return resize_rgb(image, self.image_size)
 
     def one(self, image: Image.Image) -> torch.Tensor:
         if not isinstance(image, Image.Image):

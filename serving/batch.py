@@ -90,7 +90,7 @@ MAX_CUSTOM_ID_CHARS = 512
 DEFAULT_MAX_CONCURRENCY = 64
 UNCAPPED = 2**31 - 1
 # Waiting for memory or a decode slot is normal in a batch (the reader runs ahead of the engine);
-# the server's 10 s admission timeout would turn that wait into 503s.
+# the server's 30 s admission timeout would turn that wait into 503s.
 ADMISSION_TIMEOUT_S = 24 * 3600.0
 USAGE_ERROR = 2
 INCOMPLETE = 1
@@ -514,17 +514,18 @@ class _Reservation:
     task that checks the line (once, from any task)."""
 
     def __init__(self, admission: Admission, nbytes: int) -> None:
-        self._cm = admission.bytes(min(nbytes, admission.max_bytes), admission.deadline())
+        self._admission = admission
+        self._nbytes = min(nbytes, admission.max_bytes)
         self._held = False
 
     async def acquire(self) -> None:
-        await self._cm.__aenter__()
+        await self._admission.reserve(self._nbytes, self._admission.deadline())
         self._held = True
 
     async def release(self) -> None:
         if self._held:
             self._held = False
-            await self._cm.__aexit__(None, None, None)
+            self._admission.release(self._nbytes)
 
 
 class BatchRun:
@@ -538,7 +539,7 @@ class BatchRun:
         self.admission = Admission(
             self.policy.max_inflight_bytes, self.policy.max_concurrent_decodes,
             queue_size=max_concurrency * self.policy.max_images_per_request + 1,
-            timeout_s=ADMISSION_TIMEOUT_S,
+            timeout_s=ADMISSION_TIMEOUT_S, policy=self.policy,
         )
         # A bulk engine answers only once everything is submitted: no cap, or it would wait
         # forever; the checked bodies (photos already shrunk) wait in memory meanwhile.
@@ -579,6 +580,7 @@ class BatchRun:
             await asyncio.gather(*self.tasks, return_exceptions=True)
             self._writer.shutdown(wait=True)
             self.bar.close()
+            await self.admission.close()
         self.summary.engine_died = self.engine.dead
         return self.summary
 

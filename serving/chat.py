@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import json
 from functools import lru_cache
 from importlib import resources
@@ -24,15 +24,11 @@ from typing import Any
 
 from serving.admission import Admission
 from serving.contract import CHAT_ROUTE, COMPLETIONS_ROUTE, check_fields
-from serving.errors import InvalidRequest
-from serving.media import (
-    data_url_payload_start,
-    fetch_remote_image,
-    forward_photo,
-    photo_from_data_url,
-)
+from serving.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServingError
+from serving.media import data_url_payload_start, fetch_remote_image
 from serving.policy import ServePolicy
 from serving.settings import RESERVED_TOKENS
+from serving.workers import JobError, JobFailed, JobTimeout
 
 REPORT_SCHEMA_NAME = "dermatology_report"
 MAX_SCHEMA_CHARS = 64 * 1024
@@ -151,23 +147,41 @@ def _check_text_size(chars: int, policy: ServePolicy) -> None:
         )
 
 
-async def _inline_image(where: str, part: dict, policy: ServePolicy, admission: Admission) -> None:
-    """Replace the photo's URL by the small lossless data URL the engine gets, decoding it in a
-    thread under one of the admission's decode slots."""
-    spec = part["image_url"]
-    url = spec["url"]
+async def forward_image_url(url: str, where: str, policy: ServePolicy, admission: Admission) -> str:
+    """The small lossless data URL the engine gets for the photo at ``url`` (a data URL, or an
+    allowed remote URL), decoded in one of the admission's photo workers under a decode slot.
+    Every route that takes photos goes through here."""
     if url[:5].lower() == "data:":
         # Size and header checks need no decode slot: refuse oversized photos at once.
         data_url_payload_start(url, policy, where)
-        async with admission.decode_slot(admission.deadline()):
-            spec["url"] = await asyncio.to_thread(photo_from_data_url, url, policy, where)
-        return
-    data = await fetch_remote_image(url, policy, where)
+        header, data = {"data_url": True}, url.encode("ascii", "replace")
+    else:
+        header, data = {"data_url": False}, await fetch_remote_image(url, policy, where)
+    header |= {"where": where, "policy": policy.model_dump(mode="json")}
     async with admission.decode_slot(admission.deadline()):
-        spec["url"] = await asyncio.to_thread(forward_photo, data, policy, where)
+        try:
+            _, out = await admission.photo_workers.run(header, data)
+        except JobTimeout:
+            raise InvalidImage(
+                f"{where}: decoding the photo took longer than {policy.decode_timeout_s:g} s; "
+                "send an ordinary camera photo (e.g. a baseline JPEG)"
+            ) from None
+        except JobFailed:
+            raise InvalidImage(f"{where}: the photo could not be decoded") from None
+        except JobError as exc:
+            raise job_error(exc) from None
+    return out.decode("ascii")
 
 
-async def _check_response_format(body: dict) -> None:
+def job_error(exc: JobError) -> ServingError:
+    """The error a photo worker reported, as the class it raised (messages are the checks' own)."""
+    cls = {"PayloadTooLarge": PayloadTooLarge, "InvalidImage": InvalidImage}.get(exc.kind)
+    if cls is None:
+        return InvalidImage("the photo could not be decoded")
+    return cls(exc.message, param=exc.param)
+
+
+async def _check_response_format(body: dict, admission: Admission) -> None:
     fmt = body.get("response_format")
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return
@@ -201,28 +215,41 @@ async def _check_response_format(body: dict) -> None:
             f"response_format.json_schema.schema is not a valid JSON schema at {path}: "
             f"{exc.message}"
         ) from None
-    reason = await asyncio.to_thread(_grammar_error, text)
+    reason = await grammar_error(text, admission)
     if reason:
         raise InvalidRequest(
             "response_format.json_schema.schema is valid JSON Schema but the structured-output "
             f"engine cannot compile it ({reason}); simplify it, e.g. keep pattern repetition "
-            "bounds at or below 128"
+            "bounds at or below 128",
+            param="response_format",
         )
 
 
-@lru_cache(maxsize=256)
-def _grammar_error(schema_json: str) -> str | None:
-    """Compile the schema's grammar against a toy vocabulary (milliseconds): xgrammar failures
-    that would otherwise surface as a 500 from the engine become a 400 here."""
-    import xgrammar as xgr
+_GRAMMAR_VERDICTS: collections.OrderedDict[str, str | None] = collections.OrderedDict()
+GRAMMAR_CACHE_SIZE = 1024
 
-    try:
-        grammar = xgr.Grammar.from_json_schema(schema_json, any_whitespace=False)
-        info = xgr.TokenizerInfo(['"', "{", "}", "[", "]", ":", ",", " ", "a", "0"])
-        xgr.GrammarCompiler(info, max_threads=1).compile_grammar(grammar)
-    except Exception as exc:  # xgrammar raises RuntimeError/ValueError with C++ detail
-        return str(exc).splitlines()[0][-160:] or type(exc).__name__
-    return None
+
+async def grammar_error(schema_json: str, admission: Admission) -> str | None:
+    """Why the schema's grammar does not compile within the policy's time and memory bounds
+    (None: it does). Compiled in a schema worker that is stopped past its time (never on the
+    photo workers or the event loop); verdicts are cached by the schema's text, so a schema
+    is compiled once however often it is sent."""
+    if schema_json in _GRAMMAR_VERDICTS:
+        _GRAMMAR_VERDICTS.move_to_end(schema_json)
+        return _GRAMMAR_VERDICTS[schema_json]
+    workers = admission.schema_workers
+    async with admission.schema_slots:
+        try:
+            reply, _ = await workers.run({}, schema_json.encode("utf-8"))
+            verdict = reply["reason"]
+        except JobTimeout:
+            verdict = f"compiling it takes longer than {workers.timeout_s:g} s"
+        except (JobFailed, JobError):
+            verdict = f"compiling it needs more than {workers.memory_mb} MiB"
+    _GRAMMAR_VERDICTS[schema_json] = verdict
+    if len(_GRAMMAR_VERDICTS) > GRAMMAR_CACHE_SIZE:
+        _GRAMMAR_VERDICTS.popitem(last=False)
+    return verdict
 
 
 def _apply_stop(body: dict, policy: ServePolicy) -> None:
@@ -258,11 +285,17 @@ async def prepare_chat_request(
             param="messages",
         )
     _check_n(body, policy)
-    await _check_response_format(body)
-    _apply_stop(body, policy)
+    private = admission is None
     admission = admission or Admission.from_policy(policy)
-    for where, part in images:
-        await _inline_image(where, part, policy, admission)
+    try:
+        await _check_response_format(body, admission)
+        _apply_stop(body, policy)
+        for where, part in images:
+            spec = part["image_url"]
+            spec["url"] = await forward_image_url(spec["url"], where, policy, admission)
+    finally:
+        if private:
+            await admission.close()
     return body
 
 

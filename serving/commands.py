@@ -48,13 +48,32 @@ def add_serving_commands(sub) -> None:
                        help=f"require this key on every route but /health (or {settings.API_KEY_ENV})")
     serve.add_argument("--max-inflight-mb", type=int, default=None,
                        help="memory budget (MiB) for request bodies being read and checked at "
-                       "once; default: 1/16 of the machine's memory (see README, Admission control)")
+                       "once; default: 1/16 of the machine's memory (docs/api.md, Admission control)")
     serve.add_argument("--max-concurrent-decodes", type=int, default=None,
                        help="photos decoded at once (default: the CPU count, at most 8)")
     serve.add_argument("--admission-queue-size", type=int, default=None,
                        help="requests that may wait for admission before a 503 (default 256)")
     serve.add_argument("--admission-timeout", type=float, default=None,
                        help="seconds a request may wait for admission before a 503 (default 30)")
+    serve.add_argument("--upload-timeout", type=float, default=None,
+                       help="seconds a request body may take to arrive before a 408 (default 300)")
+    serve.add_argument("--min-upload-rate", type=int, default=None,
+                       help="KiB/s a request body must average after its first idle timeout, "
+                       "or 408 (default 8)")
+    serve.add_argument("--upload-idle-timeout", type=float, default=None,
+                       help="longest pause (s) in a request body before a 408, or a 400 for a "
+                       "body short of its Content-Length (default 10)")
+    serve.add_argument("--decode-timeout", type=float, default=None,
+                       help="seconds one photo's decode may take before a 400; its worker is "
+                       "replaced (default 10)")
+    serve.add_argument("--max-jpeg-scans", type=int, default=None,
+                       help="progressive scans a JPEG may have, counted before decoding "
+                       "(default 100)")
+    serve.add_argument("--schema-compile-timeout", type=float, default=None,
+                       help="seconds a response_format schema may take to compile before a 400 "
+                       "(default 2)")
+    serve.add_argument("--schema-compile-memory-mb", type=int, default=None,
+                       help="MiB a response_format schema may take to compile (default 512)")
     serve.add_argument("--enforce-eager", action="store_true",
                        help="no CUDA graphs on a GPU (quicker start, slower decoding); a CPU "
                        "always runs eager")
@@ -87,6 +106,13 @@ def _policy(args) -> ServePolicy:
         "max_concurrent_decodes": args.max_concurrent_decodes,
         "admission_queue_size": args.admission_queue_size,
         "admission_timeout_s": args.admission_timeout,
+        "upload_timeout_s": args.upload_timeout,
+        "min_upload_rate": args.min_upload_rate and args.min_upload_rate * 1024,
+        "upload_idle_timeout_s": args.upload_idle_timeout,
+        "decode_timeout_s": args.decode_timeout,
+        "max_jpeg_scans": args.max_jpeg_scans,
+        "schema_compile_timeout_s": args.schema_compile_timeout,
+        "schema_compile_memory_mb": args.schema_compile_memory_mb,
     }
     return ServePolicy(
         api_key=args.api_key,

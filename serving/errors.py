@@ -23,9 +23,13 @@ class ServingError(Exception):
         self.message = message
         self.param = param
 
+    def to_dict(self) -> dict:
+        """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
     def body(self) -> bytes:
-        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return json.dumps({"error": err}).encode()
+        return json.dumps(self.to_dict()).encode()
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return []
@@ -33,6 +37,12 @@ class ServingError(Exception):
 
 class InvalidRequest(ServingError):
     """Malformed JSON, an unknown field, or a value the server cannot use (400)."""
+
+
+class ContextLengthExceeded(ServingError):
+    """A prompt, or a prompt and ``max_tokens``, beyond the model's context (400)."""
+
+    code = "context_length_exceeded"
 
 
 class InvalidImage(ServingError):
@@ -71,6 +81,33 @@ class NotFound(ServingError):
     status = 404
     type = "NotFoundError"
     code = "not_found"
+
+
+class RequestTimeout(ServingError):
+    """A request body that did not arrive in time or fast enough (408; the connection closes)."""
+
+    status = 408
+    type = "RequestTimeoutError"
+    code = "request_timeout"
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"connection", b"close")]
+
+
+class UnsupportedMediaType(ServingError):
+    """A POST body that is not declared as JSON (415)."""
+
+    status = 415
+    type = "UnsupportedMediaTypeError"
+    code = "unsupported_media_type"
+
+
+class UnprocessableEntity(ServingError):
+    """A request the server understood but cannot act on (422)."""
+
+    status = 422
+    type = "UnprocessableEntityError"
+    code = "unprocessable_entity"
 
 
 class InternalError(ServingError):
@@ -113,3 +150,54 @@ class ServerBusy(ServingError):
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         return [(b"retry-after", str(self.retry_after_s).encode())]
+
+
+class MethodNotAllowed(ServingError):
+    """A route served here, asked with another method (405)."""
+
+    status = 405
+    type = "MethodNotAllowedError"
+    code = "method_not_allowed"
+
+
+class RateLimited(ServingError):
+    """Too many requests (429)."""
+
+    status = 429
+    type = "RateLimitError"
+    code = "rate_limit_exceeded"
+
+
+class NotImplementedByServer(ServingError):
+    """A feature the server does not implement (501)."""
+
+    status = 501
+    type = "NotImplementedError"
+    code = "not_implemented"
+
+
+BY_STATUS: dict[int, type[ServingError]] = {
+    cls.status: cls
+    for cls in (InvalidRequest, Unauthorized, RemoteImageRefused, NotFound, MethodNotAllowed,
+                RequestTimeout, PayloadTooLarge, UnsupportedMediaType, UnprocessableEntity,
+                RateLimited, HeadersTooLarge, InternalError, NotImplementedByServer, ServerBusy)
+}
+
+
+def error_for_status(status: int, message: str, param: str | None = None) -> ServingError:
+    """The project's error for an HTTP status that another layer (vLLM, Starlette) chose: the
+    same status, OpenAI's shape, the project's ``type`` and a string ``code``."""
+    if status == 400 and "context length" in message.lower():
+        error: ServingError = ContextLengthExceeded(message, param=param)
+    elif status == 404 and "model" in message.lower():
+        error = NotFound(message, param=param or "model")
+        error.code = "model_not_found"
+    else:
+        cls = BY_STATUS.get(status) or (InternalError if status >= 500 else InvalidRequest)
+        error = cls.__new__(cls)
+        ServingError.__init__(error, message, param=param)
+        if cls is ServerBusy:
+            error.retry_after_s = 1
+    if error.status != status:
+        error.status = status
+    return error

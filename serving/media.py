@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image, ImageOps
 
-from encoders.preprocess import ImagePreprocessor
+from encoders.resize import resize_rgb
 from serving.errors import (
     InvalidImage,
     PayloadTooLarge,
@@ -74,12 +74,55 @@ def forward_photo(data: bytes, policy: ServePolicy, where: str) -> str:
     full-size pixels are dropped before this returns."""
     image = decode_photo(data, policy, where)
     del data
-    small = ImagePreprocessor(image_size=policy.image_size).resize(image)
+    small = resize_rgb(image, policy.image_size)
     image.close()
     del image
     buf = io.BytesIO()
     small.save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getbuffer()).decode("ascii")
+
+
+def jpeg_scan_count(data: bytes, stop_after: int) -> int:
+    """How many scans (SOS segments) the JPEG in ``data`` has before its first EOI, counting at
+    most ``stop_after + 1``; 0 for data that is not a JPEG. Progressive JPEGs decode once per
+    scan: cameras write 1 to about 12, a crafted file 100,000 (minutes of CPU). Walks the
+    marker segments and skips entropy-coded data, so a thumbnail inside EXIF is not counted."""
+    if data[:2] != b"\xff\xd8":
+        return 0
+    scans, pos, end = 0, 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            pos = data.find(b"\xff", pos)  # stray bytes: resynchronise on the next marker
+            if pos < 0:
+                break
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # restart markers, TEM: no length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        pos += 2 + length
+        if marker != 0xDA:
+            continue
+        scans += 1
+        if scans > stop_after:
+            break
+        # Entropy-coded data runs to the next marker that is not a stuffed 0xFF00 or a restart.
+        while True:
+            pos = data.find(b"\xff", pos)
+            if pos < 0 or pos + 1 >= end:
+                return scans
+            following = data[pos + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+                pos += 1 if following == 0xFF else 2
+                continue
+            break
+    return scans
 
 
 def decode_photo(data: bytes, policy: ServePolicy, where: str) -> Image.Image:
@@ -88,6 +131,12 @@ def decode_photo(data: bytes, policy: ServePolicy, where: str) -> Image.Image:
         raise PayloadTooLarge(
             f"{where}: image is {len(data) // 2**20} MiB; the limit is "
             f"{policy.max_image_bytes // 2**20} MiB"
+        )
+    scans = jpeg_scan_count(data, policy.max_jpeg_scans)
+    if scans > policy.max_jpeg_scans:
+        raise InvalidImage(
+            f"{where}: the JPEG has more than {policy.max_jpeg_scans} progressive scans (cameras "
+            "write at most a few dozen); re-encode it, e.g. as a baseline JPEG"
         )
     try:
         with warnings.catch_warnings():

@@ -5,16 +5,24 @@
    (websockets: closed with 1008).
 2. Sizes: headers over ``max_header_bytes`` -> 431; a body over ``max_body_bytes`` -> 413,
    without reading the rest.
-3. Routes: only those of the product (chat, completions, models, health, metrics, version);
-   others get 404, so no vLLM route takes input past these checks.
-4. Admission (:mod:`serving.admission`): a POST body is read only once its memory is reserved
-   from the server's byte budget; photos are decoded in a bounded pool; work that does not fit
-   in time gets a 503 with ``Retry-After``.
-5. Strict JSON (no ``NaN``, valid Unicode), then the route's contract and checks:
-   :func:`serving.chat.prepare_chat_request` (fields, messages, photos decoded once and
-   forwarded small, SkinGPT-4 stop and schema defaults) or
-   :func:`serving.chat.prepare_completion_request`. The checked body goes on to vLLM, and the
-   large buffers of the original are dropped before it does.
+3. Routes: only those of the product (chat, completions, responses, models, health, metrics,
+   version); others get 404, so no vLLM route takes input past these checks. A POST body must
+   be declared JSON (``Content-Type: application/json``), or 415 before it is read.
+4. Upload time (:class:`UploadClock`): a body must arrive within ``upload_timeout_s`` and, after
+   its first ``upload_idle_timeout_s``, at ``min_upload_rate`` on average, or 408; a body that
+   stops short of its ``Content-Length`` for ``upload_idle_timeout_s`` is a 400.
+5. Admission (:mod:`serving.admission`): a body's memory is reserved from the server's byte
+   budget as its bytes arrive; photos are decoded in bounded worker processes; work that does
+   not fit in time gets a 503 with ``Retry-After``.
+6. Strict JSON (no ``NaN``, valid Unicode, at most :data:`MAX_JSON_DEPTH` levels), then the
+   route's contract and checks: :func:`serving.chat.prepare_chat_request` (fields, messages,
+   photos decoded once and forwarded small, SkinGPT-4 stop and schema defaults),
+   :func:`serving.chat.prepare_completion_request` or
+   :func:`serving.responses.prepare_responses_request`; ``max_tokens`` must fit the context
+   (:class:`ContextCheck`). The checked body goes on to vLLM, and the large buffers of the
+   original are dropped before it does.
+7. One error shape: every error response, vLLM's and Starlette's included, leaves with OpenAI's
+   shape, a string ``code`` and the project's ``type`` (:func:`serving.errors.error_for_status`).
 
 Pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses pass through untouched. Request
 bodies are never logged.
@@ -22,30 +30,45 @@ bodies are never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import time
 
-from serving.admission import Admission
+from serving.admission import Admission, BodyReservation
 from serving.chat import prepare_chat_request, prepare_completion_request
 from serving.errors import (
+    ContextLengthExceeded,
     HeadersTooLarge,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     ServingError,
     Unauthorized,
+    UnsupportedMediaType,
+    error_for_status,
 )
 from serving.policy import ServePolicy, policy_from_env
+from serving.responses import prepare_responses_request
 
 OPEN_PATHS = ("/health",)
 GET_ROUTES = ("/health", "/ping", "/v1/models", "/metrics", "/version")
-POST_ROUTES = ("/v1/chat/completions", "/v1/completions")
+POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+# Nesting beyond this is refused by the strict parser: far below Python's recursion limit, so
+# nothing accepted can overflow it later (re-encoding, vLLM's own parser, schema compilers).
+MAX_JSON_DEPTH = 64
+MAX_ERROR_BODY = 64 * 1024  # error bodies from the app are rewritten up to this size
 
 
-async def send_error(send, error: ServingError) -> None:
+async def send_error(send, error: ServingError, close: bool = False) -> None:
+    """The error response; ``close``: the request's body was not read to its end, so the
+    connection cannot carry another request."""
     body = error.body()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += error.headers()
+    if close and (b"connection", b"close") not in headers:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -96,18 +119,83 @@ def check_declared_size(declared: int | None, limit: int) -> None:
         raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} bytes")
 
 
-async def read_body(receive, limit: int, declared: int | None) -> bytearray:
-    """The whole body in one buffer (no list of chunks joined into a second copy)."""
+def check_content_type(scope) -> None:
+    kind = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+    if kind != "application/json":
+        raise UnsupportedMediaType(
+            f"the request body must be JSON, sent with Content-Type: application/json (got "
+            f"{kind[:64] or 'no Content-Type'!r})"
+        )
+
+
+class UploadClock:
+    """When a body's next bytes must have arrived: within ``upload_timeout_s`` in all, no pause
+    longer than ``upload_idle_timeout_s``, and after that first grace, ``min_upload_rate``
+    bytes per second on average (a client on a slow uplink keeps going; one that trickles or
+    stalls is cut off)."""
+
+    def __init__(self, policy: ServePolicy, declared: int | None) -> None:
+        self.policy = policy
+        self.declared = declared
+        self.start = self.last = time.monotonic()
+        self.complete = False
+
+    def wait_s(self, received: int) -> float:
+        now = time.monotonic()
+        p = self.policy
+        by_rate = self.start + p.upload_idle_timeout_s + received / p.min_upload_rate
+        until = min(self.start + p.upload_timeout_s, by_rate, self.last + p.upload_idle_timeout_s)
+        return max(0.0, until - now)
+
+    def arrived(self) -> None:
+        self.last = time.monotonic()
+
+    def late(self, received: int) -> ServingError:
+        p, now = self.policy, time.monotonic()
+        if now - self.last >= p.upload_idle_timeout_s and received and self.declared:
+            return InvalidRequest(
+                f"the request body stopped after {received} of the {self.declared} bytes its "
+                f"Content-Length declares (nothing more for {p.upload_idle_timeout_s:g} s)"
+            )
+        return RequestTimeout(
+            f"the request body arrived too slowly ({received} bytes in {now - self.start:.0f} s): "
+            f"a body must arrive within {p.upload_timeout_s:g} s, with no pause over "
+            f"{p.upload_idle_timeout_s:g} s and at {p.min_upload_rate // 1024} KiB/s or more"
+        )
+
+
+async def read_body(receive, limit: int, declared: int | None, clock: UploadClock | None = None,
+                    reservation: BodyReservation | None = None) -> bytearray:
+    """The whole body in one buffer (no list of chunks joined into a second copy), within the
+    ``clock``'s deadlines and with its memory reserved as it arrives. The clock's
+    ``complete`` is set once the last byte is in."""
     check_declared_size(declared, limit)
     body = bytearray()
     while True:
-        message = await receive()
+        if clock is None:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout(clock.wait_s(len(body))):
+                    message = await receive()
+            except TimeoutError:
+                raise clock.late(len(body)) from None
+            clock.arrived()
         if message["type"] == "http.disconnect":
             raise InvalidRequest("client disconnected before sending the whole body")
-        body += message.get("body", b"")
-        if len(body) > limit:
+        chunk = message.get("body", b"")
+        if len(body) + len(chunk) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        if reservation is not None:
+            await reservation.cover(len(body) + len(chunk))
+        body += chunk
         if not message.get("more_body", False):
+            if clock is not None:
+                clock.complete = True
+            if declared is not None and len(body) != declared:
+                raise InvalidRequest(
+                    f"the request body has {len(body)} bytes; its Content-Length declares {declared}"
+                )
             return body
 
 
@@ -115,10 +203,26 @@ def _refuse_constant(name: str):
     raise InvalidRequest(f"the request body is not valid JSON ({name} is not a JSON number)")
 
 
+def check_depth(value: object, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested deeper than ``limit`` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    raise InvalidRequest(
+                        f"the request body is nested more than {limit} levels deep"
+                    )
+                stack.append((child, depth + 1))
+
+
 def parse_json(raw: bytearray) -> object:
-    """Strict JSON: UTF-8, no NaN/Infinity, bounded nesting and integer size."""
+    """Strict JSON: UTF-8, no NaN/Infinity, at most :data:`MAX_JSON_DEPTH` levels, bounded
+    integer size."""
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
+        value = json.loads(raw, parse_constant=_refuse_constant)
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid JSON (not UTF-8)") from None
     except json.JSONDecodeError as exc:
@@ -127,6 +231,8 @@ def parse_json(raw: bytearray) -> object:
         raise InvalidRequest("the request body is nested too deeply") from None
     except ValueError as exc:  # e.g. integers beyond Python's digit limit
         raise InvalidRequest(f"the request body is not valid JSON ({str(exc)[:120]})") from None
+    check_depth(value)
+    return value
 
 
 def dump_json(body: dict) -> bytes:
@@ -136,6 +242,8 @@ def dump_json(body: dict) -> bytes:
         raise InvalidRequest(
             "the request holds a string that is not valid Unicode (a lone UTF-16 surrogate)"
         ) from None
+    except RecursionError:  # not after parse_json's depth bound; kept for other callers
+        raise InvalidRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
 
 
 def _replay(body: bytes, receive):
@@ -153,29 +261,201 @@ def _replay(body: bytes, receive):
     return replay
 
 
+def error_message(status: int, body: bytes) -> tuple[str, str | None]:
+    """The message and param of an error body in any of the shapes the app sends: OpenAI's
+    (vLLM's, with an integer code), FastAPI's ``detail`` (a string or a list of field errors),
+    or plain text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        err = data["error"]
+        param = err.get("param")
+        return str(err.get("message") or "")[:2000], param if isinstance(param, str) else None
+    if isinstance(data, dict) and "detail" in data:
+        detail = data["detail"]
+        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            where = ".".join(str(p) for p in detail[0].get("loc", ()) if p != "body")
+            return f"{where}: {detail[0].get('msg', 'invalid value')}"[:2000], where or None
+        return str(detail)[:2000], None
+    text = body.decode("utf-8", "replace").strip()
+    from http import HTTPStatus
+
+    fallback = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+    return (text[:2000] if text and data is None else fallback), None
+
+
+def shaped_errors(send):
+    """``send`` for the app, with every error response (status >= 400) rewritten to the project's
+    error shape; other responses pass through untouched."""
+    start: dict | None = None
+    body = bytearray()
+    done = False
+
+    async def shaped(message):
+        nonlocal start, done
+        kind = message["type"]
+        if kind == "http.response.start":
+            if message["status"] < 400:
+                return await send(message)
+            start = message
+            return None
+        if start is None or kind != "http.response.body":
+            return await send(message)
+        if done:
+            return None  # the rest of an oversized error body
+        body.extend(message.get("body", b"")[:MAX_ERROR_BODY])
+        if message.get("more_body", False) and len(body) < MAX_ERROR_BODY:
+            return None
+        done = True
+        status = start["status"]
+        error = error_for_status(status, *error_message(status, bytes(body)))
+        payload = error.body()
+        drop = {b"content-length", b"content-type"} | {k for k, _ in error.headers()}
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in drop]
+        headers += [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()), *error.headers()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        return await send({"type": "http.response.body", "body": payload})
+
+    return shaped
+
+
+async def call_app(app, scope, body: bytes) -> tuple[int, bytes]:
+    """Run one request through ``app`` in this process (no socket): its status and body."""
+    sent = False
+    status, out = 500, bytearray()
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the caller is still here
+
+    async def send(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            out.extend(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, bytes(out)
+
+
+class ContextCheck:
+    """``max_tokens`` must fit beside the prompt in the model's context (vLLM would shorten it
+    silently): a 400 that says how many tokens are left, as OpenAI answers. The prompt is
+    counted by the app's own ``/tokenize`` (the same template, photos as their image positions),
+    only when a cheap upper bound on the prompt (one token per byte of text, a bound per photo
+    and per message) does not already show that it fits."""
+
+    PER_PHOTO = 64  # image positions and their text markers (SkinGPT-4: 32 query tokens)
+    PER_PART = 16
+    TEMPLATE = 1024  # the template's own text: the system prompt, separators, BOS
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.max_model_len: int | None = None  # learned from the first count
+
+    async def check(self, scope, route: str, body: dict) -> None:
+        field = next((f for f in ("max_completion_tokens", "max_tokens")
+                      if body.get(f) is not None), None)
+        if field is None or route not in ("/v1/chat/completions", "/v1/completions"):
+            return
+        wanted = body[field]
+        if self.max_model_len is not None and wanted + self._bound(route, body) <= self.max_model_len:
+            return
+        counts = [await self._count(scope, req) for req in self._tokenize_requests(route, body)]
+        if not counts or None in counts:
+            return  # the app could not count it: it answers the request itself
+        prompt = max(c for c, _ in counts)
+        context = counts[0][1]
+        self.max_model_len = context
+        if prompt + wanted > context:
+            left = max(context - prompt, 0)
+            where = "messages" if route == "/v1/chat/completions" else "prompt"
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt + wanted} tokens ({prompt} in the {where}, {wanted} in the "
+                f"completion): at most {left} tokens are left for the completion. Lower "
+                f"{field} or shorten the {where}.",
+                param=field,
+            )
+
+    def _bound(self, route: str, body: dict) -> int:
+        if route == "/v1/completions":
+            prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+            return self.TEMPLATE + max(len(p.encode("utf-8")) + self.PER_PART for p in prompts)
+        total = self.TEMPLATE
+        for message in body["messages"]:
+            content = message.get("content")
+            parts = [content] if isinstance(content, str) else content or []
+            for part in parts:
+                total += self.PER_PART
+                if isinstance(part, str):
+                    total += len(part.encode("utf-8"))
+                elif part.get("type") == "text":
+                    total += len(part.get("text", "").encode("utf-8"))
+                else:
+                    total += self.PER_PHOTO
+        return total
+
+    @staticmethod
+    def _tokenize_requests(route: str, body: dict) -> list[dict]:
+        model = {"model": body["model"]} if body.get("model") else {}
+        if route == "/v1/chat/completions":
+            return [model | {"messages": body["messages"]}]
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        return [model | {"prompt": p} for p in prompts]
+
+    async def _count(self, scope, request: dict) -> tuple[int, int] | None:
+        raw = json.dumps(request, ensure_ascii=False).encode("utf-8")
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+        sub = dict(scope, path="/tokenize", raw_path=b"/tokenize", query_string=b"", headers=headers)
+        try:
+            status, out = await call_app(self.app, sub, raw)
+            data = json.loads(out) if status == 200 else None
+            return (int(data["count"]), int(data["max_model_len"])) if data else None
+        except Exception:  # no /tokenize here (or an odd answer): the app decides alone
+            return None
+
+
 class RequestPolicyMiddleware:
     def __init__(self, app, policy: ServePolicy | None = None) -> None:
         self.app = app
         self.policy = policy or policy_from_env()
         self.admission = Admission.from_policy(self.policy)
+        self.context = ContextCheck(app)
+        self._started = False
 
     async def __call__(self, scope, receive, send):
+        if not self._started:  # the worker processes start with the first request's loop
+            self._started = True
+            self.admission.photo_workers.prestart()
+            self.admission.schema_workers.prestart()
         if scope["type"] == "websocket":
             return await self._websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        clock = None
         try:
             check_header_size(scope, self.policy.max_header_bytes)
             check_api_key(scope, self.policy.api_key)
             check_route(scope)
             if scope.get("method") != "POST":
-                return await self.app(scope, receive, send)
-            body = await self._admit(scope, receive)
+                return await self.app(scope, receive, shaped_errors(send))
+            check_content_type(scope)
+            clock = UploadClock(self.policy, _content_length(scope))
+            body = await self._admit(scope, receive, clock)
         except ServingError as error:
-            return await send_error(send, error)
+            unread = scope.get("method") == "POST" and not (clock and clock.complete)
+            return await send_error(send, error, close=unread)
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
-        return await self.app(scope, _replay(body, receive), send)
+        return await self.app(scope, _replay(body, receive), shaped_errors(send))
 
     async def _websocket(self, scope, receive, send):
         try:
@@ -185,17 +465,24 @@ class RequestPolicyMiddleware:
             return await send({"type": "websocket.close", "code": 1008})
         return await self.app(scope, receive, send)
 
-    async def _admit(self, scope, receive) -> bytes:
-        """Reserve the body's memory, read it, check it; return the small body vLLM gets."""
-        declared = _content_length(scope)
-        check_declared_size(declared, self.policy.max_body_bytes)
-        cost = Admission.body_cost(declared, self.policy.max_body_bytes)
-        async with self.admission.bytes(cost, self.admission.deadline()):
-            raw = await read_body(receive, self.policy.max_body_bytes, declared)
+    async def _admit(self, scope, receive, clock: UploadClock) -> bytes:
+        """Read the body as it arrives (its memory reserved as it comes, within the upload
+        deadlines), check it; return the small body vLLM gets."""
+        check_declared_size(clock.declared, self.policy.max_body_bytes)
+        reservation = BodyReservation(self.admission, self.admission.deadline())
+        try:
+            raw = await read_body(receive, self.policy.max_body_bytes, clock.declared, clock,
+                                  reservation)
             parsed = parse_json(raw)
             del raw
-            if scope["path"] == "/v1/completions":
+            route = scope["path"]
+            if route == "/v1/completions":
                 checked = prepare_completion_request(parsed, self.policy)
+            elif route == "/v1/responses":
+                checked = await prepare_responses_request(parsed, self.policy, self.admission)
             else:
                 checked = await prepare_chat_request(parsed, self.policy, self.admission)
+            await self.context.check(scope, route, checked)
             return dump_json(checked)
+        finally:
+            reservation.release()

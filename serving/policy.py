@@ -76,6 +76,33 @@ class ServePolicy(BaseModel):
     admission_timeout_s: float = Field(
         default=30.0, gt=0, description="Longest wait for admission before a 503."
     )
+    upload_timeout_s: float = Field(
+        default=300.0, gt=0, description="Longest time a request body may take to arrive; "
+        "longer: 408. A 12 MP photo (about 8 MB as base64) takes about 170 s at 384 kbit/s.",
+    )
+    min_upload_rate: int = Field(
+        default=8 * 1024, ge=1, description="Bytes per second a body must average after its "
+        "first upload_idle_timeout_s; slower: 408.",
+    )
+    upload_idle_timeout_s: float = Field(
+        default=10.0, gt=0, description="Longest pause in a body; then a body shorter than its "
+        "Content-Length is a 400, and one with nothing sent a 408.",
+    )
+    decode_timeout_s: float = Field(
+        default=10.0, gt=0, description="CPU time one photo's decode may take (a 25 MP photo "
+        "takes under 1 s); longer: 400, and its worker is replaced.",
+    )
+    max_jpeg_scans: int = Field(
+        default=100, ge=1, description="Progressive scans a JPEG may have (each costs a full "
+        "decode pass); more: 400 before any decoding.",
+    )
+    schema_compile_timeout_s: float = Field(
+        default=2.0, gt=0, description="Time a response_format schema may take to compile to "
+        "a grammar; longer: 400. vLLM compiles it again on the API server's event loop.",
+    )
+    schema_compile_memory_mb: int = Field(
+        default=512, ge=64, description="Memory a schema's grammar may take to compile.",
+    )
     max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="All request headers.")
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request).")
     media_fetch_timeout_s: float = Field(default=5.0, gt=0)

@@ -94,3 +94,31 @@ def ray_test_cluster(worker_cpus: int = 3, workers: int = 2) -> Iterator:
             yield c
         finally:
             c.shutdown()
+
+
+def jpeg_scan_bomb(repeats: int, size: int = 2000) -> bytes:
+    """A valid progressive JPEG whose smallest scan is repeated ``repeats`` times: each copy is a
+    few bytes, and each costs the decoder a pass over every block (20,000 copies of a
+    2000x2000 photo: about 300 KB and 45 s of CPU)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 150, 130)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    starts, i = [], 0
+    while (i := data.find(b"\xff\xda", i)) >= 0:
+        starts.append(i)
+        i += 2
+    eoi = data.rfind(b"\xff\xd9")
+    scans = [data[a:b] for a, b in zip(starts, [*starts[1:], eoi])]
+    smallest = min(scans[1:], key=len)  # an AC band of end-of-band runs
+    return data[:eoi] + smallest * repeats + data[eoi:]
+
+
+def schema_bomb(properties: int = 16) -> dict:
+    """A small JSON schema whose grammar takes about a second per property to compile."""
+    pattern = "^((b|c){1,128}){1,128}$"
+    return {"type": "object", "required": [f"p{i}" for i in range(properties)],
+            "properties": {f"p{i}": {"type": "string", "pattern": pattern} for i in range(properties)}}

@@ -15,7 +15,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_first_come_first_served_and_nothing_lost():
+def test_a_request_that_fits_is_not_held_behind_a_larger_one_and_nothing_is_lost():
     async def scenario():
         adm = Admission(max_bytes=100, max_decodes=1, queue_size=8, timeout_s=5)
         order = []
@@ -25,20 +25,45 @@ def test_first_come_first_served_and_nothing_lost():
                 order.append(name)
                 await hold.wait()
 
-        holds = {name: asyncio.Event() for name in "abc"}
+        holds = {name: asyncio.Event() for name in "abcd"}
         a = asyncio.create_task(job("a", 60, holds["a"]))
         await asyncio.sleep(0.01)
-        b = asyncio.create_task(job("b", 60, holds["b"]))
+        b = asyncio.create_task(job("b", 60, holds["b"]))  # does not fit beside a: waits
         await asyncio.sleep(0.01)
-        c = asyncio.create_task(job("c", 10, holds["c"]))  # would fit now, but b is first
+        c = asyncio.create_task(job("c", 10, holds["c"]))  # fits now: not held behind b
         await asyncio.sleep(0.01)
-        assert order == ["a"] and adm.waiting == 2
+        assert order == ["a", "c"] and adm.waiting == 1
+        d = asyncio.create_task(job("d", 40, holds["d"]))  # 60 + 10 + 40 > 100: waits too
+        await asyncio.sleep(0.01)
         holds["a"].set()
         await asyncio.sleep(0.01)
-        assert order == ["a", "b", "c"]  # b, then c behind it (60 + 10 <= 100)
-        holds["b"].set(), holds["c"].set()
-        await asyncio.gather(a, b, c)
+        assert order == ["a", "c", "b"]  # b first in arrival order; d does not fit beside b + c
+        holds["c"].set()
+        await asyncio.sleep(0.01)
+        assert order == ["a", "c", "b", "d"]
+        holds["b"].set(), holds["d"].set()
+        await asyncio.gather(a, b, c, d)
         assert adm.free_bytes == 100 and adm.waiting == 0
+
+    run(scenario())
+
+
+def test_a_body_reservation_grows_with_the_bytes_received_and_is_released_whole():
+    from serving.admission import BodyReservation
+
+    async def scenario():
+        adm = Admission(max_bytes=BODY_COST_FACTOR * 100, max_decodes=1, queue_size=8, timeout_s=5)
+        held = BodyReservation(adm, adm.deadline())
+        assert adm.free_bytes == adm.max_bytes  # nothing held before a byte arrives
+        await held.cover(10)
+        assert held.held == BODY_COST_FACTOR * 10
+        await held.cover(10)
+        await held.cover(60)
+        assert held.held == BODY_COST_FACTOR * 60
+        assert adm.free_bytes == BODY_COST_FACTOR * 40
+        held.release()
+        held.release()  # once only
+        assert adm.free_bytes == adm.max_bytes
 
     run(scenario())
 

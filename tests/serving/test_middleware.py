@@ -20,17 +20,28 @@ KEY = "unit-key-0123456789"
 
 
 class RecordingApp:
-    """Answers 200 with ``{}`` and keeps each body it was handed."""
+    """Answers 200 with ``{}`` and keeps each body it was handed; ``/tokenize`` (the middleware's
+    prompt count) answers that every prompt has ``PROMPT_TOKENS`` of ``CONTEXT`` tokens."""
+
+    PROMPT_TOKENS, CONTEXT = 100, 1024
 
     def __init__(self) -> None:
         self.bodies: list[dict] = []
+        self.counted: list[dict] = []
 
     async def __call__(self, scope, receive, send):
         message = await receive()
-        self.bodies.append(json.loads(message["body"]) if message["body"] else {})
+        body = json.loads(message["body"]) if message["body"] else {}
+        answer = b"{}"
+        if scope["path"] == "/tokenize":
+            self.counted.append(body)
+            answer = json.dumps({"count": self.PROMPT_TOKENS, "max_model_len": self.CONTEXT,
+                                 "tokens": []}).encode()
+        else:
+            self.bodies.append(body)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": b"{}"})
+        await send({"type": "http.response.body", "body": answer})
 
 
 def make(**policy):
@@ -203,7 +214,7 @@ def test_key_and_routes_come_first():
         app, client = make()
         async with client:
             no_key = await client.post("/v1/chat/completions", json={}, headers={"Authorization": ""})
-            other = await client.post("/v1/responses", json={})
+            other = await client.post("/v1/messages", json={})
             health = await client.get("/health", headers={"Authorization": ""})
         return no_key, other, health
 
@@ -216,7 +227,8 @@ def test_key_and_routes_come_first():
 
 def test_requests_beyond_the_memory_budget_wait_then_get_503():
     """Bodies that do not fit the byte budget wait for it; past the admission timeout they get a
-    503 with Retry-After while the request holding the budget completes."""
+    503 with Retry-After while the request holding the budget (its first half sent, the rest
+    still uploading) completes."""
     body = json.dumps(chat({"type": "text", "text": "x" * 1000})).encode()
     policy = ServePolicy(max_body_bytes=len(body), max_inflight_bytes=3 * len(body),
                          admission_timeout_s=0.2)
@@ -231,15 +243,19 @@ def test_requests_beyond_the_memory_budget_wait_then_get_503():
         async def receive():
             nonlocal first
             if slow and first:
+                first = False
+                return {"type": "http.request", "body": body[:100], "more_body": True}
+            if slow:
                 await release.wait()  # the client is still uploading
-            first = False
+                return {"type": "http.request", "body": body[100:], "more_body": False}
             return {"type": "http.request", "body": body, "more_body": False}
 
         async def send(message):
             sent.append(message)
 
         scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
-                 "headers": [(b"content-length", str(len(body)).encode())]}
+                 "headers": [(b"content-length", str(len(body)).encode()),
+                             (b"content-type", b"application/json")]}
         await middleware(scope, receive, send)
         start = sent[0]
         return start["status"], dict(start["headers"]), json.loads(sent[1]["body"])

@@ -179,7 +179,7 @@ def test_public_addresses_pass():
     assert is_public_address("2606:2800:220:1:248:1893:25c8:1946")
 
 
-@pytest.mark.parametrize("method,path", [("POST", "/v1/responses"), ("POST", "/v1/messages"),
+@pytest.mark.parametrize("method,path", [("POST", "/v1/messages"),
                                          ("POST", "/tokenize"), ("POST", "/v1/chat/completions/render"),
                                          ("GET", "/docs")])
 def test_routes_outside_the_product_are_not_served(server, method, path):
