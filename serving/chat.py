@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 from functools import lru_cache
@@ -61,8 +62,8 @@ def _check_text(text: Any, where: str) -> int:
     for token in RESERVED_TOKENS:
         if token in text:
             raise InvalidRequest(
-                f"{where}: text contains the reserved token {token!r}; send photos as image_url "
-                "parts and the server places them",
+                f"{where}: text contains the reserved token {token!r}; send photos as image "
+                "parts (image_url, input_image) and the server places them",
                 param=where,
             )
     return len(text)
@@ -229,27 +230,46 @@ _GRAMMAR_VERDICTS: collections.OrderedDict[str, str | None] = collections.Ordere
 GRAMMAR_CACHE_SIZE = 1024
 
 
+_GRAMMAR_COMPILING: dict[str, asyncio.Future] = {}
+
+
 async def grammar_error(schema_json: str, admission: Admission) -> str | None:
     """Why the schema's grammar does not compile within the policy's time and memory bounds
     (None: it does). Compiled in a schema worker that is stopped past its time (never on the
-    photo workers or the event loop); verdicts are cached by the schema's text, so a schema
-    is compiled once however often it is sent."""
+    photo workers or the event loop); verdicts are cached by the schema's text, and requests
+    that send a schema being compiled wait for that compile, so each text compiles once."""
     if schema_json in _GRAMMAR_VERDICTS:
         _GRAMMAR_VERDICTS.move_to_end(schema_json)
         return _GRAMMAR_VERDICTS[schema_json]
-    workers = admission.schema_workers
-    async with admission.schema_slots:
-        try:
-            reply, _ = await workers.run({}, schema_json.encode("utf-8"))
-            verdict = reply["reason"]
-        except JobTimeout:
-            verdict = f"compiling it takes longer than {workers.timeout_s:g} s"
-        except (JobFailed, JobError):
-            verdict = f"compiling it needs more than {workers.memory_mb} MiB"
+    if schema_json in _GRAMMAR_COMPILING:
+        return await asyncio.shield(_GRAMMAR_COMPILING[schema_json])
+    future = asyncio.get_running_loop().create_future()
+    _GRAMMAR_COMPILING[schema_json] = future
+    try:
+        verdict = await _compile_verdict(schema_json, admission)
+    except BaseException as exc:
+        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+        future.exception()  # retrieved: waiters get it, nobody else must
+        raise
+    finally:
+        del _GRAMMAR_COMPILING[schema_json]
+    future.set_result(verdict)
     _GRAMMAR_VERDICTS[schema_json] = verdict
     if len(_GRAMMAR_VERDICTS) > GRAMMAR_CACHE_SIZE:
         _GRAMMAR_VERDICTS.popitem(last=False)
     return verdict
+
+
+async def _compile_verdict(schema_json: str, admission: Admission) -> str | None:
+    workers = admission.schema_workers
+    async with admission.schema_slots:
+        try:
+            reply, _ = await workers.run({}, schema_json.encode("utf-8"))
+            return reply["reason"]
+        except JobTimeout:
+            return f"compiling it takes longer than {workers.timeout_s:g} s"
+        except (JobFailed, JobError):
+            return f"compiling it needs more than {workers.memory_mb} MiB"
 
 
 def _apply_stop(body: dict, policy: ServePolicy) -> None:

@@ -90,11 +90,11 @@ def check_api_key(scope, key: str | None) -> None:
         raise Unauthorized("missing or invalid API key; send Authorization: Bearer <key>")
 
 
-def check_route(scope) -> None:
-    """Only the routes this product serves; vLLM's other routes (responses, messages, render,
-    tokenize...) would take images and text past the checks below."""
+def check_route(scope, post_routes: tuple[str, ...] = POST_ROUTES) -> None:
+    """Only the routes this product serves; vLLM's other routes (messages, render, tokenize...)
+    would take images and text past the checks below."""
     method, path = scope.get("method"), scope.get("path")
-    allowed = POST_ROUTES if method == "POST" else GET_ROUTES if method in ("GET", "HEAD") else ()
+    allowed = post_routes if method == "POST" else GET_ROUTES if method in ("GET", "HEAD") else ()
     if path not in allowed:
         raise NotFound(f"{method} {path} is not served here; see /v1/chat/completions")
 
@@ -152,7 +152,9 @@ class UploadClock:
 
     def late(self, received: int) -> ServingError:
         p, now = self.policy, time.monotonic()
-        if now - self.last >= p.upload_idle_timeout_s and received and self.declared:
+        # Silent for most of the idle timeout: the client stopped (its rate deadline may fall a
+        # moment earlier). Bytes still coming, only too few: too slow.
+        if now - self.last >= p.upload_idle_timeout_s / 2 and received and self.declared:
             return InvalidRequest(
                 f"the request body stopped after {received} of the {self.declared} bytes its "
                 f"Content-Length declares (nothing more for {p.upload_idle_timeout_s:g} s)"
@@ -424,8 +426,13 @@ class ContextCheck:
 
 
 class RequestPolicyMiddleware:
-    def __init__(self, app, policy: ServePolicy | None = None) -> None:
+    """``post_routes``: the POST routes the app behind serves (Ray's ingress has no
+    ``/v1/responses``)."""
+
+    def __init__(self, app, policy: ServePolicy | None = None,
+                 post_routes: tuple[str, ...] = POST_ROUTES) -> None:
         self.app = app
+        self.post_routes = post_routes
         self.policy = policy or policy_from_env()
         self.admission = Admission.from_policy(self.policy)
         self.context = ContextCheck(app)
@@ -444,7 +451,7 @@ class RequestPolicyMiddleware:
         try:
             check_header_size(scope, self.policy.max_header_bytes)
             check_api_key(scope, self.policy.api_key)
-            check_route(scope)
+            check_route(scope, self.post_routes)
             if scope.get("method") != "POST":
                 return await self.app(scope, receive, shaped_errors(send))
             check_content_type(scope)

@@ -412,7 +412,9 @@ class SkinGPT4Ingress(OpenAiIngress):
         # rather than serving without the policy.
         from serving.middleware import RequestPolicyMiddleware
 
-        app.add_middleware(RequestPolicyMiddleware, policy=self._policy)
+        # Ray's ingress serves chat and completions; /v1/responses is refused before any check.
+        app.add_middleware(RequestPolicyMiddleware, policy=self._policy,
+                           post_routes=("/v1/chat/completions", "/v1/completions"))
         app.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         self._policy_installed = True
         super()._set_asgi_app(app)

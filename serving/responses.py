@@ -4,11 +4,13 @@ vLLM 0.32 serves the route itself (``vllm/entrypoints/openai/responses/``). It t
 into chat messages (``responses/utils.py: construct_input_messages``): ``instructions`` becomes a
 leading system message, ``input`` a user message (a string) or the given messages, and renders
 them with the model folder's chat template, exactly as chat does; ``input_text`` parts reach the
-template as ``text`` parts and ``input_image`` parts as images (``renderers/chat_utils.py``), so
-the SkinGPT-4 prompt, token for token, is chat's for the same conversation. Sampling defaults come
-from the same place as chat's (the folder's ``generation_config.json``: temperature, top_p, up to
-``max_new_tokens``), and vLLM's ``ResponsesRequest`` has a ``stop`` field, which carries the
-``###`` separator here as it does on chat.
+template as ``text`` parts and ``input_image`` parts as images (``renderers/chat_utils.py``).
+Only the tokenization differs: vLLM would add a second BOS (:data:`TEMPLATE_KWARGS` says why
+and how it is avoided), after which the SkinGPT-4 prompt is, token for token, chat's for the same
+conversation. Sampling defaults come from the same place as chat's (the folder's
+``generation_config.json``: temperature, top_p, up to ``max_new_tokens``), and vLLM's
+``ResponsesRequest`` has a ``stop`` field, which carries the ``###`` separator here as it does
+on chat.
 
 This module is the route's request policy, called by :mod:`serving.middleware` after the body
 limits, admission and strict JSON:
@@ -21,8 +23,9 @@ limits, admission and strict JSON:
   messages only), system content ``input_text``, an assistant's earlier answer a string or
   ``output_text`` / ``input_text`` parts (the shape of a previous response's ``output``). Text is
   checked as on chat (valid Unicode, no reserved image tokens, bounded in size);
-- every photo goes through :func:`serving.chat.forward_image_url` (decoded once, under an
-  admission decode slot, forwarded small and lossless), at most ``max_images_per_request``;
+- every photo goes through :func:`serving.chat.forward_image_url`, as on chat (decoded once
+  under the admission's bounds, forwarded small and lossless), at most
+  ``max_images_per_request``;
 - stateless: vLLM keeps responses in process memory when ``store`` is on (and its default is
   on); here ``store`` is forced off, ``store: true`` and ``previous_response_id`` are refused:
   a client sends the whole conversation every turn, and the prefix cache keeps that cheap;
@@ -30,8 +33,9 @@ limits, admission and strict JSON:
   ``response_format`` (valid, compiles to a grammar), and the name ``dermatology_report`` without
   a schema selects the shipped report schema. JSON answers end with the grammar, not at ``###``.
 
-The body handed on to vLLM is rebuilt from the checked fields: messages in one canonical form,
-each photo replaced by the small data URL the engine gets, ``store: false`` and the stop.
+The body handed on to vLLM is rebuilt from the checked fields: messages in one canonical form
+(an earlier answer as one string), each photo replaced by the small data URL the engine gets,
+``store: false``, the stop and :data:`TEMPLATE_KWARGS`.
 """
 
 from __future__ import annotations

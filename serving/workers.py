@@ -4,8 +4,10 @@ Decoding a photo and compiling a JSON schema are CPU-bound C code that a thread 
 interrupt: a crafted file (a JPEG with 100,000 scans) or schema (nested pattern repetition)
 holds a core for minutes. Here each such job runs in a worker process of a :class:`WorkerPool`;
 past ``timeout_s`` the worker is killed (its CPU and memory come back at once), the job's caller
-gets :class:`JobTimeout`, and a fresh worker takes its place. A worker can also run under a
-memory bound (``RLIMIT_AS`` above what it holds after start) and at a lower CPU priority.
+gets :class:`JobTimeout`, and a fresh worker takes its place. Workers whose modules take
+seconds to load (:data:`FORK_PER_JOB`) instead fork a child per job and kill the child. A job
+can also run under a memory bound (``RLIMIT_AS`` above what the process holds) and at a lower
+CPU priority.
 
 The parent talks to each worker over its stdin/stdout with length-prefixed frames (a JSON
 header and raw bytes), through asyncio's subprocess streams: no thread of the server waits on
@@ -22,6 +24,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -54,9 +57,10 @@ class _Worker:
     whose creation cannot be cancelled safely on Python 3.11: a stop must never wait."""
 
     def __init__(self, proc: subprocess.Popen, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 read_transport: asyncio.ReadTransport, writer: asyncio.StreamWriter) -> None:
         self.proc = proc
         self.reader = reader
+        self.read_transport = read_transport
         self.writer = writer
 
     @classmethod
@@ -66,7 +70,8 @@ class _Worker:
                                 env=_worker_env(), close_fds=True)
         try:
             reader = asyncio.StreamReader(limit=2**16, loop=loop)
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), proc.stdout)
+            read_transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), proc.stdout)
             transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin,
                                                                 proc.stdin)
             writer = asyncio.StreamWriter(transport, protocol, None, loop)
@@ -74,7 +79,7 @@ class _Worker:
             proc.kill()
             proc.wait()
             raise
-        return cls(proc, reader, writer)
+        return cls(proc, reader, read_transport, writer)
 
     async def call(self, header: dict, data: bytes) -> tuple[dict, bytes]:
         head = json.dumps(header).encode()
@@ -91,10 +96,12 @@ class _Worker:
         """Kill the process now and reap it (a killed process exits at once)."""
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
+        # Through the transports, never the files: the event loop must forget the descriptors
+        # before their numbers are reused by the next worker's pipes.
         with contextlib.suppress(Exception):
             self.writer.transport.abort()
         with contextlib.suppress(Exception):
-            self.proc.stdout.close()
+            self.read_transport.close()
         with contextlib.suppress(Exception):
             self.proc.wait(timeout=5)
 
@@ -115,14 +122,18 @@ class WorkerPool:
         self._idle: list[_Worker] = []
         self._starting: set[asyncio.Task] = set()
         self._start_error: BaseException | None = None
-        self.stopped = 0  # workers killed past their time or dead: for tests and metrics
+        self.stopped = 0  # jobs stopped past their time, or workers dead: for tests and metrics
 
     async def run(self, header: dict, data: bytes = b"") -> tuple[dict, bytes]:
         """Run one job; its reply header and data. Raises :class:`JobTimeout`,
         :class:`JobFailed` or :class:`JobError`."""
         worker = await self._take()
+        if self.kind in FORK_PER_JOB:
+            header = dict(header, timeout_s=self.timeout_s, memory_mb=self.memory_mb or 0)
         try:
-            async with asyncio.timeout(self.timeout_s):
+            # A forking worker bounds its job itself; this bound is then only a backstop.
+            bound = self.timeout_s + (BACKSTOP_S if self.kind in FORK_PER_JOB else 0)
+            async with asyncio.timeout(bound):
                 reply, out = await worker.call(header, data)
         except TimeoutError:
             await self._replace(worker)
@@ -137,6 +148,9 @@ class WorkerPool:
             self._idle.append(worker)
         else:
             worker.stop()
+        if reply.get("error") == "JobTimeout":
+            self.stopped += 1
+            raise JobTimeout(f"the job took longer than {self.timeout_s:g} s")
         if "error" in reply:
             raise JobError(reply["error"], reply.get("message", ""), reply.get("param"))
         return reply, out
@@ -244,7 +258,7 @@ def _schema_job(header: dict, data: bytes) -> tuple[dict, bytes]:
         xgr.Grammar.from_json_schema(text)
         grammar = xgr.Grammar.from_json_schema(text, any_whitespace=False)
         info = xgr.TokenizerInfo(['"', "{", "}", "[", "]", ":", ",", " ", "a", "0"])
-        xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False).compile_grammar(grammar)
+        xgr.GrammarCompiler(info, max_threads=1).compile_grammar(grammar)
     except MemoryError:
         raise
     except Exception as exc:  # xgrammar raises RuntimeError/ValueError with C++ detail
@@ -258,6 +272,11 @@ JOBS: dict[str, Callable[[dict, bytes], tuple[dict, bytes]]] = {
 }
 # Imported before the memory bound is set, so that the bound counts only a job's own use.
 PRELOAD = {"photo": ("serving.media", "serving.policy"), "schema": ("xgrammar",)}
+# Kinds whose worker forks a child per job and stops the child past its time and memory,
+# keeping itself: their modules take seconds to load (xgrammar loads torch), a fork takes
+# milliseconds. Photo workers load in a fraction of a second and are replaced instead.
+FORK_PER_JOB = {"schema"}
+BACKSTOP_S = 5.0
 
 
 def _read_exactly(stream, n: int) -> bytes:
@@ -279,6 +298,58 @@ def _limit_memory(extra_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _run_forked(job, header: dict, data: bytes) -> tuple[dict, bytes]:
+    """Run ``job`` in a forked child under the header's time and memory bounds."""
+    import select
+    import signal
+
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one job, its reply on the pipe, then gone
+        os.close(read_fd)
+        code = 0
+        try:
+            if header.get("memory_mb"):
+                _limit_memory(header["memory_mb"])
+            reply, out = _run_job(job, header, data)
+            payload = json.dumps(reply).encode()
+            with os.fdopen(write_fd, "wb") as pipe:
+                pipe.write(FRAME.pack(len(payload), len(out)) + payload + out)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(write_fd)
+    chunks, deadline = [], time.monotonic() + header["timeout_s"]
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                return {"error": "JobTimeout"}, b""
+            chunk = os.read(read_fd, 2**16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    raw = b"".join(chunks)
+    if len(raw) < FRAME.size:  # the child died: over its memory bound, or worse
+        return {"error": "MemoryError", "message": "the job needs too much memory"}, b""
+    head_len, _ = FRAME.unpack(raw[:FRAME.size])
+    return json.loads(raw[FRAME.size:FRAME.size + head_len]), raw[FRAME.size + head_len:]
+
+
+def _run_job(job, header: dict, data: bytes) -> tuple[dict, bytes]:
+    try:
+        return job(header, data)
+    except MemoryError:
+        return {"error": "MemoryError", "message": "the job needs too much memory"}, b""
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": getattr(exc, "message", None)
+                or type(exc).__name__, "param": getattr(exc, "param", None)}, b""
+
+
 def worker_main(kind: str, memory_mb: int, nice: int) -> None:
     import importlib
 
@@ -287,7 +358,8 @@ def worker_main(kind: str, memory_mb: int, nice: int) -> None:
         importlib.import_module(module)
     if nice:
         os.nice(nice)
-    if memory_mb:
+    forking = kind in FORK_PER_JOB
+    if memory_mb and not forking:
         _limit_memory(memory_mb)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing a job prints may corrupt the frames
@@ -300,14 +372,7 @@ def worker_main(kind: str, memory_mb: int, nice: int) -> None:
             data = _read_exactly(stdin, data_len)
         except EOFError:
             return
-        try:
-            reply, out = job(header, data)
-        except MemoryError:
-            reply, out = {"error": "MemoryError", "message": "the job needs too much memory"}, b""
-        except Exception as exc:
-            reply = {"error": type(exc).__name__, "message": getattr(exc, "message", None)
-                     or type(exc).__name__, "param": getattr(exc, "param", None)}
-            out = b""
+        reply, out = _run_forked(job, header, data) if forking else _run_job(job, header, data)
         del data
         head = json.dumps(reply).encode()
         stdout.write(FRAME.pack(len(head), len(out)))

@@ -1,15 +1,19 @@
 """Property-based fuzz test of the HTTP API.
 
-Hypothesis generates bodies for ``POST /v1/chat/completions`` and ``POST /v1/completions``:
-every field vLLM 0.32's ``ChatCompletionRequest`` / ``CompletionRequest`` know (read from the
-pydantic models' ``model_fields``, so the list follows vLLM), values of the right type and of
-wrong ones, integers near 2**63, huge and tiny floats, unicode with lone surrogates (sent as
+Hypothesis generates bodies for ``POST /v1/chat/completions``, ``POST /v1/completions`` and
+``POST /v1/responses``: every field vLLM 0.32's ``ChatCompletionRequest`` / ``CompletionRequest``
+/ ``ResponsesRequest`` know (read from the pydantic models' ``model_fields``, so the list follows
+vLLM), values of the right type and of wrong ones, integers near 2**63, huge and tiny floats, unicode with lone surrogates (sent as
 ``\\ud800`` JSON escapes), nested and unknown content parts, photos (valid and broken data URLs)
-in every message role, structured-output requests of every kind, and a few non-standard JSON
-bodies (``NaN``). Known engine-killers are explicit ``@example``s.
+in every message role, structured-output requests of every kind, Responses ``input`` items of
+every type (messages with ``input_text`` / ``input_image`` / ``output_text`` parts, tool calls,
+reasoning, references) and ``text.format`` of every kind, and a few non-standard JSON bodies
+(``NaN``). Known engine-killers are explicit ``@example``s.
 
 For every request: the status is below 500; a 4xx has an OpenAI error body
-``{"error": {"message": ...}}``; a 200 stream carries no server-error event; and ``GET /health``
+``{"error": {"message": ...}}``; a 200 stream carries no server-error event and ends as its
+route's streams end (``data: [DONE]``; ``response.completed`` on the Responses route); and
+``GET /health``
 answers 200 afterwards (checked after every request, so the request that killed the engine is
 named). Failures are collected, not raised one by one: the test asserts once at the end, with
 every failure class and its shortest example. If the engine dies the run stops there (the rest
@@ -63,7 +67,7 @@ EXCLUDED = frozenset(f for f in os.environ.get("SKINGPT4_FUZZ_EXCLUDE", "").spli
 REQUEST_TIMEOUT_S = 60.0
 HEALTH_EVERY = 25  # a summary line per batch; health itself is checked after every request
 MODEL = "skingpt4"
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 
 
 # --------------------------------------------------------------------------- field lists
@@ -73,11 +77,13 @@ def vllm_request_fields() -> dict[str, dict[str, Any]]:
     """{path: {field name (JSON alias): annotation}} from vLLM's own request models."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
     def fields(model) -> dict[str, Any]:
         return {(f.alias or name): f.annotation for name, f in model.model_fields.items()}
 
-    return {CHAT: fields(ChatCompletionRequest), COMPLETIONS: fields(CompletionRequest)}
+    return {CHAT: fields(ChatCompletionRequest), COMPLETIONS: fields(CompletionRequest),
+            RESPONSES: fields(ResponsesRequest)}
 
 
 # --------------------------------------------------------------------------- photos
@@ -410,25 +416,110 @@ def messages_sane(draw) -> list:
     return msgs
 
 
+# --------------------------------------------------------------------------- Responses input
+
+input_image_parts = st.one_of(
+    image_urls.map(lambda u: {"type": "input_image", "image_url": u}),
+    image_urls.map(lambda u: {"type": "input_image", "image_url": u}),
+    st.builds(lambda u, d: {"type": "input_image", "image_url": u, "detail": d},
+              image_urls, st.one_of(st.sampled_from(["low", "high", "auto", "original"]), junk)),
+    image_urls.map(lambda u: {"type": "input_image", "image_url": {"url": u}}),
+    st.just({"type": "input_image", "file_id": "file-abc"}),
+    junk.map(lambda j: {"type": "input_image", "image_url": j}),
+    image_urls.map(lambda u: {"type": "image_url", "image_url": {"url": u}}),  # chat's shape
+)
+input_text_parts = st.one_of(
+    text.map(lambda t: {"type": "input_text", "text": t}),
+    text.map(lambda t: {"type": "input_text", "text": t}),
+    junk.map(lambda j: {"type": "input_text", "text": j}),
+    st.just({"type": "input_text"}),
+    st.builds(lambda t, a: {"type": "output_text", "text": t, "annotations": a, "logprobs": None},
+              text, st.one_of(st.just([]), junk)),
+    st.builds(lambda kind, t: {"type": kind, "text": t, kind: t},
+              st.sampled_from(["text", "refusal", "input_file", "input_audio", "reasoning_text",
+                               "summary_text", "\ud800"]), text),
+)
+response_parts = st.one_of(input_text_parts, input_text_parts, input_image_parts,
+                           st.lists(input_text_parts, max_size=2), junk)
+response_contents = st.one_of(text, st.lists(response_parts, max_size=3),
+                              st.lists(response_parts, max_size=3), st.none(), junk)
+ITEM_TYPES = ["message", "function_call", "function_call_output", "reasoning", "item_reference",
+              "custom_tool_call", "web_search_call", "mcp_call", "compaction", "", "\ud800"]
+response_items_fuzzed = st.lists(st.one_of(
+    st.fixed_dictionaries({"role": roles, "content": response_contents}, optional={
+        "type": st.one_of(st.sampled_from(ITEM_TYPES), junk),
+        "id": st.one_of(text, junk), "phase": st.one_of(st.none(), text),
+        "status": st.one_of(st.sampled_from(["completed", "in_progress", "incomplete"]), junk)}),
+    st.builds(lambda kind, extra: {"type": kind, **extra}, st.sampled_from(ITEM_TYPES),
+              st.dictionaries(st.sampled_from(["id", "call_id", "name", "arguments", "output",
+                                               "summary", "content", "encrypted_content"]),
+                              st.one_of(text, junk), max_size=4)),
+    junk,
+), min_size=0, max_size=4)
+
+
+@st.composite
+def response_input_sane(draw) -> list:
+    """A well-formed consult for ``input`` (photo in some role, perhaps an earlier answer in the
+    shape a previous response's output has), so fuzzed fields reach the engine."""
+    photo_role = draw(st.sampled_from(["user"] * 5 + ["system", "assistant", "developer", "tool"]))
+    photo = draw(st.one_of(st.sampled_from(list(VALID_IMAGES.values())), image_urls))
+    question = draw(st.one_of(st.just("What's wrong with my skin?"), text))
+    items = [{"role": photo_role, "content": [{"type": "input_image", "image_url": photo},
+                                              {"type": "input_text", "text": question}]}]
+    if draw(st.booleans()):
+        items.insert(0, {"role": "system", "content": draw(st.one_of(st.just("Be brief."), text))})
+    if photo_role != "user" or draw(st.booleans()):
+        items.append({"id": "msg_1", "type": "message", "role": "assistant",
+                      "status": draw(st.sampled_from(["completed"] * 3 + ["incomplete", "in_progress"])),
+                      "content": [{"type": "output_text", "text": draw(text), "annotations": []}]})
+        items.append({"role": "user", "content": draw(text)})
+    return items
+
+
+text_formats = st.one_of(
+    st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"},
+                     {"type": "json_schema", "name": "dermatology_report"},
+                     {"type": "json_schema", "name": "dermatology_report", "schema": None},
+                     {"type": "regex", "pattern": "a+"}, {"type": "grammar"},
+                     STRUCTURAL_TAG, {"type": "text", "name": "x"}]),
+    st.builds(lambda name, schema, strict: {"type": "json_schema", "name": name, "schema": schema,
+                                            "strict": strict}, text, schemas, st.booleans()),
+    schemas.map(lambda schema: {"type": "json_schema", "name": "s", "schema": schema}),
+)
+text_configs = st.one_of(
+    text_formats.map(lambda f: {"format": f}),
+    text_formats.map(lambda f: {"format": f}),
+    st.fixed_dictionaries({}, optional={"format": st.one_of(text_formats, junk),
+                                        "verbosity": st.one_of(st.sampled_from(["low", "high"]), junk)}),
+    junk,
+)
+RESPONSES_CORE_FIELDS = ["max_output_tokens", "temperature", "top_p", "stream", "text",
+                         "instructions", "metadata", "user", "store", "previous_response_id",
+                         "include", "truncation", "background", "top_logprobs"]
+
+
 @st.composite
 def fuzz_requests(draw, fields: dict[str, dict[str, Any]]):
     """(path, body): body a dict (sent as ASCII-escaped JSON) or bytes (sent as is)."""
-    path = draw(st.sampled_from([CHAT, CHAT, CHAT, COMPLETIONS]))
+    path = draw(st.sampled_from([CHAT, CHAT, CHAT, COMPLETIONS, RESPONSES, RESPONSES]))
     known = fields[path]
     if path == CHAT:
         body = {"model": MODEL, "messages": draw(st.one_of(messages_sane(), messages_sane(), messages_fuzzed))}
+    elif path == RESPONSES:
+        body = {"model": MODEL, "input": draw(RESPONSE_INPUT)}
     else:
         body = {"model": MODEL, "prompt": draw(st.one_of(st.just("What's wrong with my skin?"), OVERRIDES["prompt"]))}
     # Hypothesis favours small draws: the common case is the smallest value of each choice.
     if draw(st.integers(0, 9)) < 8:
-        body["max_tokens"] = draw(st.integers(1, 6))
-    names = sorted(n for n in known if n not in ("messages", "prompt") and n not in EXCLUDED)
+        body["max_output_tokens" if path == RESPONSES else "max_tokens"] = draw(st.integers(1, 6))
+    names = sorted(n for n in known if n not in ("messages", "prompt", "input") and n not in EXCLUDED)
     if draw(st.booleans()):  # wild: any fields, any values
         for name in draw(st.lists(st.sampled_from(names), unique=True, max_size=6)):
             body[name] = draw(field_value(name, known[name]))
     else:  # gentle: one or two fields, mostly the core sampling ones, values of the right type,
         # so that one bad field does not stop every request before the engine
-        core = [n for n in CORE_FIELDS if n in names]
+        core = [n for n in (RESPONSES_CORE_FIELDS if path == RESPONSES else CORE_FIELDS) if n in names]
         for name in draw(st.lists(st.one_of(*[st.sampled_from(core)] * 3, st.sampled_from(names)),
                                   unique=True, max_size=2)):
             body[name] = draw(OVERRIDES[name] if name in OVERRIDES else typed(known[name]))
@@ -447,6 +538,24 @@ def fuzz_requests(draw, fields: dict[str, dict[str, Any]]):
         return path, {"array": b"[" + raw + b"]", "truncated": raw[: len(raw) // 2],
                       "latin1": raw.replace(b"skin", b"sk\xefn"), "deep": b"[" * 50000 + b"]" * 50000}[kind]
     return path, body
+
+
+RESPONSE_INPUT = st.one_of(st.just("What's wrong with my skin?"), text, response_input_sane(),
+                           response_input_sane(), response_items_fuzzed, junk)
+# The Responses route's own fields (by name, as for the other routes).
+OVERRIDES.update({
+    "input": RESPONSE_INPUT,
+    "max_output_tokens": small_count,
+    "text": text_configs,
+    "instructions": st.one_of(st.just("Be brief."), text, junk),
+    "metadata": st.one_of(st.dictionaries(st.one_of(st.sampled_from(["k", "a" * 65, ""]), text),
+                                          st.one_of(text, st.just("v" * 513), junk), max_size=18), junk),
+    "previous_response_id": st.one_of(st.just("resp_0123"), text),
+    "include": st.lists(st.one_of(st.sampled_from(["message.output_text.logprobs",
+                                                   "message.input_image.image_url",
+                                                   "reasoning.encrypted_content"]), text), max_size=3),
+    "truncation": st.one_of(st.sampled_from(["auto", "disabled"]), junk),
+})
 
 
 # --------------------------------------------------------------------------- the run
@@ -557,23 +666,39 @@ def send(state: FuzzState, path: str, body: Any) -> None:
         else:
             state.refusals[f"{status} {re.sub(r'[0-9]+', '#', message)[:100]}"] += 1
     elif "event-stream" in content_type:
-        for line in text_.splitlines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            try:
-                event = json.loads(line[6:])
-            except ValueError:
-                fail("stream error", status, f"event is not JSON: {line[:200]!r}")
-                break
-            message = error_message(event)
-            if message is not None:
-                fail("stream error", event["error"].get("code"), message)
-                break
-        else:
-            if "data: [DONE]" not in text_:
-                fail("stream error", status, "stream ended without data: [DONE]")
-    elif not isinstance(payload, dict) or "choices" not in payload:
+        check_stream(path, text_, lambda detail, code=status: fail("stream error", code, detail))
+    elif path == RESPONSES and not (isinstance(payload, dict) and payload.get("object") == "response"
+                                    and isinstance(payload.get("output"), list)):
+        fail("200 shape", status, f"not a response body: {text_[:200]!r}")
+    elif path != RESPONSES and (not isinstance(payload, dict) or "choices" not in payload):
         fail("200 shape", status, f"not a completion body: {text_[:200]!r}")
+
+
+RESPONSE_STREAM_ERRORS = ("error", "response.failed")
+
+
+def check_stream(path: str, text_: str, fail) -> None:
+    """A 200 stream: every event JSON, none an error, and the route's end (chat and
+    completions: ``data: [DONE]``; Responses: a last event ``response.completed``)."""
+    last = None
+    for line in text_.splitlines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        try:
+            event = json.loads(line[6:])
+        except ValueError:
+            return fail(f"event is not JSON: {line[:200]!r}")
+        message = error_message(event)
+        if message is not None:
+            return fail(message, event["error"].get("code"))
+        if path == RESPONSES and isinstance(event, dict):
+            if event.get("type") in RESPONSE_STREAM_ERRORS:
+                return fail(json.dumps(event)[:300], event.get("code"))
+            last = event.get("type")
+    if path == RESPONSES and last != "response.completed":
+        fail(f"stream ended after {last!r}, not response.completed")
+    elif path != RESPONSES and "data: [DONE]" not in text_:
+        fail("stream ended without data: [DONE]")
 
 
 def healthy(state: FuzzState, tries: int = 3) -> str | None:
@@ -588,7 +713,7 @@ def healthy(state: FuzzState, tries: int = 3) -> str | None:
         if why is None:
             return None
         time.sleep(1 + attempt)
-    exited = state.server.proc.poll()
+    exited = state.server.process.poll()
     return why + (f" (server process exited with {exited})" if exited is not None else "")
 
 
@@ -665,6 +790,87 @@ def _chat(*, photo_role: str = "user", **fields) -> tuple[str, dict]:
 def _text_chat(**fields) -> tuple[str, dict]:
     return CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **fields}
 
+
+def _resp(*, photo_role: str = "user", **fields) -> tuple[str, dict]:
+    """The issue's example (a photo and a question in one user message) with ``fields``."""
+    items = [{"role": photo_role, "content": [{"type": "input_image", "image_url": PHOTO},
+                                              {"type": "input_text", "text": "What's wrong with my skin?"}]}]
+    if photo_role != "user":
+        items.append({"role": "user", "content": "And now?"})
+    return RESPONSES, {"model": MODEL, "input": items, "max_output_tokens": 4, **fields}
+
+
+def _resp_input(items, **fields) -> tuple[str, dict]:
+    return RESPONSES, {"model": MODEL, "input": items, "max_output_tokens": 4, **fields}
+
+
+ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+          "content": [{"type": "output_text", "text": "Eczema.", "annotations": []}]}
+
+EXPLICIT_RESPONSES = [
+    _resp(),
+    _resp(stream=True),
+    _resp(temperature=0, top_p=5e-324, instructions="Be brief.", metadata={"k": "v"}, user="u"),
+    _resp(store=False),
+    # state: nothing is stored
+    _resp(store=True),
+    _resp(previous_response_id="resp_0123"),
+    _resp(background=True, store=True),
+    _resp(conversation="conv_1"),
+    _resp_input([ANSWER, {"role": "user", "content": "Sure?"}], previous_input_messages=[{"role": "user", "content": "x"}]),
+    # structured output of every kind
+    _resp(text={"format": {"type": "json_object"}}),
+    _resp(text={"format": {"type": "json_schema", "name": "dermatology_report"}}),
+    _resp(text={"format": {"type": "json_schema", "name": "x", "schema": OK_SCHEMA}}, stream=True),
+    _resp(text={"format": {"type": "json_schema", "name": "p", "schema": {"type": "string", "pattern": "a{1,129}"}}}),
+    _resp(text={"format": {"type": "json_schema", "name": "r", "schema": {
+        "type": "object", "properties": {"self": {"$ref": "#"}}, "required": ["self"]}}}),
+    _resp(text={"format": {"type": "json_schema", "name": "big", "schema": {
+        "type": "integer", "minimum": 2**63, "maximum": 2**64}}}),
+    _resp(text={"format": {"type": "json_schema", "name": "x"}}),
+    _resp(text={"format": STRUCTURAL_TAG}),
+    _resp(structured_outputs={"regex": "("}),
+    _resp(text={"format": {"type": "text"}, "verbosity": "low"}),
+    # the prompt: vLLM would continue an unfinished answer, or take items of other kinds
+    _resp_input([{"role": "user", "content": "Hi"}, {**ANSWER, "status": "incomplete"}]),
+    _resp_input([{"role": "user", "content": "Hi"}, {**ANSWER, "status": "in_progress", "content": [
+        {"type": "output_text", "text": "a", "annotations": []}, {"type": "output_text", "text": "b", "annotations": []}]}]),
+    _resp_input([{"type": "reasoning", "summary": [], "encrypted_content": "xyz"}, {"role": "user", "content": "Hi"}]),
+    _resp_input([{"type": "function_call_output", "call_id": "c", "output": "x"}]),
+    _resp_input([{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]),
+    _resp_input([{"type": "item_reference", "id": "msg_1"}]),
+    _resp_input([{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]),
+    _resp_input([{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]),
+    _resp_input([{"role": "user", "content": [{"type": "input_image", "image_url": PHOTO, "detail": "original"}]}]),
+    _resp_input([{"role": "user", "content": [{"type": "input_image", "image_url": BROKEN_IMAGES["png_bomb_header"]}]}]),
+    _resp_input([{"role": "user", "content": [{"type": "input_image", "image_url": PHOTO}] * 5}]),
+    _resp_input([{"role": "user", "content": [{"type": "input_text", "text": "<ImageHere>"}]}]),
+    _resp_input([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PHOTO}}]}]),
+    _resp_input("\ud800 lone surrogate"),
+    _resp_input(""),
+    _resp_input([]),
+    _resp(photo_role="system"),
+    _resp(photo_role="assistant"),
+    _resp(photo_role="developer"),
+    # fields vLLM acts on
+    _resp(include=["message.output_text.logprobs"], top_logprobs=5),
+    _resp(truncation="auto"),
+    _resp(tools=[{"type": "function", "name": "f", "parameters": OK_SCHEMA}], tool_choice="required"),
+    _resp(reasoning={"effort": "high"}),
+    _resp(chat_template_kwargs={"tokenize": False}),
+    _resp(mm_processor_kwargs={"size": 2**63}),
+    _resp(enable_response_messages=True),
+    _resp(prompt={"id": "pmpt_1"}),
+    _resp(stop=["x"] * 5, stop_token_ids=[2**64]),
+    _resp(repetition_penalty=1.5, seed=2**63),
+    # values at the edges
+    _resp(max_output_tokens=2**63),
+    _resp(max_output_tokens=0),
+    _resp(max_output_tokens=2**31 - 1, temperature=2.0),
+    _resp(metadata={"k" * 65: "v"}),
+    _resp(user="\ud800" * 256),
+    (RESPONSES, b'{"model": "skingpt4", "input": "Hi", "temperature": NaN}'),
+]
 
 EXPLICIT = [
     # engine killers before 3cb75e0: logprobs and penalties over the 32 image positions (the
@@ -746,6 +952,7 @@ EXPLICIT = [
     (COMPLETIONS, {"model": MODEL, "prompt": "\ud800", "max_tokens": 4}),
     (COMPLETIONS, {"model": MODEL, "prompt": "Hi", "max_tokens": 4, "prompt_embeds": _b64(b"\0" * 64)}),
     (CHAT, b'{"model": "skingpt4", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}'),
+    *EXPLICIT_RESPONSES,
 ]
 
 
@@ -760,7 +967,8 @@ def with_examples(fn):
 
 def test_fuzz_http_api(server, capsys):
     fields = vllm_request_fields()
-    assert len(fields[CHAT]) > 40 and len(fields[COMPLETIONS]) > 30, "vLLM's request models moved"
+    assert len(fields[CHAT]) > 40 and len(fields[COMPLETIONS]) > 30 and len(fields[RESPONSES]) > 40, \
+        "vLLM's request models moved"
     with capsys.disabled():
         print(f"\n[fuzz] seed {SEED} (set SKINGPT4_FUZZ_SEED to rerun), up to {MAX_EXAMPLES} generated "
               f"+ {len(EXPLICIT)} explicit requests, budget {BUDGET_S:.0f} s", flush=True)
