@@ -10,8 +10,9 @@ every type (messages with ``input_text`` / ``input_image`` / ``output_text`` par
 reasoning, references) and ``text.format`` of every kind, and a few non-standard JSON bodies
 (``NaN``). Known engine-killers are explicit ``@example``s.
 
-For every request: the status is below 500; a 4xx has an OpenAI error body
-``{"error": {"message": ...}}``; a 200 stream carries no server-error event and ends as its
+For every request: the status is below 500; a 4xx has the project's error body
+``{"error": {"message", "type", "param", "code"}}`` with a string ``code`` (vLLM's own refusals
+included); a 200 stream carries no server-error event and ends as its
 route's streams end (``data: [DONE]``; ``response.completed`` on the Responses route); and
 ``GET /health``
 answers 200 afterwards (checked after every request, so the request that killed the engine is
@@ -661,8 +662,13 @@ def send(state: FuzzState, path: str, body: Any) -> None:
         fail("5xx", status, error_message(payload) or text_[:300] or "(empty body)")
     elif status >= 400:
         message = error_message(payload)
+        err = payload["error"] if message is not None else {}
         if message is None:
             fail("4xx shape", status, f"not an OpenAI error body: {text_[:200]!r}")
+        elif not (isinstance(err.get("code"), str) and err["code"]
+                  and isinstance(err.get("type"), str) and err["type"].endswith("Error")
+                  and set(err) == {"message", "type", "param", "code"}):
+            fail("4xx shape", status, f"not the project's error shape (string code): {text_[:200]!r}")
         else:
             state.refusals[f"{status} {re.sub(r'[0-9]+', '#', message)[:100]}"] += 1
     elif "event-stream" in content_type:
