@@ -25,7 +25,7 @@ from typing import Any
 
 from serving.admission import Admission
 from serving.contract import CHAT_ROUTE, COMPLETIONS_ROUTE, check_fields
-from serving.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServingError
+from serving.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServerBusy, ServingError
 from serving.media import data_url_payload_start, fetch_remote_image
 from serving.policy import ServePolicy
 from serving.settings import RESERVED_TOKENS
@@ -262,7 +262,14 @@ async def grammar_error(schema_json: str, admission: Admission) -> str | None:
 
 async def _compile_verdict(schema_json: str, admission: Admission) -> str | None:
     workers = admission.schema_workers
-    async with admission.schema_slots:
+    try:  # the wait for a schema worker is bounded like any admission wait
+        async with asyncio.timeout(admission.timeout_s):
+            await admission.schema_slots.acquire()
+    except TimeoutError:
+        retry = max(1, round(admission.timeout_s / 2))
+        raise ServerBusy(f"the server is busy (the request waited too long for a schema "
+                         f"compiler); retry in {retry} s", retry_after_s=retry) from None
+    try:
         try:
             reply, _ = await workers.run({}, schema_json.encode("utf-8"))
             return reply["reason"]
@@ -270,6 +277,8 @@ async def _compile_verdict(schema_json: str, admission: Admission) -> str | None
             return f"compiling it takes longer than {workers.timeout_s:g} s"
         except (JobFailed, JobError):
             return f"compiling it needs more than {workers.memory_mb} MiB"
+    finally:
+        admission.schema_slots.release()
 
 
 def _apply_stop(body: dict, policy: ServePolicy) -> None:

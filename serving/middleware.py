@@ -347,6 +347,26 @@ async def call_app(app, scope, body: bytes) -> tuple[int, bytes]:
     return status, bytes(out)
 
 
+def responses_as_chat(body: dict) -> list[dict]:
+    """A checked Responses body's conversation as chat messages (vLLM renders both alike):
+    ``instructions`` first as the system message, ``input_text``/``input_image`` parts as
+    ``text``/``image_url`` parts."""
+    messages = []
+    if body.get("instructions") is not None:
+        messages.append({"role": "system", "content": body["instructions"]})
+    given = body["input"]
+    if isinstance(given, str):
+        return [*messages, {"role": "user", "content": given}]
+    for item in given:
+        content = item["content"]
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": p["image_url"]}}
+                       if p.get("type") == "input_image" else {"type": "text", "text": p.get("text", "")}
+                       for p in content]
+        messages.append({"role": item["role"], "content": content})
+    return messages
+
+
 class ContextCheck:
     """``max_tokens`` must fit beside the prompt in the model's context (vLLM would shorten it
     silently): a 400 that says how many tokens are left, as OpenAI answers. The prompt is
@@ -362,12 +382,17 @@ class ContextCheck:
         self.app = app
         self.max_model_len: int | None = None  # learned from the first count
 
+    FIELDS = {"/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+              "/v1/completions": ("max_tokens",), "/v1/responses": ("max_output_tokens",)}
+
     async def check(self, scope, route: str, body: dict) -> None:
-        field = next((f for f in ("max_completion_tokens", "max_tokens")
-                      if body.get(f) is not None), None)
-        if field is None or route not in ("/v1/chat/completions", "/v1/completions"):
+        field = next((f for f in self.FIELDS.get(route, ()) if body.get(f) is not None), None)
+        if field is None:
             return
         wanted = body[field]
+        if route == "/v1/responses":  # counted as the chat conversation it renders to
+            route, body = "/v1/chat/completions", {"model": body.get("model"),
+                                                   "messages": responses_as_chat(body)}
         if self.max_model_len is not None and wanted + self._bound(route, body) <= self.max_model_len:
             return
         counts = [await self._count(scope, req) for req in self._tokenize_requests(route, body)]
@@ -378,7 +403,7 @@ class ContextCheck:
         self.max_model_len = context
         if prompt + wanted > context:
             left = max(context - prompt, 0)
-            where = "messages" if route == "/v1/chat/completions" else "prompt"
+            where = {"/v1/completions": "prompt"}.get(route, "messages")
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {context} tokens. However, you "
                 f"requested {prompt + wanted} tokens ({prompt} in the {where}, {wanted} in the "

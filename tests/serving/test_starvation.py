@@ -325,3 +325,22 @@ def test_requests_that_surely_fit_are_not_counted_twice():
 
     statuses, counted = asyncio.run(scenario())
     assert statuses == [200, 200, 200] and counted == [1, 1, 2]
+
+
+def test_max_output_tokens_of_a_response_is_held_to_the_context_as_chat_is():
+    left = RecordingApp.CONTEXT - RecordingApp.PROMPT_TOKENS
+    photo = photo_url(encode_image(synthetic_skin_photo(seed=4, size=(64, 64))))
+    body = {"model": "m", "instructions": "Be brief.", "max_output_tokens": left + 1, "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": photo},
+                                     {"type": "input_text", "text": "What is it?"}]}]}
+    app, r = post(body, path="/v1/responses")
+    error = error_of(r, 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "max_output_tokens"
+    assert f"at most {left} tokens are left" in error["message"] and not app.bodies
+    counted = app.counted[0]["messages"]
+    assert counted[0] == {"role": "system", "content": "Be brief."}
+    parts = counted[1]["content"]
+    assert parts[0]["type"] == "image_url" and parts[0]["image_url"]["url"].startswith("data:image/png")
+    assert parts[1] == {"type": "text", "text": "What is it?"}
+    app, r = post(dict(body, max_output_tokens=left), path="/v1/responses")
+    assert r.status_code == 200 and len(app.bodies) == 1

@@ -149,6 +149,12 @@ def test_max_tokens_must_fit_the_context_beside_the_prompt(server, photo_urls):
     r = post(server, "/v1/chat/completions", {"model": server.model, "messages": [chosen],
                                                "max_tokens": left, "temperature": 0})
     assert r.status_code == 200, r.text
+    # The Responses route renders the same prompt: the same tokens are left.
+    parts = [{"type": "input_image", "image_url": photo_urls[0]},
+             {"type": "input_text", "text": chosen["content"][-1]["text"]}]
+    request = {"model": server.model, "input": [{"role": "user", "content": parts}]}
+    err = error(post(server, "/v1/responses", dict(request, max_output_tokens=left + 1)), 400)
+    assert err["param"] == "max_output_tokens" and f"at most {left} tokens are left" in err["message"]
 
 
 def test_a_body_not_declared_json_is_a_415(server):
