@@ -146,10 +146,6 @@ def build_conversations(
     ]
 
 
-def turns_per_conversation(scenario: ScenarioName) -> int:
-    return len(CONSULT_QUESTIONS) if scenario == "consult" else 1
-
-
 def images_in(messages: list[dict]) -> int:
     """Image parts in a chat request's messages (history included: the server decodes them all)."""
     return sum(

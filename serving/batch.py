@@ -670,12 +670,11 @@ class BatchRun:
             self.slots.release()
 
     async def _check(self, job: BatchLine) -> dict:
-        """The server's policy: contract, photos decoded once and forwarded small, ### stop."""
-        from serving.chat import prepare_chat_request, prepare_completion_request
+        """The server's request pipeline: contract, photos decoded once and forwarded small,
+        ### stop."""
+        from serving.pipeline import prepare_request
 
-        if job.route == CHAT_ROUTE:
-            return await prepare_chat_request(job.body, self.policy, self.admission)
-        return prepare_completion_request(job.body, self.policy)
+        return await prepare_request(job.route, job.body, self.policy, self.admission)
 
     async def _write(self, record: dict, refused: bool) -> None:
         loop = asyncio.get_running_loop()

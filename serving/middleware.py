@@ -15,10 +15,9 @@
    budget as its bytes arrive; photos are decoded in bounded worker processes; work that does
    not fit in time gets a 503 with ``Retry-After``.
 6. Strict JSON (no ``NaN``, valid Unicode, at most :data:`MAX_JSON_DEPTH` levels), then the
-   route's contract and checks: :func:`serving.chat.prepare_chat_request` (fields, messages,
-   photos decoded once and forwarded small, SkinGPT-4 stop and schema defaults),
-   :func:`serving.chat.prepare_completion_request` or
-   :func:`serving.responses.prepare_responses_request`; ``max_tokens`` must fit the context
+   route's contract and checks, :func:`serving.pipeline.prepare_request` (fields, messages,
+   photos decoded once and forwarded small, SkinGPT-4 stop and schema defaults; the same
+   pipeline as ``skingpt4 batch``); ``max_tokens`` must fit the context
    (:class:`ContextCheck`). The checked body goes on to vLLM, and the large buffers of the
    original are dropped before it does.
 7. One error shape: every error response, vLLM's and Starlette's included, leaves with OpenAI's
@@ -36,7 +35,6 @@ import json
 import time
 
 from serving.admission import Admission, BodyReservation
-from serving.chat import prepare_chat_request, prepare_completion_request
 from serving.errors import (
     ContextLengthExceeded,
     HeadersTooLarge,
@@ -50,11 +48,11 @@ from serving.errors import (
     error_for_status,
 )
 from serving.policy import ServePolicy, policy_from_env
-from serving.responses import prepare_responses_request
+from serving.pipeline import ROUTES, prepare_request
 
 OPEN_PATHS = ("/health",)
 GET_ROUTES = ("/health", "/ping", "/v1/models", "/metrics", "/version")
-POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+POST_ROUTES = ROUTES
 # Nesting beyond this is refused by the strict parser: far below Python's recursion limit, so
 # nothing accepted can overflow it later (re-encoding, vLLM's own parser, schema compilers).
 MAX_JSON_DEPTH = 64
@@ -508,12 +506,7 @@ class RequestPolicyMiddleware:
             parsed = parse_json(raw)
             del raw
             route = scope["path"]
-            if route == "/v1/completions":
-                checked = prepare_completion_request(parsed, self.policy)
-            elif route == "/v1/responses":
-                checked = await prepare_responses_request(parsed, self.policy, self.admission)
-            else:
-                checked = await prepare_chat_request(parsed, self.policy, self.admission)
+            checked = await prepare_request(route, parsed, self.policy, self.admission)
             await self.context.check(scope, route, checked)
             return dump_json(checked)
         finally:

@@ -8,10 +8,11 @@ middleware itself, with no arguments, possibly in another process.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.settings import POLICY_ENV, SEP
+from serving.settings import POLICY_ENV, SEP, serve_policy_json
 
 BODY_LIMIT = 64 * 2**20
 # While a body is read and parsed it exists three times: the raw bytes, their decoded text and
@@ -124,6 +125,6 @@ class ServePolicy(BaseModel):
         return {POLICY_ENV: self.model_dump_json()}
 
 
-def policy_from_env() -> ServePolicy:
-    raw = os.environ.get(POLICY_ENV)
+def policy_from_env(environ: Mapping[str, str] = os.environ) -> ServePolicy:
+    raw = serve_policy_json(environ)
     return ServePolicy.model_validate_json(raw) if raw else ServePolicy()

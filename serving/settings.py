@@ -1,8 +1,9 @@
 """Settings of ``serving/`` in one place: the environment variables it reads or sets, their
 defaults, and the SkinGPT-4 constants it shares with the plugin and the vision stack.
 
-Environment variables are read here and nowhere else in ``serving/`` (the functions below take
-the environment as an argument, so tests pass a dict). Constants that ``plugins/`` or
+The variables ``serving/`` reads are named here, each read by a function that takes the
+environment as an argument (so tests pass a dict); :func:`serving.offline.engine_environment`
+also passes vLLM's own logging variables through. Constants that ``plugins/`` or
 ``encoders/`` define stay defined there (those folders may not import ``serving/``) and are
 re-exported here for ``serving/``: one definition of each. Importing this module stays light
 (``skingpt4 --help`` must not wait for torch): the separator comes from a module without
@@ -45,6 +46,10 @@ RAY_ADDRESS_ENV = "RAY_ADDRESS"
 RAY_ROUTINGS = ("session", "prefix", "pow2")
 
 
+def serve_policy_json(environ: Mapping[str, str] = os.environ) -> str | None:
+    return environ.get(POLICY_ENV) or None
+
+
 def api_key(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(API_KEY_ENV) or None
 
@@ -68,7 +73,7 @@ __all__ = [
     "SEP", "RESERVED_TOKENS", "IMAGE_PLACEHOLDER", "IMAGE_PAD", "LLM_FAMILIES",
     "API_KEY_ENV", "POLICY_ENV", "KVCACHE_ENV", "DEFAULT_CPU_KVCACHE_GIB", "HOST_IP_ENV",
     "LOOPBACK_IP", "CPU_THREADS_BIND_ENV", "RAY_ADDRESS_ENV", "RAY_ROUTINGS",
-    "api_key", "cpu_kvcache_gib", "ray_address", "use_loopback",
+    "api_key", "serve_policy_json", "cpu_kvcache_gib", "ray_address", "use_loopback",
 ]
 
 
