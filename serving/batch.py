@@ -83,6 +83,7 @@ from serving.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.errors import InvalidRequest, NotFound, ServingError
 from serving.policy import BODY_COST_FACTOR, ServePolicy
 from serving.server import EmbeddedServerConfig
+from serving.usage import FAILED, STOPPED, USAGE, UsageError, check_model_folder
 
 ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE)
 LINE_KEYS = ("custom_id", "method", "url", "body")
@@ -92,9 +93,6 @@ UNCAPPED = 2**31 - 1
 # Waiting for memory or a decode slot is normal in a batch (the reader runs ahead of the engine);
 # the server's 30 s admission timeout would turn that wait into 503s.
 ADMISSION_TIMEOUT_S = 24 * 3600.0
-USAGE_ERROR = 2
-INCOMPLETE = 1
-STOPPED = 130
 
 
 class OutputError(Exception):
@@ -759,10 +757,6 @@ def add_batch_command(subparsers) -> argparse.ArgumentParser:
     return configure_parser(parser)
 
 
-class _UsageProblem(Exception):
-    pass
-
-
 def _config(args: argparse.Namespace) -> EmbeddedServerConfig:
     from pydantic import ValidationError
 
@@ -778,21 +772,19 @@ def _config(args: argparse.Namespace) -> EmbeddedServerConfig:
             ),
         )
     except ValidationError as exc:
-        raise _UsageProblem(config_error(exc)) from None
+        raise UsageError(config_error(exc)) from None
 
 
 def _check_files(args: argparse.Namespace) -> None:
-    from serving.cli import check_model_folder
-
     check_model_folder(args.model)
     if not args.input.is_file():
-        raise _UsageProblem(f"INPUT {args.input}: no such file")
+        raise UsageError(f"INPUT {args.input}: no such file")
     if not os.access(args.input, os.R_OK):
-        raise _UsageProblem(f"INPUT {args.input}: not readable")
+        raise UsageError(f"INPUT {args.input}: not readable")
     if not args.output.parent.is_dir():
-        raise _UsageProblem(f"OUTPUT {args.output}: folder {args.output.parent} does not exist")
+        raise UsageError(f"OUTPUT {args.output}: folder {args.output.parent} does not exist")
     if args.output.exists() and args.output.samefile(args.input):
-        raise _UsageProblem("OUTPUT must be another file than INPUT")
+        raise UsageError("OUTPUT must be another file than INPUT")
 
 
 def _open(config: EmbeddedServerConfig, args: argparse.Namespace):
@@ -818,15 +810,13 @@ async def _run_once(config: EmbeddedServerConfig, args: argparse.Namespace,
 def run_batch_command(args: argparse.Namespace) -> int:
     """``skingpt4 batch``: the exit status of :data:`EPILOG`. Usage problems are found before
     the engine starts."""
-    from serving.cli import UsageError
-
     try:
         _check_files(args)
         config = _config(args)
         log = OutputLog.open(args.output)
-    except (UsageError, _UsageProblem, OutputError, OSError) as exc:
+    except (UsageError, OutputError, OSError) as exc:
         print(f"skingpt4 batch: {exc}", file=sys.stderr)
-        return USAGE_ERROR
+        return USAGE
     with log:
         if log.repaired_bytes:
             print(f"skingpt4 batch: removed a torn last line ({log.repaired_bytes} bytes) that an "
@@ -845,13 +835,13 @@ def run_batch_command(args: argparse.Namespace) -> int:
             print(f"skingpt4 batch: cannot write {args.output} ({exc.strerror or exc}); the "
                   "records written before are kept; rerun the same command to finish",
                   file=sys.stderr)
-            return INCOMPLETE
+            return FAILED
         finally:
             # vLLM's AsyncLLM.__del__ shuts down again; run it now, not at interpreter exit,
             # when the globals it calls are gone (a TypeError traceback on stderr).
             gc.collect()
     print(f"skingpt4 batch: {summary.describe()}", file=sys.stderr)
-    return 0 if summary.complete else INCOMPLETE
+    return 0 if summary.complete else FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,8 @@ from pathlib import Path
 from plugins.skingpt4.template import DEFAULT_QUESTION
 from serving import settings
 from serving.settings import DEFAULT_CPU_KVCACHE_GIB, KVCACHE_ENV
+from serving.usage import USAGE, UsageError, check_model_folder
 
-USAGE_ERROR = 2
 # encoders.presets' LLM_FAMILIES and small presets, spelled out: importing them loads torch and
 # timm (seconds) before any error or --help could be printed. tests/serving/test_cli.py checks
 # that they agree.
@@ -39,31 +39,6 @@ environment:
                           memory)
   VLLM_LOGGING_LEVEL      vLLM's log level (default here: ERROR, or INFO with --verbose)
 """
-
-
-class UsageError(Exception):
-    """A problem the user can fix; printed as one line, exit code 2."""
-
-
-def check_model_folder(path: Path) -> None:
-    """``path`` must be a SkinGPT-4 model folder (``config.json`` with ``model_type: skingpt4``)."""
-    if not path.exists():
-        raise UsageError(f"{path}: no such model folder")
-    if not path.is_dir():
-        raise UsageError(f"{path} is a file, not a model folder")
-    config = path / "config.json"
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-        found = f"its config.json has model_type {model_type!r}"
-    except FileNotFoundError:
-        model_type, found = None, "it has no config.json"
-    except (OSError, ValueError, AttributeError) as exc:
-        raise UsageError(f"{config}: not a readable config ({exc})") from None
-    if model_type != "skingpt4":
-        raise UsageError(
-            f"{path} is not a SkinGPT-4 model folder ({found}); build one from the released "
-            f"weights with `skingpt4 checkpoint convert` (see --help there)"
-        )
 
 
 def load_photos(paths: list[Path]) -> list:
@@ -136,7 +111,7 @@ def _run_checkpoint(args) -> int:
             )
         except (ConversionError, OSError) as exc:
             print(f"skingpt4 checkpoint convert: {exc}", file=sys.stderr)
-            return 2
+            return USAGE
     print(out)
     return 0
 
@@ -202,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UsageError as exc:
         print(f"skingpt4 {args.command}: {exc}", file=sys.stderr)
-        return USAGE_ERROR
+        return USAGE
 
 
 if __name__ == "__main__":

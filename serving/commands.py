@@ -10,6 +10,7 @@ from serving import settings
 from serving.policy import ServePolicy
 from serving.process import ServerProcess, free_port
 from serving.server import DEFAULT_MODEL_NAME, EmbeddedServerConfig
+from serving.usage import USAGE
 
 DEMO_DIR = Path("artifacts/tiny-llama")
 
@@ -137,7 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         print(f"skingpt4 serve: {config_error(exc)}", file=sys.stderr)
-        return 2
+        return USAGE
     if args.ray:
         from serving.ray_app import run_ray
 

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serving import settings
 from serving.policy import ServePolicy
+from serving.usage import FAILED, OK, USAGE
 
 DEFAULT_MODEL_NAME = "skingpt4"
 CPU_BLOCK_SIZE = 32
@@ -269,7 +270,7 @@ def run_embedded(config: EmbeddedServerConfig) -> int:
         os.environ.update(config.environment(on_gpu))
     except ValueError as exc:
         print(f"skingpt4 serve: {exc}", file=sys.stderr)
-        return 2
+        return USAGE
     settings.use_loopback()
     import asyncio
 
@@ -297,6 +298,6 @@ def run_embedded(config: EmbeddedServerConfig) -> int:
     with asyncio.Runner(loop_factory=SignalNotingLoop) as runner:
         runner.run(run_server(args))
     if SignalNotingLoop.signals_seen:
-        return 0
+        return OK
     print("skingpt4 serve: the engine stopped; the server exits with 1", file=sys.stderr)
-    return 1
+    return FAILED
