@@ -84,7 +84,7 @@ def test_prompt_longer_than_the_context(server, photo_urls):
 
 
 @pytest.mark.parametrize("max_tokens,words", [(-5, ("max_tokens", "at least 1")),
-                                              (10**6, ("max_tokens", "max_model_len"))])
+                                              (10**6, ("max_tokens", "maximum context length", "tokens are left"))])
 def test_bad_max_tokens(server, photo_urls, max_tokens, words):
     r = post(server, {"messages": [image_message(photo_urls[:1])], "max_tokens": max_tokens})
     assert_refused(server, r, 400, *words)
