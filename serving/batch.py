@@ -42,7 +42,8 @@ vLLM reuse: the engine and serving objects are built as in vLLM's own batch runn
 (``vllm.entrypoints.launchers.run_batch.main`` / ``build_endpoint_registry``):
 ``build_async_engine_client`` (an in-process ``AsyncLLM`` from ``AsyncEngineArgs``) over the
 server's arguments, :meth:`serving.server.EmbeddedServerConfig.vllm_args`, parsed by vLLM's
-server parser, then ``init_app_state``, which creates the same ``OpenAIServingChat`` and
+server parser as the server parses them (:func:`serving.server.parse_vllm_args`), in the
+server's engine environment (:func:`batch_environment`), then ``init_app_state``, which creates the same ``OpenAIServingChat`` and
 ``OpenAIServingCompletion`` as ``skingpt4 serve``; exceptions become error bodies with vLLM's
 ``create_error_response``, as in its ``run_request``. vLLM's runner itself reads the whole file,
 writes OUTPUT only at the end (no resume), has no ``/v1/completions`` and puts errors in
@@ -76,13 +77,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from serving import settings
 from serving.admission import Admission
 from serving.commands import add_model_arguments, config_error
 from serving.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.errors import InvalidRequest, NotFound, ServingError
 from serving.policy import BODY_COST_FACTOR, ServePolicy
-from serving.server import EmbeddedServerConfig
+from serving.server import EmbeddedServerConfig, parse_vllm_args
 from serving.usage import FAILED, STOPPED, USAGE, UsageError, check_model_folder
 
 ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE)
@@ -366,27 +366,6 @@ def check_envelope(obj: dict) -> tuple[str, Any]:
 # --- the engine --------------------------------------------------------------------------------
 
 
-def engine_args(config: EmbeddedServerConfig) -> argparse.Namespace:
-    """The server's vLLM arguments, parsed and checked by vLLM's own server parser."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    args = make_arg_parser(FlexibleArgumentParser(prog="skingpt4 batch")).parse_args(
-        config.vllm_args()
-    )
-    validate_parsed_serve_args(args)
-    return args
-
-
-def prepare_environment(config: EmbeddedServerConfig, verbose: bool = False) -> None:
-    """The server's engine environment, with vLLM's logs on stderr; before vLLM is imported."""
-    from serving.offline import engine_environment
-
-    os.environ.update(config.environment())
-    os.environ.update(engine_environment(verbose))
-    settings.use_loopback()
-
-
 Answer = tuple[int, dict, "str | None"]  # (status, response body, request id)
 
 
@@ -450,7 +429,7 @@ class BatchEngine:
 
 @contextlib.asynccontextmanager
 async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine]:
-    """Start the engine with the server's options (call :func:`prepare_environment` first);
+    """Start the engine with the server's options (set :func:`batch_environment` first);
     shut it down on exit."""
     from starlette.datastructures import State
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -459,7 +438,7 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.usage.usage_lib import UsageContext
 
-    args = engine_args(config)
+    args = parse_vllm_args(config, prog="skingpt4 batch")
     client = state = None
     try:
         async with build_async_engine_client(
@@ -775,6 +754,17 @@ def _config(args: argparse.Namespace) -> EmbeddedServerConfig:
         raise UsageError(config_error(exc)) from None
 
 
+def batch_environment(config: EmbeddedServerConfig, verbose: bool = False) -> dict[str, str]:
+    """The engine environment of a batch run (:meth:`EmbeddedServerConfig.environment`; set it
+    before vLLM is imported): the server's, with vLLM's logs on stderr and no request policy (no
+    middleware runs here). A local Ray instance's engines inherit it too (the CPU thread
+    binding of tensor parallel among it)."""
+    try:
+        return config.environment(policy=False, logs="stderr", verbose=verbose, loopback=True)
+    except ValueError as exc:  # more tensor-parallel ranks than CPUs
+        raise UsageError(str(exc)) from None
+
+
 def _check_files(args: argparse.Namespace) -> None:
     check_model_folder(args.model)
     if not args.input.is_file():
@@ -813,6 +803,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
     try:
         _check_files(args)
         config = _config(args)
+        environment = batch_environment(config, args.verbose)
         log = OutputLog.open(args.output)
     except (UsageError, OutputError, OSError) as exc:
         print(f"skingpt4 batch: {exc}", file=sys.stderr)
@@ -824,7 +815,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
         if log.done_ids or log.done_lines:
             print(f"skingpt4 batch: resuming; {len(log.done_ids) + len(log.done_lines)} records "
                   f"already in {args.output}", file=sys.stderr)
-        prepare_environment(config, args.verbose)
+        os.environ.update(environment)
         try:
             summary = asyncio.run(_run_once(config, args, log))
         except (KeyboardInterrupt, asyncio.CancelledError):

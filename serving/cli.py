@@ -32,6 +32,7 @@ from serving.usage import USAGE, UsageError, check_model_folder
 LLM_CHOICES = ("falcon", "llama")
 TINY_PRESETS = ("bench", "tiny")
 GENERATE_EPILOG = f"""\
+The engine runs with the options of `skingpt4 serve MODEL` (its defaults).
 stdout holds the answer only; vLLM's logs go to stderr (errors only, unless --verbose).
 environment:
   {KVCACHE_ENV}  KV-cache size in GiB on a CPU (default here: {DEFAULT_CPU_KVCACHE_GIB}, as for
@@ -118,11 +119,14 @@ def _run_checkpoint(args) -> int:
 
 def _run_generate(args) -> int:
     from serving.offline import generate_answer
+    from serving.server import EmbeddedServerConfig
 
     check_model_folder(args.model)
     images = load_photos(args.image)
+    # The engine of `skingpt4 serve MODEL` with its defaults (generate has no engine flags).
+    config = EmbeddedServerConfig(model=str(args.model))
     answer = generate_answer(
-        args.model, images, args.question, max_tokens=args.max_tokens,
+        config, images, args.question, max_tokens=args.max_tokens,
         temperature=args.temperature, seed=args.seed, verbose=args.verbose,
     )
     print(answer)

@@ -2,39 +2,41 @@
 a server. Sampling follows the model folder's ``generation_config.json`` (the demo's defaults)
 unless ``temperature`` is given; generation stops at SkinGPT-4's ``###`` separator.
 
-The engine runs from a plain shell: :func:`engine_environment` gives it the same CPU KV-cache
-default as ``skingpt4 serve`` and sends vLLM's logs to stderr (quiet unless ``verbose``), so that
-stdout holds the answer only.
+The engine is ``skingpt4 serve``'s: ``vllm.LLM`` gets the server's engine options
+(:meth:`serving.server.EmbeddedServerConfig.engine_options`, those ``vllm.LLM`` takes:
+:func:`generate_engine_kwargs`) and the server's engine environment
+(:meth:`serving.server.EmbeddedServerConfig.environment`: the same CPU KV-cache default), with
+vLLM's logs on stderr (quiet unless ``verbose``), so that stdout holds the answer only.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from plugins.skingpt4.template import build_prompt, image_question
-from serving import settings
+from serving.server import EmbeddedServerConfig, cuda_available, engine_arguments
 from serving.settings import SEP
 
 
-def engine_environment(verbose: bool = False, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """Variables to set before vLLM is imported (its engine processes inherit them).
-
-    vLLM logs to stdout by default; here its logs go to stderr, at ``INFO`` with ``verbose`` and
-    ``ERROR`` otherwise. Values the user set (KV-cache size, log level) are kept.
-    """
-    return {
-        settings.KVCACHE_ENV: settings.cpu_kvcache_gib(environ),
-        "VLLM_LOGGING_STREAM": "ext://sys.stderr",
-        "VLLM_LOGGING_LEVEL": environ.get("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR"),
-    }
+def generate_engine_kwargs(
+    config: EmbeddedServerConfig, num_images: int, on_gpu: bool, seed: int | None = None
+) -> dict[str, Any]:
+    """``vllm.LLM``'s arguments: the model and the server's engine options that are
+    ``EngineArgs`` fields, with room for ``num_images`` photos in the prompt (a local run is
+    not held to the server's per-request limit). Imports vLLM: set the environment first."""
+    kwargs = {"model": config.model, **engine_arguments(config.engine_options(on_gpu))}
+    limit = max(num_images, config.policy.max_images_per_request)
+    kwargs["limit_mm_per_prompt"] = {"image": limit}
+    if seed is not None:
+        kwargs["seed"] = seed
+    return kwargs
 
 
 def generate_answer(
-    model: str | Path,
+    config: EmbeddedServerConfig,
     images: list[Image.Image],
     question: str,
     *,
@@ -43,20 +45,15 @@ def generate_answer(
     seed: int | None = None,
     verbose: bool = False,
 ) -> str:
-    """The answer to ``question`` about ``images``. Sets :func:`engine_environment` first; it
-    takes effect when vLLM is not imported yet in this process (as in ``skingpt4 generate``)."""
-    os.environ.update(engine_environment(verbose))
+    """The answer to ``question`` about ``images`` from the model and engine of ``config``.
+    Sets the engine environment first; it takes effect when vLLM is not imported yet in this
+    process (as in ``skingpt4 generate``)."""
+    on_gpu = cuda_available()
+    os.environ.update(config.environment(
+        on_gpu, policy=False, logs="stderr", verbose=verbose, loopback=True))
     from vllm import LLM
 
-    engine_args = dict(
-        model=str(model),
-        enforce_eager=True,
-        max_model_len=2048,
-        limit_mm_per_prompt={"image": max(1, len(images))},
-    )
-    if seed is not None:
-        engine_args["seed"] = seed
-    llm = LLM(**engine_args)
+    llm = LLM(**generate_engine_kwargs(config, len(images), on_gpu, seed))
     params = llm.get_default_sampling_params()
     params.stop = [SEP]
     if max_tokens is not None:

@@ -15,9 +15,11 @@ pipeline over all the accepted requests:
       --iter_rows--> (driver) an OpenAI body built with vLLM's own response classes
 
 The engine actors get the embedded server's engine options
-(:meth:`serving.server.EmbeddedServerConfig.engine_options`) and the replicas' environment of
-``serve --ray`` (:func:`serving.ray_app.engine_environment`: vLLM's image limits, the CPU KV cache
-size). The plugin model loads in them through its ``vllm.general_plugins`` entry point, so the
+(:meth:`serving.server.EmbeddedServerConfig.engine_options`, those that are ``EngineArgs``
+fields: :func:`serving.server.engine_arguments`; the others shape the server's response bodies,
+which :func:`answer_body` builds here, and the stage never logs requests) and the replicas'
+environment of ``serve --ray`` (:func:`serving.ray_app.engine_environment`: vLLM's image
+limits, the CPU KV cache size). The plugin model loads in them through its ``vllm.general_plugins`` entry point, so the
 project must be installed in the Python environment of every node (docs/ray-cluster.md).
 
 Why the prompt is rendered here rather than by Ray's chat-template and tokenize stages: Ray's
@@ -62,7 +64,7 @@ from serving.batch import Answer
 from serving.contract import CHAT_ROUTE
 from serving.errors import InternalError
 from serving.policy import ServePolicy
-from serving.server import EmbeddedServerConfig
+from serving.server import EmbeddedServerConfig, engine_arguments
 
 # Sampling fields a row carries to the engine stage (which builds ``vllm.SamplingParams`` from
 # them): every row has all of them, so Ray Data's Arrow blocks get one schema.
@@ -228,17 +230,6 @@ def sampling_row(params) -> dict[str, Any]:
     else:
         row["structured_outputs"] = None
     return row
-
-
-def engine_arguments(options: dict[str, Any]) -> dict[str, Any]:
-    """The server's engine options that are ``AsyncEngineArgs`` fields. The others
-    (``enable_force_include_usage``, ``enable_prompt_tokens_details``) shape the server's
-    response bodies, which :func:`answer_body` builds here; ``enable_log_requests`` the stage
-    sets itself (off)."""
-    from vllm import AsyncEngineArgs
-
-    names = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    return {k: v for k, v in options.items() if k in names and k != "enable_log_requests"}
 
 
 # --- answers from the engine stage's rows ------------------------------------------------------

@@ -7,9 +7,13 @@ structured output without free whitespace, a drain on SIGTERM, and
 :class:`serving.middleware.RequestPolicyMiddleware` in front of every route.
 
 The engine options are defined once, by :meth:`EmbeddedServerConfig.engine_options`: vLLM
-``AsyncEngineArgs`` / ``FrontendArgs`` field names and their values. The embedded server renders
-them as vLLM's command line (:func:`cli_args`), after the options only a server has
-(:meth:`EmbeddedServerConfig.server_options`); Ray Serve passes the same dict as ``engine_kwargs``.
+``AsyncEngineArgs`` / ``FrontendArgs`` field names and their values. The embedded server and
+``skingpt4 batch`` render them as vLLM's command line (:func:`cli_args`), after the options only
+a server has (:meth:`EmbeddedServerConfig.server_options`), and parse it with vLLM's own parser
+(:func:`parse_vllm_args`); Ray Serve passes the same dict as ``engine_kwargs``; ``skingpt4
+generate`` (``vllm.LLM``) and Ray Data pass its ``EngineArgs`` fields (:func:`engine_arguments`).
+The engine's environment is defined once too, by :meth:`EmbeddedServerConfig.environment`, for
+all of them.
 
 Where the engine runs decides a few of them. On a GPU (CUDA present): CUDA graphs (eager only
 with ``enforce_eager``), vLLM's own KV-cache block size, ``gpu_memory_utilization`` passed on.
@@ -21,12 +25,14 @@ GPU deployments.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +47,7 @@ CPU_BLOCK_SIZE = 32
 NO_MEDIA_DOMAINS = ("media.invalid",)
 MIDDLEWARE = "serving.middleware.RequestPolicyMiddleware"
 NUMA_NODES = Path("/sys/devices/system/node")
+# vLLM's logging, moved off stdout where stdout is the command's output (generate, batch).
 
 
 class EmbeddedServerConfig(BaseModel):
@@ -154,15 +161,24 @@ class EmbeddedServerConfig(BaseModel):
         return self.policy.model_copy(update={"image_size": size})
 
     def environment(
-        self, on_gpu: bool | None = None, environ: Mapping[str, str] = os.environ,
-        bind_threads: bool = True,
+        self, on_gpu: bool | None = None, environ: Mapping[str, str] = os.environ, *,
+        bind_threads: bool = True, policy: bool = True, logs: Literal["vllm", "stderr"] = "vllm",
+        verbose: bool = False, loopback: bool = False,
     ) -> dict[str, str]:
-        """Variables for the engine's processes, set before vLLM is imported; ``environ`` holds
-        the user's settings. ``on_gpu`` None: whether CUDA is present here. ``bind_threads``:
-        a CPU tensor-parallel engine on this machine gets its thread binding
-        (:func:`cpu_thread_binding_env`; ValueError with fewer CPUs than ranks)."""
+        """Variables for the engine's processes, set before vLLM is imported: the one builder
+        behind ``serve`` (embedded and Ray), ``generate`` and ``batch`` (plain and Ray Data).
+        ``environ`` holds the user's settings, which win over the defaults here.
+
+        ``on_gpu`` None: whether CUDA is present here. ``bind_threads``: a CPU tensor-parallel
+        engine on this machine gets its thread binding (:func:`cpu_thread_binding_env`;
+        ValueError with fewer CPUs than ranks); off for engines on other nodes. ``policy``: the
+        request policy for :class:`serving.middleware.RequestPolicyMiddleware` (it holds the
+        API key: off where no middleware runs). ``logs``: ``vllm`` leaves vLLM's logging as
+        configured (stdout, INFO); ``stderr`` keeps stdout for the caller's output, at ``ERROR``
+        (``INFO`` with ``verbose``). ``loopback``: the engine's processes talk over loopback
+        (one machine; not for Ray, whose engines may span nodes)."""
         on_gpu = cuda_available() if on_gpu is None else on_gpu
-        env = dict(self.served_policy().to_env())
+        env = dict(self.served_policy().to_env()) if policy else {}
         # Defence in depth behind the middleware: vLLM's own decoder limit and no redirects.
         env["VLLM_MAX_IMAGE_PIXELS"] = str(self.policy.max_image_pixels)
         env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
@@ -171,6 +187,11 @@ class EmbeddedServerConfig(BaseModel):
             env[settings.KVCACHE_ENV] = settings.cpu_kvcache_gib(environ)
             if bind_threads:
                 env.update(cpu_thread_binding_env(self.tensor_parallel_size, environ))
+        if logs == "stderr":
+            env[settings.LOGGING_STREAM_ENV] = "ext://sys.stderr"
+            env[settings.LOGGING_LEVEL_ENV] = environ.get(settings.LOGGING_LEVEL_ENV, "INFO" if verbose else "ERROR")
+        if loopback and settings.HOST_IP_ENV not in environ:
+            env[settings.HOST_IP_ENV] = settings.LOOPBACK_IP
         return env
 
 
@@ -191,6 +212,34 @@ def cli_args(options: Mapping[str, Any]) -> list[str]:
             args += [flag, *map(str, value)]
         else:
             args += [flag, str(value)]
+    return args
+
+
+def engine_arguments(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``options`` that are ``vllm.engine.arg_utils.EngineArgs`` fields: what ``vllm.LLM``
+    and Ray Data's vLLM stage take. The others are the server's: response shaping
+    (``enable_force_include_usage``, ``enable_prompt_tokens_details``) and request logging
+    (``enable_log_requests``, an ``AsyncEngineArgs`` field; ``LLM`` and the stage never log
+    requests). Imports vLLM: set :meth:`EmbeddedServerConfig.environment` first."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    return {name: value for name, value in options.items() if name in names}
+
+
+def parse_vllm_args(
+    config: EmbeddedServerConfig, on_gpu: bool | None = None, prog: str = "skingpt4 serve"
+) -> argparse.Namespace:
+    """:meth:`EmbeddedServerConfig.vllm_args` parsed and checked by vLLM's own server parser
+    (``make_arg_parser``, ``validate_parsed_serve_args``): the namespace that vLLM's
+    ``run_server`` and ``build_async_engine_client`` take. ``on_gpu`` None: whether CUDA is
+    present here. Imports vLLM: set :meth:`EmbeddedServerConfig.environment` first."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog=prog))
+    args = parser.parse_args(config.vllm_args(on_gpu))
+    validate_parsed_serve_args(args)
     return args
 
 
@@ -267,17 +316,14 @@ def run_embedded(config: EmbeddedServerConfig) -> int:
     ``if __name__ == "__main__"``. 2 when this machine cannot run the engine as configured."""
     on_gpu = cuda_available()
     try:
-        os.environ.update(config.environment(on_gpu))
+        os.environ.update(config.environment(on_gpu, loopback=True))
     except ValueError as exc:
         print(f"skingpt4 serve: {exc}", file=sys.stderr)
         return USAGE
-    settings.use_loopback()
     import asyncio
 
     import uvloop
     from vllm.entrypoints.launchers.api_server.entry import run_server
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     class SignalNotingLoop(uvloop.Loop):
         """uvloop's loop, noting the signals whose handlers ran: vLLM's server returns alike
@@ -292,9 +338,7 @@ def run_embedded(config: EmbeddedServerConfig) -> int:
 
             return super().add_signal_handler(sig, noted, *args)
 
-    parser = make_arg_parser(FlexibleArgumentParser(prog="skingpt4 serve"))
-    args = parser.parse_args(config.vllm_args(on_gpu))
-    validate_parsed_serve_args(args)
+    args = parse_vllm_args(config, on_gpu)
     with asyncio.Runner(loop_factory=SignalNotingLoop) as runner:
         runner.run(run_server(args))
     if SignalNotingLoop.signals_seen:

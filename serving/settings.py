@@ -1,9 +1,10 @@
 """Settings of ``serving/`` in one place: the environment variables it reads or sets, their
 defaults, and the SkinGPT-4 constants it shares with the plugin and the vision stack.
 
-The variables ``serving/`` reads are named here, each read by a function that takes the
-environment as an argument (so tests pass a dict); :func:`serving.offline.engine_environment`
-also passes vLLM's own logging variables through. Constants that ``plugins/`` or
+The variables ``serving/`` reads or sets are named here; each is read by a function that takes
+the environment as an argument (so tests pass a dict): those below, and
+:meth:`serving.server.EmbeddedServerConfig.environment`, the one builder of the engine's
+environment. Constants that ``plugins/`` or
 ``encoders/`` define stay defined there (those folders may not import ``serving/``) and are
 re-exported here for ``serving/``: one definition of each. Importing this module stays light
 (``skingpt4 --help`` must not wait for torch): the separator comes from a module without
@@ -14,7 +15,7 @@ imports, and the names whose home imports transformers or torch (:data:`RESERVED
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from typing import Any
 
 from plugins.skingpt4.template import SEP
@@ -41,6 +42,11 @@ CPU_THREADS_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 """vLLM-CPU's per-rank CPU lists (``0-3|4-7``); its default, ``auto``, needs one NUMA node per
 tensor-parallel rank."""
 
+LOGGING_STREAM_ENV = "VLLM_LOGGING_STREAM"
+LOGGING_LEVEL_ENV = "VLLM_LOGGING_LEVEL"
+"""vLLM's log stream and level: ``generate`` and ``batch`` send its logs to stderr (stdout holds
+the answer), quiet unless asked; a level the user set is kept."""
+
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 # Request routers of the Ray LLM deployment (serving.ray_app.ROUTERS): the CLI offers these.
 RAY_ROUTINGS = ("session", "prefix", "pow2")
@@ -62,18 +68,13 @@ def ray_address(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(RAY_ADDRESS_ENV) or None
 
 
-def use_loopback(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Engine processes of this machine talk over loopback, unless the user chose an address."""
-    environ.setdefault(HOST_IP_ENV, LOOPBACK_IP)
-
-
 # --- SkinGPT-4 constants, defined by plugins/ and encoders/ -----------------------------------
 
 __all__ = [
     "SEP", "RESERVED_TOKENS", "IMAGE_PLACEHOLDER", "IMAGE_PAD", "LLM_FAMILIES",
     "API_KEY_ENV", "POLICY_ENV", "KVCACHE_ENV", "DEFAULT_CPU_KVCACHE_GIB", "HOST_IP_ENV",
-    "LOOPBACK_IP", "CPU_THREADS_BIND_ENV", "RAY_ADDRESS_ENV", "RAY_ROUTINGS",
-    "api_key", "serve_policy_json", "cpu_kvcache_gib", "ray_address", "use_loopback",
+    "LOOPBACK_IP", "CPU_THREADS_BIND_ENV", "LOGGING_STREAM_ENV", "LOGGING_LEVEL_ENV", "RAY_ADDRESS_ENV", "RAY_ROUTINGS",
+    "api_key", "serve_policy_json", "cpu_kvcache_gib", "ray_address",
 ]
 
 

@@ -32,10 +32,10 @@ from serving.batch import (
     OutputLog,
     TooLarge,
     add_batch_command,
+    batch_environment,
     count_lines,
     main,
     open_engine,
-    prepare_environment,
     read_lines,
     run_batch,
     run_batch_command,
@@ -126,7 +126,7 @@ def engine(tiny_checkpoints):
     folder = tiny_checkpoints["llama"]
     config = EmbeddedServerConfig(model=str(folder), dtype="float32", max_model_len=1024)
     saved = dict(os.environ)
-    prepare_environment(config)
+    os.environ.update(batch_environment(config))
     runner, stack = asyncio.Runner(), contextlib.AsyncExitStack()
     handle = Engine(runner, None, folder)
     try:

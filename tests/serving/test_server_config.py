@@ -9,24 +9,23 @@ import dataclasses
 import pytest
 
 from serving import settings
+from serving.settings import LOGGING_LEVEL_ENV, LOGGING_STREAM_ENV
 from serving.server import (
     EmbeddedServerConfig,
     cli_args,
     cpu_thread_binding,
     cpu_thread_binding_env,
+    engine_arguments,
     numa_nodes_with,
+    parse_vllm_args,
 )
 
 GPU_CONFIG = dict(model="m", gpu_memory_utilization=0.85, quantization="fp8", max_num_seqs=8,
                   tensor_parallel_size=2)
-
-
-@pytest.fixture(scope="module")
-def vllm_parser():
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser())
+# Engine options of the server's frontend, not vllm.EngineArgs fields: vllm.LLM (generate) and
+# Ray Data's stage do not take them.
+FRONTEND_ONLY = {"enable_force_include_usage", "enable_prompt_tokens_details",
+                 "enable_log_requests"}
 
 
 def parsed_value(parsed, name, expected):
@@ -37,13 +36,14 @@ def parsed_value(parsed, name, expected):
 
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu", "gpu"])
-def test_cli_args_parse_back_to_the_engine_options(vllm_parser, on_gpu):
-    """The embedded server's command line, read by vLLM's own parser, gives every engine option
-    its value in the dict Ray receives as engine_kwargs."""
+def test_cli_args_parse_back_to_the_engine_options(on_gpu):
+    """The embedded server's command line, read and checked by vLLM's own parser as serve and
+    batch read it (parse_vllm_args), gives every engine option its value in the dict Ray
+    receives as engine_kwargs."""
     config = EmbeddedServerConfig(**GPU_CONFIG, dtype="float16", block_size=16)
     options = config.engine_options(on_gpu=on_gpu)
     assert options["mm_encoder_tp_mode"] == "data"  # ranks share the photos, not encode them all
-    parsed = vllm_parser.parse_args(config.vllm_args(on_gpu=on_gpu))
+    parsed = parse_vllm_args(config, on_gpu=on_gpu)
     for name, value in options.items():
         assert parsed_value(parsed, name, value) == value, name
     server = config.server_options()
@@ -52,6 +52,39 @@ def test_cli_args_parse_back_to_the_engine_options(vllm_parser, on_gpu):
     assert parsed.middleware == [server["middleware"]]
     for name in ("host", "port", "shutdown_timeout", "h11_max_incomplete_event_size"):
         assert getattr(parsed, name) == server[name], name
+
+
+def test_engine_arguments_drop_only_the_frontend_options():
+    options = EmbeddedServerConfig(**GPU_CONFIG).engine_options(on_gpu=False)
+    kept = engine_arguments(options)
+    assert options.keys() - kept.keys() == FRONTEND_ONLY
+    assert kept == {k: v for k, v in options.items() if k not in FRONTEND_ONLY}
+
+
+def test_one_environment_for_every_engine():
+    """serve's environment is the default; generate and batch move vLLM's logs to stderr, drop
+    the policy (no middleware) and keep engine traffic on loopback; the user's settings win."""
+    config = EmbeddedServerConfig(model="m")
+    served = config.environment(on_gpu=False, environ={})
+    assert settings.POLICY_ENV in served and served[settings.KVCACHE_ENV] == "1"
+    assert served["VLLM_MAX_IMAGE_PIXELS"] == str(config.policy.max_image_pixels)
+    assert {LOGGING_STREAM_ENV, LOGGING_LEVEL_ENV, settings.HOST_IP_ENV}.isdisjoint(served)
+    local = {k: v for k, v in served.items() if k != settings.POLICY_ENV}
+    quiet = config.environment(on_gpu=False, environ={}, policy=False, logs="stderr",
+                               loopback=True)
+    assert quiet == local | {LOGGING_STREAM_ENV: "ext://sys.stderr", LOGGING_LEVEL_ENV: "ERROR",
+                             settings.HOST_IP_ENV: "127.0.0.1"}
+    verbose = config.environment(on_gpu=False, environ={}, logs="stderr", verbose=True)
+    assert verbose[LOGGING_LEVEL_ENV] == "INFO"
+    user = {LOGGING_LEVEL_ENV: "DEBUG", settings.HOST_IP_ENV: "10.0.0.5",
+            settings.KVCACHE_ENV: "4"}
+    mine = config.environment(on_gpu=False, environ=user, logs="stderr", loopback=True)
+    assert mine[LOGGING_LEVEL_ENV] == "DEBUG" and mine[settings.KVCACHE_ENV] == "4"
+    assert settings.HOST_IP_ENV not in mine  # set by the user: the engine inherits it
+    # Ray replicas (serving.ray_app.engine_environment): no thread binding, no loopback.
+    replica = config.environment(on_gpu=True, environ={}, bind_threads=False, policy=False)
+    assert set(replica) == {"VLLM_MAX_IMAGE_PIXELS", "VLLM_MEDIA_URL_ALLOW_REDIRECTS",
+                            "VLLM_MEDIA_CACHE"}
 
 
 def test_cli_args_forms():
@@ -190,9 +223,8 @@ def test_settings_are_the_defining_packages_constants(monkeypatch):
     assert settings.api_key({settings.API_KEY_ENV: "k"}) == "k"
     assert settings.api_key({settings.API_KEY_ENV: ""}) is None
     assert settings.cpu_kvcache_gib({}) == str(settings.DEFAULT_CPU_KVCACHE_GIB) == "1"
-    env = {}
-    settings.use_loopback(env)
-    assert env == {settings.HOST_IP_ENV: "127.0.0.1"}
+    assert settings.serve_policy_json({settings.POLICY_ENV: "{}"}) == "{}"
+    assert settings.serve_policy_json({}) is None
 
 
 def test_the_ray_config_file_validates_as_shipped_and_with_its_gpu_options():
