@@ -148,6 +148,11 @@ class UploadClock:
     def arrived(self) -> None:
         self.last = time.monotonic()
 
+    def pause(self, seconds: float) -> None:
+        """The server held the body ``seconds`` (waiting for memory): shift every deadline."""
+        self.start += seconds
+        self.last += seconds
+
     def late(self, received: int) -> ServingError:
         p, now = self.policy, time.monotonic()
         # Silent for most of the idle timeout: the client stopped (its rate deadline may fall a
@@ -187,7 +192,10 @@ async def read_body(receive, limit: int, declared: int | None, clock: UploadCloc
         if len(body) + len(chunk) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         if reservation is not None:
+            waited = time.monotonic()
             await reservation.cover(len(body) + len(chunk))
+            if clock is not None:  # time the server made the client wait is not the client's
+                clock.pause(time.monotonic() - waited)
         body += chunk
         if not message.get("more_body", False):
             if clock is not None:

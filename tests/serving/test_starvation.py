@@ -118,6 +118,32 @@ def test_a_slow_but_steady_upload_is_served():
     assert asyncio.run(scenario())[0] == 200
 
 
+def test_time_spent_waiting_for_memory_is_not_counted_against_the_upload():
+    """A body that waits for the byte budget longer than the idle timeout is still served once
+    the budget frees: the wait was the server's, not the client's."""
+    body = json.dumps(chat({"type": "text", "text": "x" * 1000})).encode()
+
+    async def halves(first_sent: asyncio.Event):
+        yield body[:500], True
+        first_sent.set()
+        yield body[500:], False
+
+    async def scenario():
+        policy = fast_policy(max_body_bytes=len(body), max_inflight_bytes=3 * len(body),
+                             admission_timeout_s=5)
+        mw = RequestPolicyMiddleware(RecordingApp(), policy)
+        await mw.admission.reserve(3 * len(body) - 2000, mw.admission.deadline())  # all but 2000
+        first_sent = asyncio.Event()
+        headers = (JSON, (b"content-length", str(len(body)).encode()))
+        task = asyncio.create_task(drive(mw, halves(first_sent), headers))
+        await first_sent.wait()
+        await asyncio.sleep(1.0)  # twice the idle timeout, waiting for memory
+        mw.admission.release(3 * len(body) - 2000)
+        return await task
+
+    assert asyncio.run(scenario())[0] == 200
+
+
 def test_a_body_that_stops_short_of_its_content_length_gets_400():
     body = json.dumps(chat({"type": "text", "text": "hello"})).encode()
 
