@@ -88,11 +88,11 @@ def check_api_key(scope, key: str | None) -> None:
         raise Unauthorized("missing or invalid API key; send Authorization: Bearer <key>")
 
 
-def check_route(scope, post_routes: tuple[str, ...] = POST_ROUTES) -> None:
+def check_route(scope) -> None:
     """Only the routes this product serves; vLLM's other routes (messages, render, tokenize...)
     would take images and text past the checks below."""
     method, path = scope.get("method"), scope.get("path")
-    allowed = post_routes if method == "POST" else GET_ROUTES if method in ("GET", "HEAD") else ()
+    allowed = POST_ROUTES if method == "POST" else GET_ROUTES if method in ("GET", "HEAD") else ()
     if path not in allowed:
         raise NotFound(f"{method} {path} is not served here; see /v1/chat/completions")
 
@@ -457,13 +457,8 @@ class ContextCheck:
 
 
 class RequestPolicyMiddleware:
-    """``post_routes``: the POST routes the app behind serves (Ray's ingress has no
-    ``/v1/responses``)."""
-
-    def __init__(self, app, policy: ServePolicy | None = None,
-                 post_routes: tuple[str, ...] = POST_ROUTES) -> None:
+    def __init__(self, app, policy: ServePolicy | None = None) -> None:
         self.app = app
-        self.post_routes = post_routes
         self.policy = policy or policy_from_env()
         self.admission = Admission.from_policy(self.policy)
         self.context = ContextCheck(app)
@@ -482,7 +477,7 @@ class RequestPolicyMiddleware:
         try:
             check_header_size(scope, self.policy.max_header_bytes)
             check_api_key(scope, self.policy.api_key)
-            check_route(scope, self.post_routes)
+            check_route(scope)
             if scope.get("method") != "POST":
                 return await self.app(scope, receive, shaped_errors(send))
             check_content_type(scope)

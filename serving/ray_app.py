@@ -20,6 +20,12 @@ point ``build_openai_app`` documents, a custom ingress class (``ingress_cls_conf
 app's lifespan and first request. The policy never goes into a ``runtime_env`` (the Ray dashboard
 shows those); without a key in it, the ingress takes ``SKINGPT4_API_KEY`` from its environment.
 
+Routes: Ray's ingress serves chat and completions; :class:`SkinGPT4Ingress` adds
+``/v1/responses``, which the middleware checks as in embedded mode
+(:func:`serving.responses.prepare_responses_request`) and an LLM replica answers with its vLLM
+engine's own Responses serving object (:meth:`SkinGPT4Server.responses`): the same prompt, the
+same greedy answer and the same event stream as vLLM's server in embedded mode.
+
 Routing (``ReplicaSettings.routing``, default ``session``): the LLM deployment's request router is
 :class:`SessionAffinityRouter`, so every turn of a consult sent with an ``x-session-id`` header
 reaches the replica holding its prefix (Ray's proxy and ``OpenAiIngress`` pass the header on as the
@@ -36,9 +42,9 @@ it at its next health check, instead of after three failed ones while routers ke
 ingress sends a refused request again (at most twice, a second and then two apart); a request that
 had already received output is never sent again.
 
-Only ``serving.commands`` imports this module, and only in Ray mode (importing Ray Serve LLM
-imports vLLM: several seconds); Ray Serve imports it too, by path, for the router and server
-classes.
+``serving.commands`` imports this module only in Ray mode, and ``serving.ray_batch`` only for
+``batch --ray`` (importing Ray Serve LLM imports vLLM: several seconds); Ray Serve imports it
+too, by path, for the router and server classes.
 """
 
 from __future__ import annotations
@@ -60,10 +66,11 @@ from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.request_router import PrefixCacheAffinityRouter
-from starlette.responses import JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving import settings
-from serving.errors import InternalError, ServerBusy, ServingError
+from serving.errors import InternalError, InvalidRequest, ServerBusy, ServingError
 from serving.policy import ServePolicy
 from serving.server import EmbeddedServerConfig
 
@@ -85,13 +92,31 @@ LEAVE_TIMEOUT_S = 60.0
 REFUSED_RETRY_DELAYS_S = (1.0, 2.0)
 
 
-class SessionAffinityRouter(PrefixCacheAffinityRouter):
+class PrefixAffinityRouter(PrefixCacheAffinityRouter):
+    """Ray Serve LLM's :class:`PrefixCacheAffinityRouter` (the replica that already saw the
+    longest prefix of a request's text, else the least loaded), which also reads Responses
+    requests."""
+
+    def _extract_text_from_request(self, pending_request) -> str:
+        # The prefix router's text of a request (a hook of PrefixCacheAffinityRouter, overridden
+        # as the ring methods of SessionAffinityRouter are borrowed). Ray's reads `messages`
+        # (chat) or `prompt` (completions); vLLM's ResponsesRequest has no messages, and its
+        # `prompt` is a stored-prompt reference (always None here), on which Ray's raises. Its
+        # text is what chat's would be for the same conversation: the system message
+        # (`instructions`), then the messages' text.
+        for arg in pending_request.args:
+            if hasattr(arg, "input") and hasattr(arg, "instructions"):
+                return (arg.instructions or "") + self._normalize_prompt_to_string(arg.input)
+        return super()._extract_text_from_request(pending_request)
+
+
+class SessionAffinityRouter(PrefixAffinityRouter):
     """Request router of the LLM deployment: a request with a session id (header
     ``x-session-id``) goes to the replica a consistent hash of that id picks (Ray Serve's
     :class:`ConsistentHashRouter` ring: the same replica for every turn of a consult, up to
     ``num_fallback_replicas`` successors when it refuses under back-pressure); a request without
-    one follows :class:`PrefixCacheAffinityRouter` (the replica that already saw the longest
-    prefix of its prompt, else the least loaded). Both keep a consult's photo and history in one
+    one follows :class:`PrefixAffinityRouter` (the replica that already saw the longest prefix
+    of its prompt, else the least loaded). Both keep a consult's photo and history in one
     replica's prefix cache. ``request_router_kwargs``: ``num_virtual_nodes``,
     ``num_fallback_replicas``, and the prefix router's own."""
 
@@ -134,8 +159,9 @@ class EngineUnavailable(RuntimeError):
 
 
 class SkinGPT4Server(LLMServer):
-    """The LLM deployment: Ray Serve LLM's ``LLMServer``, which leaves as soon as its vLLM engine
-    dies instead of waiting for three failed health checks.
+    """The LLM deployment: Ray Serve LLM's ``LLMServer``, which also answers Responses requests
+    (:meth:`responses`) and leaves as soon as its vLLM engine dies instead of waiting for three
+    failed health checks.
 
     A dead engine answers every new request with an error at once, and Ray Serve's routers keep
     sending requests to a replica until the controller marks it unhealthy (three failed checks,
@@ -192,10 +218,64 @@ class SkinGPT4Server(LLMServer):
         await self._refuse_when_engine_dead()
         return await super().completions(request, raw_request_info)
 
+    async def responses(self, request, raw_request_info=None):
+        """``POST /v1/responses`` (vLLM's ``ResponsesRequest``), which Ray Serve LLM's
+        ``LLMServer`` does not serve, answered by the engine's own ``OpenAIServingResponses``
+        (:func:`responses_serving`), the object vLLM's server answers the route with in embedded
+        mode. The stream holds vLLM's ``ErrorResponse``, or the whole response as a JSON dict, or
+        for ``stream: true`` vLLM's server-sent events (``event: TYPE\\ndata: JSON\\n\\n``), those
+        of each batching interval in one string, as chat's stream is batched."""
+        await self._refuse_when_engine_dead()
+        return self._responses(request, raw_request_info)
+
+    async def _responses(self, request, raw_request_info):
+        from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
+        from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+        from vllm.exceptions import VLLMClientError
+
+        serving = responses_serving(self.engine)
+        if serving is None:
+            logger.error("the vLLM engine of this replica has no Responses API serving object")
+            yield ErrorResponse(error=ErrorInfo(
+                message="the Responses API is not available here; use /v1/chat/completions",
+                type="NotImplementedError", code=501))
+            return
+        raw_request = None if raw_request_info is None else raw_request_info.to_starlette_request()
+        try:
+            result = await serving.create_responses(request, raw_request=raw_request)
+        except (ValueError, VLLMClientError) as exc:  # as Ray's chat: vLLM's 400s and 404s
+            result = serving.create_error_response(exc)
+        if isinstance(result, ErrorResponse):
+            yield result
+        elif isinstance(result, ResponsesResponse):
+            yield result.model_dump(mode="json", by_alias=True)
+        else:
+            async for events in self._batch_output_stream(server_sent_events(result)):
+                yield "".join(events)
+
+
+def responses_serving(engine: Any):
+    """A replica engine's vLLM ``OpenAIServingResponses``, or None.
+
+    Ray Serve LLM's ``VLLMEngine`` runs vLLM's ``init_app_state``, which builds the serving object
+    of every route from the engine's own arguments, model registry and renderer, as vLLM's server
+    does in embedded mode; Ray keeps them in the engine's private ``_app_state`` and reaches its
+    own routes through methods, with no public accessor. Building a second one would take the
+    engine client, the registry, the renderer and the arguments, private attributes as well, and
+    could drift from vLLM's wiring. Should a Ray upgrade rename ``_app_state``, the route answers
+    501 (and Ray mode's Responses tests fail) while chat keeps working."""
+    return getattr(getattr(engine, "_app_state", None), "openai_serving_responses", None)
+
+
+async def server_sent_events(events):
+    """vLLM's Responses stream events as its server writes them (``responses/api_router.py``)."""
+    async for event in events:
+        yield f"event: {event.type}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
+
 
 ROUTERS = {
     "session": f"{__name__}.SessionAffinityRouter",
-    "prefix": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
+    "prefix": f"{__name__}.PrefixAffinityRouter",
     "pow2": None,  # Ray Serve's default: the less loaded of two random replicas
 }
 
@@ -301,9 +381,7 @@ def engine_environment(config: EmbeddedServerConfig, accelerator: str) -> dict[s
     The policy itself (with its API key) goes to the ingress only. A CPU thread binding computed
     here would not fit another node's CPUs: CPU replicas with tensor parallel take
     ``VLLM_CPU_OMP_THREADS_BIND`` from their node's environment (docs/ray-cluster.md)."""
-    env = config.environment(on_gpu=accelerator == "gpu", bind_threads=False)
-    del env[settings.POLICY_ENV]
-    return env
+    return config.environment(on_gpu=accelerator == "gpu", bind_threads=False, policy=False)
 
 
 def model_path(model: str) -> str:
@@ -395,10 +473,16 @@ def replica_failure(exc: BaseException) -> ServingError | None:
     return None
 
 
+def error_response(error: ServingError) -> Response:
+    return Response(error.body(), status_code=error.status, media_type="application/json",
+                    headers={k.decode(): v.decode() for k, v in error.headers()})
+
+
 class SkinGPT4Ingress(OpenAiIngress):
     """``OpenAiIngress`` with :class:`RequestPolicyMiddleware` in front of every route, a
-    ``/health`` route that answers 200 once every LLM deployment passes its health check, and
-    requests refused by a replica whose engine died sent again (:meth:`_get_response`)."""
+    ``/health`` route that answers 200 once every LLM deployment passes its health check, a
+    ``/v1/responses`` route (:meth:`responses`), and requests refused by a replica whose engine
+    died sent again (:meth:`_get_response`)."""
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, policy: dict | None = None):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
@@ -412,10 +496,9 @@ class SkinGPT4Ingress(OpenAiIngress):
         # rather than serving without the policy.
         from serving.middleware import RequestPolicyMiddleware
 
-        # Ray's ingress serves chat and completions; /v1/responses is refused before any check.
-        app.add_middleware(RequestPolicyMiddleware, policy=self._policy,
-                           post_routes=("/v1/chat/completions", "/v1/completions"))
+        app.add_middleware(RequestPolicyMiddleware, policy=self._policy)
         app.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/v1/responses", self.responses, methods=["POST"])
         self._policy_installed = True
         super()._set_asgi_app(app)
 
@@ -464,8 +547,40 @@ class SkinGPT4Ingress(OpenAiIngress):
         try:
             return await super()._process_llm_request(body, call_method, raw_request)
         except ServingError as error:
-            return Response(error.body(), status_code=error.status, media_type="application/json",
-                            headers={k.decode(): v.decode() for k, v in error.headers()})
+            return error_response(error)
+
+    async def responses(self, request: Request) -> Response:
+        """``POST /v1/responses``, as vLLM's server answers it: the body (checked by the policy
+        middleware) as vLLM's ``ResponsesRequest`` goes to an LLM replica
+        (:meth:`SkinGPT4Server.responses`, sent again on refusal as chat is), and its answer comes
+        back as JSON (the whole response, or an error with its status) or as vLLM's event
+        stream."""
+        from pydantic import ValidationError
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        try:
+            body = ResponsesRequest.model_validate_json(await request.body())
+        except ValidationError as exc:  # the middleware checked the body against the same model
+            where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+            return error_response(InvalidRequest(f"{where}: {exc.errors()[0]['msg']}", param=where))
+        stream = self._get_response(body=body, call_method="responses", raw_request=request)
+        try:
+            first = await anext(stream)
+        except ServingError as error:
+            return error_response(error)
+        if isinstance(first, ErrorResponse):
+            return JSONResponse({"error": first.error.model_dump(mode="json")},
+                                status_code=first.error.code)
+        if isinstance(first, dict):
+            return JSONResponse(first)
+
+        async def events():
+            yield first
+            async for more in stream:
+                yield more
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def check_health(self) -> None:
         if not self._policy_installed:

@@ -106,6 +106,8 @@ def test_replicas_leave_when_their_engine_dies():
                 await server.chat(None)
             with pytest.raises(EngineUnavailable):
                 await server.completions(None)
+            with pytest.raises(EngineUnavailable):
+                await server.responses(None)
             await asyncio.wait_for(watch, 5)
 
     asyncio.run(scenario())
@@ -201,6 +203,140 @@ def test_ingress_never_resends_a_request_that_ran(ingress):
     assert ingress.calls == 1
 
 
+def _responses_request(body: dict, headers: list | None = None):
+    """A POST /v1/responses as the ingress gets it from the policy middleware."""
+    from starlette.requests import Request
+
+    raw = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "path": "/v1/responses",
+                    "headers": headers or [], "query_string": b""}, receive)
+
+
+def _respond(ingress, body: dict) -> tuple[int, str, str]:
+    """Status, media type and body text of the ingress's /v1/responses answer."""
+    import asyncio
+
+    async def run():
+        response = await ingress.responses(_responses_request(body))
+        if hasattr(response, "body_iterator"):
+            text = "".join([chunk async for chunk in response.body_iterator])
+        else:
+            text = response.body.decode()
+        return response.status_code, response.media_type, text
+
+    return asyncio.run(run())
+
+
+def test_ingress_answers_responses_as_vllm_does(ingress):
+    """/v1/responses on the ingress: a whole response as JSON, vLLM's error with its status, an
+    event stream as it comes, a refused request sent again as chat is."""
+    from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+
+    from serving.ray_app import EngineUnavailable
+
+    body = {"model": MODEL, "input": "Hello", "store": False}
+    whole = {"id": "resp_1", "object": "response", "output": []}
+    ingress.outcomes = [[whole]]
+    status, media, text = _respond(ingress, body)
+    assert (status, media, json.loads(text)) == (200, "application/json", whole)
+
+    ingress.calls, ingress.outcomes = 0, [[ErrorResponse(error=ErrorInfo(
+        message="The model `x` does not exist.", type="NotFoundError", code=404))]]
+    status, _, text = _respond(ingress, body)
+    assert status == 404 and json.loads(text)["error"]["message"] == "The model `x` does not exist."
+
+    events = ["event: response.created\ndata: {}\n\n",
+              "event: response.output_text.delta\ndata: {}\n\n"
+              "event: response.completed\ndata: {}\n\n"]
+    refusal = _delivered(EngineUnavailable("engine died"))
+    ingress.calls, ingress.outcomes = 0, [[refusal], events]
+    status, media, text = _respond(ingress, body)
+    assert (status, media, text) == (200, "text/event-stream", "".join(events))
+    assert ingress.calls == 2
+
+    ingress.calls, ingress.outcomes = 0, [[refusal]] * 3
+    status, _, text = _respond(ingress, body)
+    assert status == 503 and json.loads(text)["error"]["type"] == "ServiceUnavailableError"
+
+    status, _, text = _respond(ingress, {"model": MODEL})  # no input: not a Responses request
+    assert status == 400 and json.loads(text)["error"]["param"] == "input"
+
+
+@pytest.mark.filterwarnings("ignore:coroutine 'LLMServer.__del__' was never awaited")
+def test_replica_answers_responses_with_the_engines_serving_object():
+    """SkinGPT4Server.responses calls the engine's vLLM OpenAIServingResponses: a whole response
+    leaves as JSON, a stream as vLLM's server-sent events, a ValueError as vLLM's error."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
+    from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+    from vllm.sampling_params import SamplingParams
+
+    from serving.ray_app import RayAppArgs, SkinGPT4Server, llm_config, responses_serving
+
+    class Event:
+        def __init__(self, kind):
+            self.type = kind
+
+        def model_dump_json(self, indent=None, by_alias=False):
+            return json.dumps({"type": self.type})
+
+    request = ResponsesRequest(model=MODEL, input="Hello", store=False)
+    whole = ResponsesResponse.from_request(request, sampling_params=SamplingParams(max_tokens=4),
+                                           model_name=MODEL, created_time=0, output=[],
+                                           status="completed")
+    headers_seen = []
+
+    class RawRequestInfo:  # what the ingress sends along with the request
+        def to_starlette_request(self):
+            return _responses_request({}, [(b"x-session-id", b"consult-1")])
+
+    class Serving:
+        async def create_responses(self, request, raw_request=None):
+            headers_seen.append(raw_request and raw_request.headers.get("x-session-id"))
+            if request.input == "fail":
+                raise ValueError("bad value")
+            if not request.stream:
+                return whole
+
+            async def events():
+                for kind in ("response.created", "response.completed"):
+                    yield Event(kind)
+            return events()
+
+        def create_error_response(self, exc):
+            return ErrorResponse(error=ErrorInfo(message=str(exc), type="BadRequestError",
+                                                 code=400))
+
+    config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
+    server = SkinGPT4Server.sync_init(config, engine_cls=None)
+    server._engine_dead = False
+    server.engine = SimpleNamespace(_app_state=SimpleNamespace(openai_serving_responses=Serving()))
+    server.engine.check_health = lambda: asyncio.sleep(0)
+    assert isinstance(responses_serving(server.engine), Serving)
+    assert responses_serving(SimpleNamespace()) is None  # no Responses serving object: a 501
+
+    async def answer(req, info=None):
+        return [item async for item in await server.responses(req, info)]
+
+    [json_whole] = asyncio.run(answer(request, RawRequestInfo()))
+    assert json_whole == whole.model_dump(mode="json", by_alias=True)
+    assert headers_seen == ["consult-1"]
+    streamed = "".join(asyncio.run(answer(request.model_copy(update={"stream": True}))))
+    assert streamed == ('event: response.created\ndata: {"type": "response.created"}\n\n'
+                        'event: response.completed\ndata: {"type": "response.completed"}\n\n')
+    [error] = asyncio.run(answer(request.model_copy(update={"input": "fail"})))
+    assert isinstance(error, ErrorResponse) and error.error.code == 400
+    server.engine = SimpleNamespace(check_health=lambda: asyncio.sleep(0))
+    [missing] = asyncio.run(answer(request))
+    assert isinstance(missing, ErrorResponse) and missing.error.code == 501
+
+
 def test_replica_settings():
     from serving.ray_app import ReplicaSettings, RayAppArgs, llm_config
 
@@ -209,7 +345,7 @@ def test_replica_settings():
                      "num_replicas": 2, "request_router_config": {
                          "request_router_class": "serving.ray_app.SessionAffinityRouter"}}
     prefix = ReplicaSettings(routing="prefix").deployment_config(30)["request_router_config"]
-    assert prefix["request_router_class"].endswith("PrefixCacheAffinityRouter")
+    assert prefix["request_router_class"] == "serving.ray_app.PrefixAffinityRouter"
     assert "request_router_config" not in ReplicaSettings(routing="pow2").deployment_config(30)
     assert ReplicaSettings(health_check_period_s=3).deployment_config(30)["health_check_period_s"] == 3
     scaled = ReplicaSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=8)
@@ -289,6 +425,34 @@ def test_session_router_uses_the_ring_for_sessions_and_prefixes_otherwise():
         assert len(ranks) == 1 and len(ranks[0]) == 1
         assert asyncio.run(router.choose_replicas(list(router._replicas.values()), request(session))) == ranks
     assert len({ranks[0][0] for ranks in chosen.values()}) >= 2  # sessions spread over replicas
+
+
+def test_prefix_routing_reads_a_responses_request_as_chat():
+    """Without a session, the prefix router's text of a Responses request (vLLM's
+    ResponsesRequest: no messages, a stored-prompt field that is None) is chat's text for the same
+    conversation: instructions as the system message, then the messages' text parts."""
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+    from serving.ray_app import PrefixAffinityRouter, SessionAffinityRouter
+
+    photo = "data:image/png;base64,AAAA"
+    responses = ResponsesRequest(model=MODEL, instructions="Answer briefly.", input=[
+        {"role": "user", "content": [{"type": "input_image", "image_url": photo},
+                                     {"type": "input_text", "text": "What's wrong with my skin?"}]}])
+    chat = ChatCompletionRequest(model=MODEL, messages=[
+        {"role": "system", "content": "Answer briefly."}, image_message([photo])])
+
+    for router_cls in (SessionAffinityRouter, PrefixAffinityRouter):  # --routing session, prefix
+        router = router_cls.__new__(router_cls)
+
+        def text(request):
+            return router._extract_text_from_request(SimpleNamespace(args=[request, None]))
+
+        assert text(responses) == text(chat) == "Answer briefly.What's wrong with my skin?"
+        assert text(ResponsesRequest(model=MODEL, input="Hello")) == "Hello"
 
 
 def test_ingress_takes_the_key_from_its_environment(monkeypatch):
@@ -506,6 +670,86 @@ def test_without_a_session_routing_follows_the_prefix(client):
     for _ in range(2):
         later = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8)
         assert later.usage.prompt_tokens_details.cached_tokens >= reusable
+
+
+QUESTION = "What's wrong with my skin?"
+
+
+def _consult(photo_url: str, question: str = QUESTION) -> list[dict]:
+    """A Responses request's input: one user message, the photo then the question."""
+    return [{"role": "user", "content": [{"type": "input_image", "image_url": photo_url},
+                                         {"type": "input_text", "text": question}]}]
+
+
+def test_responses_answer_like_chat(client, photo_url):
+    """POST /v1/responses on the Ray app, without a session (prefix routing reads the Responses
+    request): for the same conversation at temperature 0, chat's text and token counts (the
+    photo's image positions included), as on the embedded server."""
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[image_message([photo_url], QUESTION)], **GREEDY)
+    r = client.responses.create(model=MODEL, input=_consult(photo_url), temperature=0,
+                                max_output_tokens=GREEDY["max_tokens"])
+    assert r.object == "response" and r.id.startswith("resp_")
+    assert r.output_text and r.output_text == chat.choices[0].message.content
+    assert "###" not in r.output_text
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+
+
+def test_responses_stream_like_chat(client, photo_url):
+    """client.responses.stream and stream=True on the Ray app: vLLM's event stream, from
+    response.created to response.completed, whose text is chat's."""
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[image_message([photo_url], QUESTION)], **GREEDY)
+    kw = dict(model=MODEL, input=_consult(photo_url), temperature=0,
+              max_output_tokens=GREEDY["max_tokens"])
+    with client.responses.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.output_text.done" in kinds
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1, "the answer did not arrive in pieces"
+    assert "".join(deltas) == final.output_text == chat.choices[0].message.content
+    assert final.usage.input_tokens == chat.usage.prompt_tokens
+    raw = list(client.responses.create(stream=True, **kw))
+    assert raw[-1].type == "response.completed"
+    assert "".join(e.delta for e in raw if e.type == "response.output_text.delta") == final.output_text
+
+
+def test_responses_follow_the_consult_session(client, photo_url):
+    """A Responses consult sent with an x-session-id reaches the replica that holds its prefix:
+    the next turn reports the reused photo in usage.input_tokens_details.cached_tokens."""
+    kw = dict(model=MODEL, input=_consult(photo_url, "Is this a mole?"), temperature=0,
+              max_output_tokens=4, extra_headers={"x-session-id": "responses-consult"})
+    first = client.responses.create(**kw)
+    reusable = (first.usage.input_tokens - 1) // BLOCK * BLOCK
+    assert reusable >= BLOCK
+    for _ in range(2):
+        again = client.responses.create(**kw)
+        assert again.usage.input_tokens_details.cached_tokens >= reusable
+
+
+def test_responses_refusals(ray_server, client):
+    """The embedded server's Responses contract holds in Ray mode: refused fields get a 400 that
+    names them, an unknown model a 404, a request without the key a 401."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_1")
+    assert info.value.body["param"] == "previous_response_id"
+    assert "send the whole conversation in input" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=MODEL, input="Hi", extra_body={"top_k": 5})
+    assert "'top_k'" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=MODEL, input=[{"role": "user", "content": [
+            {"type": "input_image", "image_url": "data:image/png;base64,@@"}]}])
+    assert info.value.body["code"] == "invalid_image"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="another-model", input="Hi")
+    r = httpx.post(f"{ray_server.base_url}/v1/responses", json={"model": MODEL, "input": "Hi"},
+                   timeout=30)
+    assert r.status_code == 401
 
 
 def test_engine_metrics_reach_prometheus(cluster, client, photo_url):
