@@ -84,7 +84,7 @@ def _name_list(text: str) -> tuple[str, ...]:
 def _checkout(text: str) -> Path:
     path = Path(text)
     if not (path / "serving" / "cli.py").is_file():
-        raise argparse.ArgumentTypeError(f"{text} is not a checkout of this project (no serving/cli.py)")
+        raise argparse.ArgumentTypeError(f"{text} is not a checkout of this project (no serving/cli/__init__.py)")
     return path.resolve()
 
 

@@ -49,9 +49,9 @@ from transformers import GenerationConfig
 from benchmarks.hf_engine import HFEngine, Job, Sampling
 from benchmarks.reference import ReferencePipeline
 from plugins.skingpt4.template import SEP, render_chat
-from serving.errors import InternalError, InvalidRequest, NotFound, ServingError
-from serving.media import data_url_bytes, decode_photo
-from serving.policy import ServePolicy
+from serving.api.errors import InternalError, InvalidRequest, NotFound, ServingError
+from serving.api.media import data_url_bytes, decode_photo
+from serving.api.policy import ServePolicy
 
 _POLICY = ServePolicy()  # the product server's image limits
 
@@ -61,7 +61,7 @@ Mode = Literal["reference", "hf-batched"]
 # --------------------------------------------------------------------------- errors
 
 
-# The product's error tree (serving.errors): the same OpenAI error bodies as the vLLM server.
+# The product's error tree (serving.api.errors): the same OpenAI error bodies as the vLLM server.
 
 
 # --------------------------------------------------------------------------- request schema

@@ -1,7 +1,7 @@
 """The servers under test: each an OpenAI-compatible endpoint the harness starts and stops itself.
 
 A target is a command line, a host and a port. :class:`LaunchedTarget` starts it with
-:class:`serving.process.ServerProcess` (its own session, logging to a file), which waits until
+:class:`serving.engine.process.ServerProcess` (its own session, logging to a file), which waits until
 ``GET /health`` answers 200, then asks ``/v1/models`` for the served model name; on stop the server
 gets SIGTERM, then its process group and any descendant that left it (Ray's workers) SIGKILL.
 
@@ -44,7 +44,7 @@ import psutil
 
 from benchmarks.metrics import MemorySampler
 from serving import settings
-from serving.process import ServerProcess, free_port
+from serving.engine.process import ServerProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ VLLM_SERVER_SCRIPT = (
 )
 # The modules whose origin tells which checkout a server runs: the CLI, the request policy in
 # front of vLLM, and the plugin that every vLLM process loads through its entry point.
-CHECKOUT_MODULES = ("serving.cli", "serving.middleware", "plugins.skingpt4", "encoders")
+CHECKOUT_MODULES = ("serving", "serving.cli", "plugins.skingpt4", "encoders")
 TARGETS: tuple[str, ...] = tuple(TARGET_ARGS)
 
 # The only environment the harness sets, for the servers it starts: offline, no telemetry.
@@ -109,7 +109,7 @@ def api_key() -> str | None:
 
 class TargetError(RuntimeError):
     """A running target that does not answer as an OpenAI server should (a target that will not
-    start raises :class:`serving.process.ServerStartError`)."""
+    start raises :class:`serving.engine.process.ServerStartError`)."""
 
 
 def child_env() -> dict[str, str]:
@@ -216,9 +216,9 @@ def served_model(root_url: str) -> str:
 
 
 class LaunchedTarget:
-    """A target the harness starts (through :class:`serving.process.ServerProcess`, the project's
+    """A target the harness starts (through :class:`serving.engine.process.ServerProcess`, the project's
     one start/stop policy) and stops; use as a context manager. A target that will not start
-    raises :class:`serving.process.ServerStartError` with the tail of its log."""
+    raises :class:`serving.engine.process.ServerStartError` with the tail of its log."""
 
     def __init__(self, target: Target, log_path: Path, startup_timeout_s: float = 300.0, stop_timeout_s: float = 60.0) -> None:
         self.target = target

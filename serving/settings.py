@@ -3,7 +3,7 @@ defaults, and the SkinGPT-4 constants it shares with the plugin and the vision s
 
 The variables ``serving/`` reads or sets are named here; each is read by a function that takes
 the environment as an argument (so tests pass a dict): those below, and
-:meth:`serving.server.EmbeddedServerConfig.environment`, the one builder of the engine's
+:meth:`serving.engine.server.EmbeddedServerConfig.environment`, the one builder of the engine's
 environment. Constants that ``plugins/`` or
 ``encoders/`` define stay defined there (those folders may not import ``serving/``) and are
 re-exported here for ``serving/``: one definition of each. Importing this module stays light
@@ -26,7 +26,7 @@ API_KEY_ENV = "SKINGPT4_API_KEY"
 """The server's API key when ``--api-key`` is not given (and the Ray ingress's, on its node)."""
 
 POLICY_ENV = "SKINGPT4_SERVE_POLICY"
-"""The server's :class:`serving.policy.ServePolicy` as JSON, for the middleware that vLLM builds
+"""The server's :class:`serving.api.policy.ServePolicy` as JSON, for the middleware that vLLM builds
 without arguments, possibly in another process."""
 
 KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -48,7 +48,7 @@ LOGGING_LEVEL_ENV = "VLLM_LOGGING_LEVEL"
 the answer), quiet unless asked; a level the user set is kept."""
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
-# Request routers of the Ray LLM deployment (serving.ray_app.ROUTERS): the CLI offers these.
+# Request routers of the Ray LLM deployment (serving.cluster.app.ROUTERS): the CLI offers these.
 RAY_ROUTINGS = ("session", "prefix", "pow2")
 
 

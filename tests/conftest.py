@@ -23,7 +23,7 @@ MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "engines": ("engine",),  # tests/plugins/test_vllm_parity.py: vLLM LLM + HF reference
     "vllm_engine": ("engine",),  # tests/plugins/test_convert.py: vLLM LLM on a converted release
     "reference_server": ("engine",),  # tests/benchmarks/conftest.py: the HF reference target
-    "cluster": ("ray", "engine"),  # tests/serving/test_ray.py: a Ray cluster serving vLLM replicas
+    "cluster": ("ray", "engine"),  # tests/serving/cluster/test_ray.py: a Ray cluster serving vLLM replicas
 }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.server import EmbeddedServerConfig
+from serving.engine.server import EmbeddedServerConfig
 
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "skingpt4.service"
 # systemd time spans: "90", "90s", "1min 30s", "2m"

@@ -18,7 +18,7 @@ from benchmarks.loadgen import LoadConfig, arrival_gaps, make_client, run_load
 from benchmarks.metrics import RequestResult, compute_metrics, followup_ttft_ratio, median_ttft_by_turn
 from benchmarks.scenarios import build_conversations
 from benchmarks.targets import LaunchedTarget, Target, http_get
-from serving.process import ServerStartError, free_port
+from serving.engine.process import ServerStartError, free_port
 
 VLLM_KEYS = {
     "request_throughput", "output_throughput", "total_token_throughput", "completed", "failed", "duration",

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.process import ServerProcess, free_port
+from serving.engine.process import ServerProcess, free_port
 
 API_KEY = "test-key-0123456789"
 MAX_IMAGES = 4
@@ -47,7 +47,7 @@ class Server:
 
 def start_server(folder: Path, root: Path, *extra: str) -> Server:
     """``skingpt4 serve`` on ``folder`` (float32, 1024 positions), healthy; stop it with
-    ``server.process.stop()``. Raises :class:`serving.process.ServerStartError` with the log tail."""
+    ``server.process.stop()``. Raises :class:`serving.engine.process.ServerStartError` with the log tail."""
     root.mkdir(parents=True, exist_ok=True)
     for sub in ("tmp", "cache"):
         (root / sub).mkdir(exist_ok=True)

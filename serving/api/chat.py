@@ -1,0 +1,351 @@
+"""Checks and SkinGPT-4 defaults applied to an OpenAI request before vLLM sees it.
+
+- the top-level fields follow the route's contract (:mod:`serving.api.contract`);
+- ``messages``: roles ``system``, ``user``, ``assistant``; ``text`` and ``image_url`` parts,
+  photos in user messages only; text is valid Unicode without the reserved image tokens, and
+  bounded in size;
+- every photo: a data URL, or an allowed remote URL fetched from a public address, decoded once
+  and forwarded to vLLM as a small lossless image (:func:`serving.api.media.forward_photo`); at most
+  ``max_images_per_request``;
+- ``n`` is bounded; SkinGPT-4's ``###`` separator is a stop string (except for JSON output);
+- ``response_format`` ``json_schema``: the schema must be valid and compile to a grammar; the
+  name ``dermatology_report`` without a schema selects the report schema shipped here.
+  ``json_object`` uses the grammar engine's built-in JSON grammar; other structured-output kinds
+  are outside the contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from serving.api.admission import Admission
+from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE, check_fields
+from serving.api.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServerBusy, ServingError
+from serving.api.media import data_url_payload_start, fetch_remote_image
+from serving.api.policy import ServePolicy
+from serving.settings import RESERVED_TOKENS
+from serving.api.workers import JobError, JobFailed, JobTimeout
+
+REPORT_SCHEMA_NAME = "dermatology_report"
+MAX_SCHEMA_CHARS = 64 * 1024
+
+
+@lru_cache(maxsize=1)
+def report_schema() -> dict[str, Any]:
+    text = resources.files("serving.api").joinpath("schemas/dermatology_report.json").read_text()
+    return json.loads(text)
+
+
+MESSAGE_KEYS = {"role", "content", "name"}
+ROLES = ("system", "user", "assistant")
+PART_KEYS = {"text": {"type", "text"}, "image_url": {"type", "image_url"}}
+IMAGE_URL_KEYS = {"url", "detail"}
+IMAGE_DETAILS = ("auto", "low", "high")
+
+
+def _check_text(text: Any, where: str) -> int:
+    """Refuse non-strings, text that is not valid Unicode and the reserved image tokens;
+    return the text's length."""
+    if not isinstance(text, str):
+        raise InvalidRequest(f"{where}: text must be a string", param=where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            f"{where}: text is not valid Unicode (it holds a lone UTF-16 surrogate)", param=where
+        ) from None
+    for token in RESERVED_TOKENS:
+        if token in text:
+            raise InvalidRequest(
+                f"{where}: text contains the reserved token {token!r}; send photos as image "
+                "parts (image_url, input_image) and the server places them",
+                param=where,
+            )
+    return len(text)
+
+
+def _check_keys(obj: dict, allowed: set[str], where: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise InvalidRequest(
+                f"{where}: unknown field {key!r}; accepted: {', '.join(sorted(allowed))}",
+                param=f"{where}.{key}",
+            )
+
+
+def _check_part(part: Any, role: str, where: str) -> tuple[int, bool]:
+    """One content part; return (its text length, whether it is a photo)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in PART_KEYS:
+        # vLLM would also take typeless or input_image/input_text parts past these checks.
+        raise InvalidRequest(
+            f"{where}: part type {kind!r} is not accepted; use 'text' or 'image_url'", param=where
+        )
+    _check_keys(part, PART_KEYS[kind], where)
+    if kind == "text":
+        return _check_text(part.get("text"), f"{where}.text"), False
+    if role != "user":
+        raise InvalidRequest(
+            f"{where}: a photo in a message with role {role!r}; SkinGPT-4 sees photos only in user "
+            "messages, so send it in a user message",
+            param=where,
+        )
+    spec = part.get("image_url")
+    if not isinstance(spec, dict):
+        raise InvalidRequest(f"{where}.image_url must be an object with a url", param=where)
+    _check_keys(spec, IMAGE_URL_KEYS, f"{where}.image_url")
+    if not isinstance(spec.get("url"), str) or not spec["url"]:
+        raise InvalidRequest(f"{where}: image_url.url must be a non-empty string", param=where)
+    if spec.get("detail") is not None and spec["detail"] not in IMAGE_DETAILS:
+        raise InvalidRequest(
+            f"{where}: image_url.detail must be one of {', '.join(IMAGE_DETAILS)}", param=where
+        )
+    return 0, True
+
+
+def _image_parts(messages: list, policy: ServePolicy) -> list[tuple[str, dict]]:
+    """Check every message; return the image parts. Roles are those the SkinGPT-4 template
+    renders, photos go in user messages, and only ``text`` and ``image_url`` parts exist."""
+    found, chars = [], 0
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"{where} must be an object with role and content", param=where)
+        _check_keys(message, MESSAGE_KEYS, where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(
+                f"{where}.role is {role!r}; accepted roles: {', '.join(ROLES)}", param=f"{where}.role"
+            )
+        if "name" in message and not (isinstance(message["name"], str) and len(message["name"]) <= 64):
+            raise InvalidRequest(f"{where}.name must be a string of at most 64 characters",
+                                 param=f"{where}.name")
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += _check_text(content, f"{where}.content")
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                length, is_photo = _check_part(part, role, f"{where}.content[{j}]")
+                chars += length
+                if is_photo:
+                    found.append((f"{where}.content[{j}]", part))
+        else:
+            raise InvalidRequest(f"{where}.content must be a string or a list of parts",
+                                 param=f"{where}.content")
+    _check_text_size(chars, policy)
+    return found
+
+
+def _check_text_size(chars: int, policy: ServePolicy) -> None:
+    if chars > policy.max_text_chars:
+        raise InvalidRequest(
+            f"the request holds {chars} characters of text; the limit is {policy.max_text_chars}"
+        )
+
+
+async def forward_image_url(url: str, where: str, policy: ServePolicy, admission: Admission) -> str:
+    """The small lossless data URL the engine gets for the photo at ``url`` (a data URL, or an
+    allowed remote URL), decoded in one of the admission's photo workers under a decode slot.
+    Every route that takes photos goes through here."""
+    if url[:5].lower() == "data:":
+        # Size and header checks need no decode slot: refuse oversized photos at once.
+        data_url_payload_start(url, policy, where)
+        header, data = {"data_url": True}, url.encode("ascii", "replace")
+    else:
+        header, data = {"data_url": False}, await fetch_remote_image(url, policy, where)
+    header |= {"where": where, "policy": policy.model_dump(mode="json")}
+    async with admission.decode_slot(admission.deadline()):
+        try:
+            _, out = await admission.photo_workers.run(header, data)
+        except JobTimeout:
+            raise InvalidImage(
+                f"{where}: decoding the photo took longer than {policy.decode_timeout_s:g} s; "
+                "send an ordinary camera photo (e.g. a baseline JPEG)"
+            ) from None
+        except JobFailed:
+            raise InvalidImage(f"{where}: the photo could not be decoded") from None
+        except JobError as exc:
+            raise job_error(exc) from None
+    return out.decode("ascii")
+
+
+def job_error(exc: JobError) -> ServingError:
+    """The error a photo worker reported, as the class it raised (messages are the checks' own)."""
+    cls = {"PayloadTooLarge": PayloadTooLarge, "InvalidImage": InvalidImage}.get(exc.kind)
+    if cls is None:
+        return InvalidImage("the photo could not be decoded")
+    return cls(exc.message, param=exc.param)
+
+
+async def _check_response_format(body: dict, admission: Admission) -> None:
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise InvalidRequest("response_format.json_schema must be an object with name and schema")
+    if spec.get("schema") is None and spec.get("name") == REPORT_SCHEMA_NAME:
+        spec["schema"] = report_schema()
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(
+            "response_format.json_schema.schema must be a JSON schema object (or use the name "
+            f"{REPORT_SCHEMA_NAME!r} for the built-in report schema)"
+        )
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    text = json.dumps(schema, sort_keys=True)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise InvalidRequest(
+            f"response_format.json_schema.schema is {len(text)} characters; the limit is "
+            f"{MAX_SCHEMA_CHARS}"
+        )
+    try:
+        Draft202012Validator.check_schema(schema)
+    except RecursionError:
+        raise InvalidRequest("response_format.json_schema.schema is nested too deeply") from None
+    except SchemaError as exc:
+        path = "/".join(str(p) for p in exc.path) or "(root)"
+        raise InvalidRequest(
+            f"response_format.json_schema.schema is not a valid JSON schema at {path}: "
+            f"{exc.message}"
+        ) from None
+    reason = await grammar_error(text, admission)
+    if reason:
+        raise InvalidRequest(
+            "response_format.json_schema.schema is valid JSON Schema but the structured-output "
+            f"engine cannot compile it ({reason}); simplify it, e.g. keep pattern repetition "
+            "bounds at or below 128",
+            param="response_format",
+        )
+
+
+_GRAMMAR_VERDICTS: collections.OrderedDict[str, str | None] = collections.OrderedDict()
+GRAMMAR_CACHE_SIZE = 1024
+
+
+_GRAMMAR_COMPILING: dict[str, asyncio.Future] = {}
+
+
+async def grammar_error(schema_json: str, admission: Admission) -> str | None:
+    """Why the schema's grammar does not compile within the policy's time and memory bounds
+    (None: it does). Compiled in a schema worker that is stopped past its time (never on the
+    photo workers or the event loop); verdicts are cached by the schema's text, and requests
+    that send a schema being compiled wait for that compile, so each text compiles once."""
+    if schema_json in _GRAMMAR_VERDICTS:
+        _GRAMMAR_VERDICTS.move_to_end(schema_json)
+        return _GRAMMAR_VERDICTS[schema_json]
+    if schema_json in _GRAMMAR_COMPILING:
+        return await asyncio.shield(_GRAMMAR_COMPILING[schema_json])
+    future = asyncio.get_running_loop().create_future()
+    _GRAMMAR_COMPILING[schema_json] = future
+    try:
+        verdict = await _compile_verdict(schema_json, admission)
+    except BaseException as exc:
+        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+        future.exception()  # retrieved: waiters get it, nobody else must
+        raise
+    finally:
+        del _GRAMMAR_COMPILING[schema_json]
+    future.set_result(verdict)
+    _GRAMMAR_VERDICTS[schema_json] = verdict
+    if len(_GRAMMAR_VERDICTS) > GRAMMAR_CACHE_SIZE:
+        _GRAMMAR_VERDICTS.popitem(last=False)
+    return verdict
+
+
+async def _compile_verdict(schema_json: str, admission: Admission) -> str | None:
+    workers = admission.schema_workers
+    try:  # the wait for a schema worker is bounded like any admission wait
+        async with asyncio.timeout(admission.timeout_s):
+            await admission.schema_slots.acquire()
+    except TimeoutError:
+        retry = max(1, round(admission.timeout_s / 2))
+        raise ServerBusy(f"the server is busy (the request waited too long for a schema "
+                         f"compiler); retry in {retry} s", retry_after_s=retry) from None
+    try:
+        try:
+            reply, _ = await workers.run({}, schema_json.encode("utf-8"))
+            return reply["reason"]
+        except JobTimeout:
+            return f"compiling it takes longer than {workers.timeout_s:g} s"
+        except (JobFailed, JobError):
+            return f"compiling it needs more than {workers.memory_mb} MiB"
+    finally:
+        admission.schema_slots.release()
+
+
+def _apply_stop(body: dict, policy: ServePolicy) -> None:
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
+        return  # the grammar ends the answer; a separator inside a JSON string must not cut it
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not isinstance(stop, list):
+        raise InvalidRequest("stop must be a string or a list of strings", param="stop")
+    body["stop"] = list(dict.fromkeys([*stop, *policy.default_stop]))
+
+
+async def prepare_chat_request(
+    body: Any, policy: ServePolicy, admission: Admission | None = None
+) -> dict:
+    """Validate ``body`` (a parsed JSON request) and return it with SkinGPT-4 defaults and each
+    photo replaced by the small image the engine gets. ``admission`` bounds the photos decoded
+    at once (None: a private pool, for callers outside the server)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of chat messages", param="messages")
+    check_fields(CHAT_ROUTE, body)
+    images = _image_parts(body["messages"], policy)
+    if len(images) > policy.max_images_per_request:
+        raise InvalidRequest(
+            f"the request has {len(images)} images; the limit is {policy.max_images_per_request}",
+            param="messages",
+        )
+    _check_n(body, policy)
+    private = admission is None
+    admission = admission or Admission.from_policy(policy)
+    try:
+        await _check_response_format(body, admission)
+        _apply_stop(body, policy)
+        for where, part in images:
+            spec = part["image_url"]
+            spec["url"] = await forward_image_url(spec["url"], where, policy, admission)
+    finally:
+        if private:
+            await admission.close()
+    return body
+
+
+def _check_n(body: dict, policy: ServePolicy) -> None:
+    n = body.get("n")
+    if n is not None and n > policy.max_n:
+        raise InvalidRequest(f"n is {n}; it must be an integer from 1 to {policy.max_n}", param="n")
+
+
+def prepare_completion_request(body: Any, policy: ServePolicy) -> dict:
+    """``/v1/completions``: text prompts only (token ids could carry the image tokens), no
+    reserved tokens, bounded text and ``n``, the ``###`` stop."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    check_fields(COMPLETIONS_ROUTE, body)
+    prompt = body["prompt"]
+    prompts = prompt if isinstance(prompt, list) else [prompt]
+    chars = 0
+    for i, text in enumerate(prompts):
+        chars += _check_text(text, f"prompt[{i}]" if isinstance(prompt, list) else "prompt")
+    _check_text_size(chars, policy)
+    _check_n(body, policy)
+    _apply_stop(body, policy)
+    return body

@@ -1,0 +1,516 @@
+"""ASGI middleware in front of vLLM's OpenAI server (``--middleware``): access and request policy.
+
+1. API key: with a key set, every route but ``/health`` (and CORS preflights) needs
+   ``Authorization: Bearer <key>`` (or ``x-api-key``), compared in constant time; otherwise 401
+   (websockets: closed with 1008).
+2. Sizes: headers over ``max_header_bytes`` -> 431; a body over ``max_body_bytes`` -> 413,
+   without reading the rest.
+3. Routes: only those of the product (chat, completions, responses, models, health, metrics,
+   version); others get 404, so no vLLM route takes input past these checks. A POST body must
+   be declared JSON (``Content-Type: application/json``), or 415 before it is read.
+4. Upload time (:class:`UploadClock`): a body must arrive within ``upload_timeout_s`` and, after
+   its first ``upload_idle_timeout_s``, at ``min_upload_rate`` on average, or 408; a body that
+   stops short of its ``Content-Length`` for ``upload_idle_timeout_s`` is a 400.
+5. Admission (:mod:`serving.api.admission`): a body's memory is reserved from the server's byte
+   budget as its bytes arrive; photos are decoded in bounded worker processes; work that does
+   not fit in time gets a 503 with ``Retry-After``.
+6. Strict JSON (no ``NaN``, valid Unicode, at most :data:`MAX_JSON_DEPTH` levels), then the
+   route's contract and checks, :func:`serving.api.pipeline.prepare_request` (fields, messages,
+   photos decoded once and forwarded small, SkinGPT-4 stop and schema defaults; the same
+   pipeline as ``skingpt4 batch``); ``max_tokens`` must fit the context
+   (:class:`ContextCheck`). The checked body goes on to vLLM, and the large buffers of the
+   original are dropped before it does.
+7. One error shape: every error response, vLLM's and Starlette's included, leaves with OpenAI's
+   shape, a string ``code`` and the project's ``type`` (:func:`serving.api.errors.error_for_status`).
+
+Pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses pass through untouched. Request
+bodies are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+
+from serving.api.admission import Admission, BodyReservation
+from serving.api.errors import (
+    ContextLengthExceeded,
+    HeadersTooLarge,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServingError,
+    Unauthorized,
+    UnsupportedMediaType,
+    error_for_status,
+)
+from serving.api.policy import ServePolicy, policy_from_env
+from serving.api.pipeline import ROUTES, prepare_request
+
+OPEN_PATHS = ("/health",)
+GET_ROUTES = ("/health", "/ping", "/v1/models", "/metrics", "/version")
+POST_ROUTES = ROUTES
+# Nesting beyond this is refused by the strict parser: far below Python's recursion limit, so
+# nothing accepted can overflow it later (re-encoding, vLLM's own parser, schema compilers).
+MAX_JSON_DEPTH = 64
+MAX_ERROR_BODY = 64 * 1024  # error bodies from the app are rewritten up to this size
+
+
+async def send_error(send, error: ServingError, close: bool = False) -> None:
+    """The error response; ``close``: the request's body was not read to its end, so the
+    connection cannot carry another request."""
+    body = error.body()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += error.headers()
+    if close and (b"connection", b"close") not in headers:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def check_api_key(scope, key: str | None) -> None:
+    preflight = scope.get("method") == "OPTIONS" and _header(scope, b"access-control-request-method")
+    if key is None or scope.get("path") in OPEN_PATHS or preflight:
+        return
+    given = _header(scope, b"authorization") or ""
+    token = given[7:].strip() if given[:7].lower() == "bearer " else (_header(scope, b"x-api-key") or "")
+    if not hmac.compare_digest(token.encode(), key.encode()):
+        raise Unauthorized("missing or invalid API key; send Authorization: Bearer <key>")
+
+
+def check_route(scope) -> None:
+    """Only the routes this product serves; vLLM's other routes (messages, render, tokenize...)
+    would take images and text past the checks below."""
+    method, path = scope.get("method"), scope.get("path")
+    allowed = POST_ROUTES if method == "POST" else GET_ROUTES if method in ("GET", "HEAD") else ()
+    if path not in allowed:
+        raise NotFound(f"{method} {path} is not served here; see /v1/chat/completions")
+
+
+def _content_length(scope) -> int | None:
+    declared = _header(scope, b"content-length")
+    if declared is None:
+        return None
+    if not declared.strip().isdigit():
+        raise InvalidRequest("the Content-Length header is not a number")
+    return int(declared)
+
+
+def check_header_size(scope, limit: int) -> None:
+    size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+    if size > limit:
+        raise HeadersTooLarge(f"request headers are {size} bytes; the limit is {limit} bytes")
+
+
+def check_declared_size(declared: int | None, limit: int) -> None:
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit} bytes")
+
+
+def check_content_type(scope) -> None:
+    kind = (_header(scope, b"content-type") or "").split(";", 1)[0].strip().lower()
+    if kind != "application/json":
+        raise UnsupportedMediaType(
+            f"the request body must be JSON, sent with Content-Type: application/json (got "
+            f"{kind[:64] or 'no Content-Type'!r})"
+        )
+
+
+class UploadClock:
+    """When a body's next bytes must have arrived: within ``upload_timeout_s`` in all, no pause
+    longer than ``upload_idle_timeout_s``, and after that first grace, ``min_upload_rate``
+    bytes per second on average (a client on a slow uplink keeps going; one that trickles or
+    stalls is cut off)."""
+
+    def __init__(self, policy: ServePolicy, declared: int | None) -> None:
+        self.policy = policy
+        self.declared = declared
+        self.start = self.last = time.monotonic()
+        self.complete = False
+
+    def wait_s(self, received: int) -> float:
+        now = time.monotonic()
+        p = self.policy
+        by_rate = self.start + p.upload_idle_timeout_s + received / p.min_upload_rate
+        until = min(self.start + p.upload_timeout_s, by_rate, self.last + p.upload_idle_timeout_s)
+        return max(0.0, until - now)
+
+    def arrived(self) -> None:
+        self.last = time.monotonic()
+
+    def pause(self, seconds: float) -> None:
+        """The server held the body ``seconds`` (waiting for memory): shift every deadline."""
+        self.start += seconds
+        self.last += seconds
+
+    def late(self, received: int) -> ServingError:
+        p, now = self.policy, time.monotonic()
+        # Silent for most of the idle timeout: the client stopped (its rate deadline may fall a
+        # moment earlier). Bytes still coming, only too few: too slow.
+        if now - self.last >= p.upload_idle_timeout_s / 2 and received and self.declared:
+            return InvalidRequest(
+                f"the request body stopped after {received} of the {self.declared} bytes its "
+                f"Content-Length declares (nothing more for {p.upload_idle_timeout_s:g} s)"
+            )
+        return RequestTimeout(
+            f"the request body arrived too slowly ({received} bytes in {now - self.start:.0f} s): "
+            f"a body must arrive within {p.upload_timeout_s:g} s, with no pause over "
+            f"{p.upload_idle_timeout_s:g} s and at {p.min_upload_rate // 1024} KiB/s or more"
+        )
+
+
+async def read_body(receive, limit: int, declared: int | None, clock: UploadClock | None = None,
+                    reservation: BodyReservation | None = None) -> bytearray:
+    """The whole body in one buffer (no list of chunks joined into a second copy), within the
+    ``clock``'s deadlines and with its memory reserved as it arrives. The clock's
+    ``complete`` is set once the last byte is in."""
+    check_declared_size(declared, limit)
+    body = bytearray()
+    while True:
+        if clock is None:
+            message = await receive()
+        else:
+            try:
+                async with asyncio.timeout(clock.wait_s(len(body))):
+                    message = await receive()
+            except TimeoutError:
+                raise clock.late(len(body)) from None
+            clock.arrived()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequest("client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        if len(body) + len(chunk) > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        if reservation is not None:
+            waited = time.monotonic()
+            await reservation.cover(len(body) + len(chunk))
+            if clock is not None:  # time the server made the client wait is not the client's
+                clock.pause(time.monotonic() - waited)
+        body += chunk
+        if not message.get("more_body", False):
+            if clock is not None:
+                clock.complete = True
+            if declared is not None and len(body) != declared:
+                raise InvalidRequest(
+                    f"the request body has {len(body)} bytes; its Content-Length declares {declared}"
+                )
+            return body
+
+
+def _refuse_constant(name: str):
+    raise InvalidRequest(f"the request body is not valid JSON ({name} is not a JSON number)")
+
+
+def check_depth(value: object, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested deeper than ``limit`` (walked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    raise InvalidRequest(
+                        f"the request body is nested more than {limit} levels deep"
+                    )
+                stack.append((child, depth + 1))
+
+
+def parse_json(raw: bytearray) -> object:
+    """Strict JSON: UTF-8, no NaN/Infinity, at most :data:`MAX_JSON_DEPTH` levels, bounded
+    integer size."""
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not valid JSON (not UTF-8)") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
+    except ValueError as exc:  # e.g. integers beyond Python's digit limit
+        raise InvalidRequest(f"the request body is not valid JSON ({str(exc)[:120]})") from None
+    check_depth(value)
+    return value
+
+
+def dump_json(body: dict) -> bytes:
+    try:
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            "the request holds a string that is not valid Unicode (a lone UTF-16 surrogate)"
+        ) from None
+    except RecursionError:  # not after parse_json's depth bound; kept for other callers
+        raise InvalidRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+
+
+def _replay(body: bytes, receive):
+    """Hand the (checked) body to the app once, then pass on the client's own events, so
+    vLLM's disconnect watch sees a real disconnect, not an invented one."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+def error_message(status: int, body: bytes) -> tuple[str, str | None]:
+    """The message and param of an error body in any of the shapes the app sends: OpenAI's
+    (vLLM's, with an integer code), FastAPI's ``detail`` (a string or a list of field errors),
+    or plain text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        err = data["error"]
+        param = err.get("param")
+        return str(err.get("message") or "")[:2000], param if isinstance(param, str) else None
+    if isinstance(data, dict) and "detail" in data:
+        detail = data["detail"]
+        if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+            where = ".".join(str(p) for p in detail[0].get("loc", ()) if p != "body")
+            return f"{where}: {detail[0].get('msg', 'invalid value')}"[:2000], where or None
+        return str(detail)[:2000], None
+    text = body.decode("utf-8", "replace").strip()
+    from http import HTTPStatus
+
+    fallback = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+    return (text[:2000] if text and data is None else fallback), None
+
+
+def shaped_errors(send):
+    """``send`` for the app, with every error response (status >= 400) rewritten to the project's
+    error shape; other responses pass through untouched."""
+    start: dict | None = None
+    body = bytearray()
+    done = False
+
+    async def shaped(message):
+        nonlocal start, done
+        kind = message["type"]
+        if kind == "http.response.start":
+            if message["status"] < 400:
+                return await send(message)
+            start = message
+            return None
+        if start is None or kind != "http.response.body":
+            return await send(message)
+        if done:
+            return None  # the rest of an oversized error body
+        body.extend(message.get("body", b"")[:MAX_ERROR_BODY])
+        if message.get("more_body", False) and len(body) < MAX_ERROR_BODY:
+            return None
+        done = True
+        status = start["status"]
+        error = error_for_status(status, *error_message(status, bytes(body)))
+        payload = error.body()
+        drop = {b"content-length", b"content-type"} | {k for k, _ in error.headers()}
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in drop]
+        headers += [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()), *error.headers()]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        return await send({"type": "http.response.body", "body": payload})
+
+    return shaped
+
+
+async def call_app(app, scope, body: bytes) -> tuple[int, bytes]:
+    """Run one request through ``app`` in this process (no socket): its status and body."""
+    sent = False
+    status, out = 500, bytearray()
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the caller is still here
+
+    async def send(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            out.extend(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, bytes(out)
+
+
+def responses_as_chat(body: dict) -> list[dict]:
+    """A checked Responses body's conversation as chat messages (vLLM renders both alike):
+    ``instructions`` first as the system message, ``input_text``/``input_image`` parts as
+    ``text``/``image_url`` parts."""
+    messages = []
+    if body.get("instructions") is not None:
+        messages.append({"role": "system", "content": body["instructions"]})
+    given = body["input"]
+    if isinstance(given, str):
+        return [*messages, {"role": "user", "content": given}]
+    for item in given:
+        content = item["content"]
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": p["image_url"]}}
+                       if p.get("type") == "input_image" else {"type": "text", "text": p.get("text", "")}
+                       for p in content]
+        messages.append({"role": item["role"], "content": content})
+    return messages
+
+
+class ContextCheck:
+    """``max_tokens`` must fit beside the prompt in the model's context (vLLM would shorten it
+    silently): a 400 that says how many tokens are left, as OpenAI answers. The prompt is
+    counted by the app's own ``/tokenize`` (the same template, photos as their image positions),
+    only when a cheap upper bound on the prompt (one token per byte of text, a bound per photo
+    and per message) does not already show that it fits."""
+
+    PER_PHOTO = 64  # image positions and their text markers (SkinGPT-4: 32 query tokens)
+    PER_PART = 16
+    TEMPLATE = 1024  # the template's own text: the system prompt, separators, BOS
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.max_model_len: int | None = None  # learned from the first count
+
+    FIELDS = {"/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+              "/v1/completions": ("max_tokens",), "/v1/responses": ("max_output_tokens",)}
+
+    async def check(self, scope, route: str, body: dict) -> None:
+        field = next((f for f in self.FIELDS.get(route, ()) if body.get(f) is not None), None)
+        if field is None:
+            return
+        wanted = body[field]
+        if route == "/v1/responses":  # counted as the chat conversation it renders to
+            route, body = "/v1/chat/completions", {"model": body.get("model"),
+                                                   "messages": responses_as_chat(body)}
+        if self.max_model_len is not None and wanted + self._bound(route, body) <= self.max_model_len:
+            return
+        counts = [await self._count(scope, req) for req in self._tokenize_requests(route, body)]
+        if not counts or None in counts:
+            return  # the app could not count it: it answers the request itself
+        prompt = max(c for c, _ in counts)
+        context = counts[0][1]
+        self.max_model_len = context
+        if prompt + wanted > context:
+            left = max(context - prompt, 0)
+            where = {"/v1/completions": "prompt"}.get(route, "messages")
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt + wanted} tokens ({prompt} in the {where}, {wanted} in the "
+                f"completion): at most {left} tokens are left for the completion. Lower "
+                f"{field} or shorten the {where}.",
+                param=field,
+            )
+
+    def _bound(self, route: str, body: dict) -> int:
+        if route == "/v1/completions":
+            prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+            return self.TEMPLATE + max(len(p.encode("utf-8")) + self.PER_PART for p in prompts)
+        total = self.TEMPLATE
+        for message in body["messages"]:
+            content = message.get("content")
+            parts = [content] if isinstance(content, str) else content or []
+            for part in parts:
+                total += self.PER_PART
+                if isinstance(part, str):
+                    total += len(part.encode("utf-8"))
+                elif part.get("type") == "text":
+                    total += len(part.get("text", "").encode("utf-8"))
+                else:
+                    total += self.PER_PHOTO
+        return total
+
+    @staticmethod
+    def _tokenize_requests(route: str, body: dict) -> list[dict]:
+        model = {"model": body["model"]} if body.get("model") else {}
+        if route == "/v1/chat/completions":
+            return [model | {"messages": body["messages"]}]
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        return [model | {"prompt": p} for p in prompts]
+
+    async def _count(self, scope, request: dict) -> tuple[int, int] | None:
+        raw = json.dumps(request, ensure_ascii=False).encode("utf-8")
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+        sub = dict(scope, path="/tokenize", raw_path=b"/tokenize", query_string=b"", headers=headers)
+        try:
+            status, out = await call_app(self.app, sub, raw)
+            data = json.loads(out) if status == 200 else None
+            return (int(data["count"]), int(data["max_model_len"])) if data else None
+        except Exception:  # no /tokenize here (or an odd answer): the app decides alone
+            return None
+
+
+class RequestPolicyMiddleware:
+    def __init__(self, app, policy: ServePolicy | None = None) -> None:
+        self.app = app
+        self.policy = policy or policy_from_env()
+        self.admission = Admission.from_policy(self.policy)
+        self.context = ContextCheck(app)
+        self._started = False
+
+    async def __call__(self, scope, receive, send):
+        if not self._started:  # the worker processes start with the first request's loop
+            self._started = True
+            self.admission.photo_workers.prestart()
+            self.admission.schema_workers.prestart()
+        if scope["type"] == "websocket":
+            return await self._websocket(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        clock = None
+        try:
+            check_header_size(scope, self.policy.max_header_bytes)
+            check_api_key(scope, self.policy.api_key)
+            check_route(scope)
+            if scope.get("method") != "POST":
+                return await self.app(scope, receive, shaped_errors(send))
+            check_content_type(scope)
+            clock = UploadClock(self.policy, _content_length(scope))
+            body = await self._admit(scope, receive, clock)
+        except ServingError as error:
+            unread = scope.get("method") == "POST" and not (clock and clock.complete)
+            return await send_error(send, error, close=unread)
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
+        return await self.app(scope, _replay(body, receive), shaped_errors(send))
+
+    async def _websocket(self, scope, receive, send):
+        try:
+            check_api_key(scope, self.policy.api_key)
+        except Unauthorized:
+            await receive()  # websocket.connect
+            return await send({"type": "websocket.close", "code": 1008})
+        return await self.app(scope, receive, send)
+
+    async def _admit(self, scope, receive, clock: UploadClock) -> bytes:
+        """Read the body as it arrives (its memory reserved as it comes, within the upload
+        deadlines), check it; return the small body vLLM gets."""
+        check_declared_size(clock.declared, self.policy.max_body_bytes)
+        reservation = BodyReservation(self.admission, self.admission.deadline())
+        try:
+            raw = await read_body(receive, self.policy.max_body_bytes, clock.declared, clock,
+                                  reservation)
+            parsed = parse_json(raw)
+            del raw
+            route = scope["path"]
+            checked = await prepare_request(route, parsed, self.policy, self.admission)
+            await self.context.check(scope, route, checked)
+            return dump_json(checked)
+        finally:
+            reservation.release()

@@ -1,0 +1,33 @@
+"""One request pipeline: a route's parsed body -> the checked body the engine gets.
+
+The server's middleware (and through it the Ray ingress) and ``skingpt4 batch`` call
+:func:`prepare_request`, so a request gets the same contract, photo checks and SkinGPT-4
+defaults whichever way it arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from serving.api.admission import Admission
+from serving.api.chat import prepare_chat_request, prepare_completion_request
+from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
+from serving.api.errors import NotFound
+from serving.api.policy import ServePolicy
+from serving.api.responses import RESPONSES_ROUTE, prepare_responses_request
+
+ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, RESPONSES_ROUTE)
+
+
+async def prepare_request(route: str, body: Any, policy: ServePolicy,
+                          admission: Admission | None = None) -> dict:
+    """``body`` checked for ``route`` with SkinGPT-4's defaults, each photo replaced by the small
+    image the engine gets. ``admission`` bounds the memory and photo decodes (None: a private
+    one, for callers outside the server)."""
+    if route == CHAT_ROUTE:
+        return await prepare_chat_request(body, policy, admission)
+    if route == COMPLETIONS_ROUTE:
+        return prepare_completion_request(body, policy)
+    if route == RESPONSES_ROUTE:
+        return await prepare_responses_request(body, policy, admission)
+    raise NotFound(f"{route} is not served here; see {CHAT_ROUTE}")

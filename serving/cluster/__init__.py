@@ -1,0 +1,1 @@
+"""Ray Serve: the app, its ingress, LLM replicas and request routers."""

@@ -1,0 +1,34 @@
+"""The contract tables in docs/api.md list exactly the fields the contract accepts and refuses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from serving.api.contract import EXCLUDED, MODELS
+
+API_DOC = Path(__file__).resolve().parents[3] / "docs" / "api.md"
+
+
+def table_after(heading: str) -> list[list[str]]:
+    text = API_DOC.read_text()
+    start = text.index(heading)
+    rows = []
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # header and rule
+
+
+def test_accepted_fields_are_documented():
+    documented = {re.fullmatch(r"`(\w+)`", row[0]).group(1) for row in table_after("### Request contract")}
+    accepted = {info.alias or name for model in MODELS.values() for name, info in model.model_fields.items()}
+    assert documented == accepted
+
+
+def test_refused_fields_and_reasons_are_documented():
+    rows = table_after("Fields vLLM knows that are refused")
+    assert {row[0].strip("`"): row[1] for row in rows} == EXCLUDED
+

@@ -1,0 +1,279 @@
+"""``skingpt4 batch --ray``: the same batch file answered on Ray Data across Ray's multi-node test
+cluster (a head with 1 logical CPU and two workers with 3; a CPU engine takes 2, its actor and
+its engine, so engines can only run on the workers).
+
+One file of good lines (photo consults, a text-only chat, a text completion) and bad lines (not
+JSON, a broken photo, an unknown url, a field outside the contract, an unknown model, a prompt
+beyond the context) runs three times, each as a user would run it, in its own process: once
+through the in-process engine (the reference), once with ``--ray --replicas 2`` on the cluster,
+and once more with ``--ray`` after some records of the Ray run were removed (the resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from encoders.samples import encode_image
+from tests.serving.helpers import data_url, image_message, ray_test_cluster
+
+pytestmark = [pytest.mark.ray, pytest.mark.engine]
+
+MODEL = "skingpt4"
+GREEDY = {"temperature": 0, "max_tokens": 8}
+REPO = Path(__file__).resolve().parents[3]
+ENGINE_FLAGS = ("--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8")
+GOOD = ("photo-0", "photo-1", "photo-2", "photo-3", "two-photos", "text-only", "completion")
+
+
+def chat(custom_id: str, body: dict, **envelope) -> dict:
+    line = {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+    return {**line, **envelope}
+
+
+def batch_file(photos) -> tuple[str, dict]:
+    """The input file and what each line must get: {custom_id or line number: expectation}."""
+    urls = [data_url(encode_image(p)) for p in photos]
+    lines = [
+        chat("photo-0", {"model": MODEL, "messages": [image_message([urls[0]])], **GREEDY}),
+        chat("photo-1", {"model": MODEL, "messages": [image_message([urls[1]])], **GREEDY}),
+        '{"custom_id": "not-json", "method": "POST",',
+        chat("photo-2", {"model": MODEL, "messages": [image_message([urls[2]])], **GREEDY}),
+        chat("bad-photo", {"model": MODEL, "messages": [
+            image_message(["data:image/jpeg;base64,@@not-base64@@"])], **GREEDY}),
+        chat("photo-3", {"messages": [
+            {"role": "system", "content": "You are a careful dermatologist."},
+            image_message([urls[0]], "Is it eczema?")], **GREEDY}),
+        chat("wrong-url", {"model": MODEL, "messages": [image_message([urls[0]])]},
+             url="/v1/embeddings"),
+        chat("two-photos", {"model": MODEL, "messages": [image_message(urls[1:3])], **GREEDY}),
+        chat("outside-contract", {"model": MODEL, "messages": [image_message([urls[0]])],
+                                  "echo": True}),
+        chat("unknown-model", {"model": "gpt-4o", "messages": [image_message([urls[0]])]}),
+        chat("text-only", {"model": MODEL, "messages": [
+            {"role": "user", "content": "Is a ring-shaped rash contagious?"}], **GREEDY}),
+        {"custom_id": "completion", "method": "POST", "url": "/v1/completions",
+         "body": {"model": MODEL, "prompt": "Describe eczema.", **GREEDY}},
+        {"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
+         "body": {"model": MODEL, "prompt": "itchy red patch " * 2000, **GREEDY}},
+    ]
+    expect = {
+        **{custom_id: (200,) for custom_id in GOOD},
+        "bad-photo": (400, "invalid base64", "messages[0].content[0]"),
+        "wrong-url": (404, "/v1/embeddings"),
+        "outside-contract": (400, "echo"),
+        "unknown-model": (404, "gpt-4o"),
+        "too-long": (400, "1024"),
+        3: ("invalid_json_line", "line 3", "not valid JSON"),
+    }
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    return text, expect
+
+
+def run_batch(model: Path, input_path: Path, output: Path, *extra: str,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m serving.batch`` from a short private folder (zmq's IPC paths under TMPDIR
+    must fit in 107 characters)."""
+    with tempfile.TemporaryDirectory(prefix="sk-br-") as folder:
+        env = dict(os.environ, **(env or {}), TMPDIR=folder, PYTHONPATH=str(REPO))
+        done = subprocess.run(
+            [sys.executable, "-m", "serving.batch", str(model), str(input_path), str(output),
+             *ENGINE_FLAGS, "--no-progress", *extra],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    return done
+
+
+def read_records(path: Path) -> dict:
+    """{custom_id, or the line number of an unattributable line: record}; one record per key."""
+    raw = path.read_bytes()
+    assert raw.endswith(b"\n")
+    records = {}
+    for line in raw.splitlines():
+        record = json.loads(line)
+        key = record["custom_id"] if record["custom_id"] is not None else record["error"]["line"]
+        assert key not in records, f"two records for {key!r}"
+        records[key] = record
+    return records
+
+
+@pytest.fixture(scope="module")
+def files(photos, tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch-ray")
+    text, expect = batch_file(photos)
+    (root / "in.jsonl").write_text(text)
+    return root, expect
+
+
+@pytest.fixture(scope="module")
+def reference(files, tiny_checkpoints):
+    """The in-process run (``skingpt4 batch`` without --ray) of the file."""
+    root, _ = files
+    run_batch(tiny_checkpoints["llama"], root / "in.jsonl", root / "reference.jsonl")
+    return read_records(root / "reference.jsonl")
+
+
+@pytest.fixture(scope="module")
+def cluster(reference):  # after the reference run: its engine has stopped by then
+    with ray_test_cluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ray_run(files, tiny_checkpoints, cluster):
+    """The file through ``skingpt4 batch --ray --replicas 2`` joined to the test cluster."""
+    root, _ = files
+    done = run_batch(tiny_checkpoints["llama"], root / "in.jsonl", root / "ray.jsonl",
+                     "--ray", "--replicas", "2", "--accelerator", "cpu",
+                     env={"RAY_ADDRESS": cluster.address})
+    return read_records(root / "ray.jsonl"), done.stderr
+
+
+def test_every_line_gets_one_record(files, ray_run):
+    _, expect = files
+    records, stderr = ray_run
+    assert set(records) == set(expect)
+    for r in records.values():
+        assert set(r) == {"id", "custom_id", "response", "error"}
+        assert r["id"].startswith("batch_req_")
+    assert f"{len(expect)} lines: {len(GOOD)} answered, {len(expect) - len(GOOD)} refused" in stderr
+
+
+def test_bad_lines_name_their_problem(files, ray_run):
+    _, expect = files
+    records, _ = ray_run
+    for key, (head, *words) in expect.items():
+        r = records[key]
+        if isinstance(key, int):
+            assert r["response"] is None and r["error"]["code"] == head
+            message = r["error"]["message"]
+        elif head == 200:
+            continue
+        else:
+            assert r["error"] is None and r["response"]["status_code"] == head, r
+            message = r["response"]["body"]["error"]["message"]
+        for word in words:
+            assert word.lower() in message.lower(), (key, message)
+
+
+def test_greedy_answers_equal_the_in_process_ones(ray_run, reference):
+    """Same prompt tokens (the chat template, 32 positions per photo), same greedy tokens, same
+    finish reason; the body is vLLM's chat.completion / text_completion."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    records, _ = ray_run
+    for custom_id in GOOD:
+        ray_response, local_response = (records[custom_id]["response"],
+                                        reference[custom_id]["response"])
+        assert ray_response["status_code"] == local_response["status_code"] == 200
+        ray_body, local_body = ray_response["body"], local_response["body"]
+        assert ray_response["request_id"] == ray_body["id"]
+        kind = Completion if custom_id == "completion" else ChatCompletion
+        ray_answer, local_answer = kind.model_validate(ray_body), kind.model_validate(local_body)
+        assert ray_answer.object == local_answer.object and ray_answer.model == MODEL
+        assert ray_answer.usage.prompt_tokens == local_answer.usage.prompt_tokens, custom_id
+        assert ray_answer.usage.completion_tokens == local_answer.usage.completion_tokens
+        ray_choice, local_choice = ray_answer.choices[0], local_answer.choices[0]
+        assert ray_choice.finish_reason == local_choice.finish_reason, custom_id
+        if custom_id == "completion":
+            assert ray_choice.text == local_choice.text
+        else:
+            assert ray_choice.message.content == local_choice.message.content, custom_id
+            assert ray_choice.message.role == "assistant"
+        # The keys of the whole body agree (values such as ids and times differ).
+        assert set(ray_body) == set(local_body)
+        assert set(ray_body["choices"][0]) == set(local_body["choices"][0])
+    answers = {records[i]["response"]["body"]["choices"][0]["message"]["content"]
+               for i in ("photo-0", "photo-1", "photo-2")}
+    assert len(answers) > 1  # the answers depend on the photo: the photos reached the engines
+    photo = records["photo-0"]["response"]["body"]["usage"]
+    text = records["text-only"]["response"]["body"]["usage"]
+    assert photo["prompt_tokens_details"]["multimodal_tokens"] == {"image": 32}
+    assert text["prompt_tokens_details"] is None
+
+
+def engine_actors(cluster) -> list[dict]:
+    """The engine stage's actors the cluster has run (they end with their run). Read from the
+    GCS actor table: Ray's state API needs the cluster's dashboard, which does not start when
+    another Ray instance on this machine holds the dashboard port."""
+    import ray
+    from ray._private import state
+
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        return [a for a in state.actors().values()
+                if "vLLMEngineStageUDF" in a["ActorClassName"]]
+    finally:
+        ray.shutdown()
+
+
+def test_engines_ran_on_two_worker_nodes(cluster, ray_run):
+    engines = engine_actors(cluster)
+    nodes = {a["Address"]["NodeID"] for a in engines}
+    assert len(engines) == 2, [a["ActorClassName"] for a in engines]
+    assert nodes <= cluster.worker_node_ids
+    assert len(nodes) == 2, f"both engines on one node: {nodes}"
+
+
+def test_a_rerun_adds_exactly_the_missing_records(files, tiny_checkpoints, cluster, ray_run):
+    root, expect = files
+    complete = ray_run[0]
+    output = root / "ray.jsonl"
+    lines = output.read_bytes().splitlines(keepends=True)
+    gone = {"photo-1", "completion", "bad-photo", 3}
+    kept = [raw for raw in lines if _key(raw) not in gone]
+    resumed_path = root / "resumed.jsonl"
+    resumed_path.write_bytes(b"".join(kept))
+
+    done = run_batch(tiny_checkpoints["llama"], root / "in.jsonl", resumed_path,
+                     "--ray", "--accelerator", "cpu", env={"RAY_ADDRESS": cluster.address})
+
+    assert f"resuming; {len(kept)} records already in" in done.stderr
+    assert f"{len(expect) - len(gone)} already in OUTPUT" in done.stderr
+    assert resumed_path.read_bytes().startswith(b"".join(kept))
+    added = [_key(raw) for raw in resumed_path.read_bytes().splitlines()[len(kept):]]
+    assert sorted(map(str, added)) == sorted(map(str, gone))
+    resumed = read_records(resumed_path)
+    assert set(resumed) == set(complete)
+    for key in ("photo-1", "completion"):  # greedy: the same answer again
+        assert (resumed[key]["response"]["body"]["choices"][0]
+                == complete[key]["response"]["body"]["choices"][0])
+
+
+def _key(raw: bytes):
+    record = json.loads(raw)
+    return record["custom_id"] if record["custom_id"] is not None else record["error"]["line"]
+
+
+def test_cpu_engines_ask_ray_for_cpus_only(tiny_checkpoints):
+    """Ray Data's vLLM stage asks for a GPU per rank unless given a placement group config, even
+    with ``accelerator_type=None``: the CPU engines' config gives one, and the stage then asks
+    for 2 logical CPUs per engine (its actor and its rank) and no GPU."""
+    from ray.llm._internal.batch.stages import vLLMEngineStage
+
+    from serving.batch.ray_data import RayBatchSettings, processor_config
+    from serving.engine.server import EmbeddedServerConfig
+
+    def stage_resources(placement_group_config) -> dict:
+        stage = vLLMEngineStage(
+            fn_constructor_kwargs={"model": "m", "engine_kwargs": dict(config.engine_kwargs),
+                                   "placement_group_config": placement_group_config},
+            map_batches_kwargs={"accelerator_type": config.accelerator_type})
+        return {k: v for k, v in stage.map_batches_kwargs.items() if k in ("num_cpus", "num_gpus")}
+
+    server = EmbeddedServerConfig(model=str(tiny_checkpoints["llama"]))
+    config = processor_config(server, RayBatchSettings(replicas=2, accelerator="cpu"), rows=8)
+    assert config.accelerator_type is None and config.concurrency == (2, 2)
+    assert stage_resources(None) == {"num_gpus": 1}  # what the stage would do by itself
+    assert stage_resources(config.placement_group_config) == {"num_cpus": 2}
+    assert "enable_log_requests" not in config.engine_kwargs  # the stage sets it itself
+    assert config.engine_kwargs["enable_prefix_caching"] and config.engine_kwargs["enforce_eager"]
