@@ -20,9 +20,8 @@ from serving.batch.run import (
     open_engine,
     run_batch,
 )
-from serving.engine.flags import add_model_arguments, config_error
+from serving.engine.flags import add_model_arguments, config_error, config_from_args
 from serving.engine.server import EmbeddedServerConfig
-from serving.api.policy import ServePolicy
 from serving.usage import FAILED, STOPPED, USAGE, UsageError, check_model_folder
 
 # --- command line ------------------------------------------------------------------------------
@@ -87,16 +86,7 @@ def _config(args: argparse.Namespace) -> EmbeddedServerConfig:
     from pydantic import ValidationError
 
     try:
-        return EmbeddedServerConfig(
-            model=str(args.model), model_name=args.model_name, dtype=args.dtype,
-            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-            tensor_parallel_size=args.tensor_parallel_size,
-            policy=ServePolicy(
-                max_images_per_request=args.max_images_per_request,
-                allowed_media_domains=tuple(args.allowed_media_domains),
-                max_image_pixels=args.max_image_pixels,
-            ),
-        )
+        return config_from_args(args)
     except ValidationError as exc:
         raise UsageError(config_error(exc)) from None
 

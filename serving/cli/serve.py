@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 from serving import settings
-from serving.api.policy import ServePolicy
 from serving.engine.process import ServerProcess, free_port
-from serving.engine.flags import add_model_arguments, config_error
-from serving.engine.server import DEFAULT_MODEL_NAME, EmbeddedServerConfig
+from serving.engine.flags import SERVE_FLAGS, add_flags, add_model_arguments, config_error, config_from_args
+from serving.engine.server import DEFAULT_MODEL_NAME
 from serving.usage import USAGE
 
 DEMO_DIR = Path("artifacts/tiny-llama")
@@ -19,47 +18,10 @@ DEMO_DIR = Path("artifacts/tiny-llama")
 def add_serving_commands(sub) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible server (embedded; --ray for Ray Serve)")
     serve.add_argument("model", help="a SkinGPT-4 model folder")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
     add_model_arguments(serve)
+    add_flags(serve, SERVE_FLAGS)
     serve.add_argument("--api-key", default=settings.api_key(),
                        help=f"require this key on every route but /health (or {settings.API_KEY_ENV})")
-    serve.add_argument("--max-inflight-mb", type=int, default=None,
-                       help="memory budget (MiB) for request bodies being read and checked at "
-                       "once; default: 1/16 of the machine's memory (docs/api.md, Admission control)")
-    serve.add_argument("--max-concurrent-decodes", type=int, default=None,
-                       help="photos decoded at once (default: the CPU count, at most 8)")
-    serve.add_argument("--admission-queue-size", type=int, default=None,
-                       help="requests that may wait for admission before a 503 (default 256)")
-    serve.add_argument("--admission-timeout", type=float, default=None,
-                       help="seconds a request may wait for admission before a 503 (default 30)")
-    serve.add_argument("--upload-timeout", type=float, default=None,
-                       help="seconds a request body may take to arrive before a 408 (default 300)")
-    serve.add_argument("--min-upload-rate", type=int, default=None,
-                       help="KiB/s a request body must average after its first idle timeout, "
-                       "or 408 (default 8)")
-    serve.add_argument("--upload-idle-timeout", type=float, default=None,
-                       help="longest pause (s) in a request body before a 408, or a 400 for a "
-                       "body short of its Content-Length (default 10)")
-    serve.add_argument("--decode-timeout", type=float, default=None,
-                       help="seconds one photo's decode may take before a 400; its worker is "
-                       "replaced (default 10)")
-    serve.add_argument("--max-jpeg-scans", type=int, default=None,
-                       help="progressive scans a JPEG may have, counted before decoding "
-                       "(default 100)")
-    serve.add_argument("--schema-compile-timeout", type=float, default=None,
-                       help="seconds a response_format schema may take to compile before a 400 "
-                       "(default 2)")
-    serve.add_argument("--schema-compile-memory-mb", type=int, default=None,
-                       help="MiB a response_format schema may take to compile (default 512)")
-    serve.add_argument("--enforce-eager", action="store_true",
-                       help="no CUDA graphs on a GPU (quicker start, slower decoding); a CPU "
-                       "always runs eager")
-    serve.add_argument("--gpu-memory-utilization", type=float, default=None,
-                       help="share of each GPU's memory vLLM may take (default: vLLM's 0.9; "
-                       "docs/gpu.md)")
-    serve.add_argument("--quantization", default=None,
-                       help="vLLM --quantization, e.g. fp8 to fit Falcon-40B on one 80 GB GPU")
     serve.add_argument("--ray", action="store_true", help="serve on Ray Serve (ray.serve.llm)")
     serve.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (--ray)")
     serve.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (--ray)")
@@ -78,41 +40,11 @@ def add_serving_commands(sub) -> None:
     demo.set_defaults(func=run_demo)
 
 
-def _policy(args) -> ServePolicy:
-    optional = {
-        "max_inflight_bytes": args.max_inflight_mb and args.max_inflight_mb * 2**20,
-        "max_concurrent_decodes": args.max_concurrent_decodes,
-        "admission_queue_size": args.admission_queue_size,
-        "admission_timeout_s": args.admission_timeout,
-        "upload_timeout_s": args.upload_timeout,
-        "min_upload_rate": args.min_upload_rate and args.min_upload_rate * 1024,
-        "upload_idle_timeout_s": args.upload_idle_timeout,
-        "decode_timeout_s": args.decode_timeout,
-        "max_jpeg_scans": args.max_jpeg_scans,
-        "schema_compile_timeout_s": args.schema_compile_timeout,
-        "schema_compile_memory_mb": args.schema_compile_memory_mb,
-    }
-    return ServePolicy(
-        api_key=args.api_key,
-        max_images_per_request=args.max_images_per_request,
-        allowed_media_domains=tuple(args.allowed_media_domains),
-        max_image_pixels=args.max_image_pixels,
-        **{k: v for k, v in optional.items() if v is not None},
-    )
-
-
 def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     try:
-        config = EmbeddedServerConfig(
-            model=str(args.model), model_name=args.model_name, host=args.host, port=args.port,
-            dtype=args.dtype,
-            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-            tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
-            gpu_memory_utilization=args.gpu_memory_utilization, quantization=args.quantization,
-            policy=_policy(args),
-        )
+        config = config_from_args(args, api_key=args.api_key)
     except ValidationError as exc:
         print(f"skingpt4 serve: {config_error(exc)}", file=sys.stderr)
         return USAGE

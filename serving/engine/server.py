@@ -55,16 +55,18 @@ class EmbeddedServerConfig(BaseModel):
 
     model: str = Field(description="A SkinGPT-4 model folder.")
     model_name: str = Field(default=DEFAULT_MODEL_NAME, description="Name served on /v1/models.")
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="Address the server listens on")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port the server listens on")
     dtype: str = Field(
         default="auto",
         description="Weights/activations dtype (vLLM --dtype). auto: the model folder's "
         "config.json dtype (float16 for the Llama-2 release, bfloat16 for Falcon); vLLM runs a "
         "float32 folder in a 16-bit type.",
     )
-    max_model_len: int = Field(default=2048, ge=64)
-    max_num_seqs: int = Field(default=64, ge=1)
+    max_model_len: int = Field(default=2048, ge=64,
+                               description="Context length in tokens: prompt and answer")
+    max_num_seqs: int = Field(default=64, ge=1,
+                              description="Requests the engine batches at once")
     tensor_parallel_size: int = Field(default=1, ge=1)
     enforce_eager: bool = Field(
         default=False,
