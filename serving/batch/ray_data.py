@@ -53,13 +53,11 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from serving import settings
 from serving.batch.run import Answer
 from serving.api.contract import CHAT_ROUTE
 from serving.api.errors import InternalError
@@ -450,32 +448,18 @@ def run_pipeline(rows: list[dict], config: EmbeddedServerConfig,
 # --- Ray's lifecycle ---------------------------------------------------------------------------
 
 
-def local_num_cpus(ray_settings: RayBatchSettings, config: EmbeddedServerConfig) -> int:
-    """Logical CPUs of a local instance: each CPU engine takes one for its actor and one per
-    rank, and Ray Data's own tasks need a few more, whatever the physical core count."""
-    per_engine = 1 + config.tensor_parallel_size
-    return max(os.cpu_count() or 1, 4, per_engine * ray_settings.replicas + 2)
-
-
 @contextlib.asynccontextmanager
 async def open_ray_engine(config: EmbeddedServerConfig,
                           ray_settings: RayBatchSettings) -> AsyncIterator[RayDataEngine]:
     """Join the cluster in ``RAY_ADDRESS``, or start a local Ray instance, and leave it on exit
     (a local instance stops; a joined cluster keeps running). The accelerator, when not given,
     is gpu if the cluster has GPUs."""
-    import ray
+    from serving.cluster.session import cluster_has_gpus, local_num_cpus, ray_session
 
-    address = settings.ray_address()
     # The engines' logs stay in Ray's log files unless asked for (vLLM logs every batch).
-    if address:
-        ray.init(address=address, log_to_driver=ray_settings.verbose)
-    else:
-        ray.init(address="local", num_cpus=local_num_cpus(ray_settings, config),
-                 log_to_driver=ray_settings.verbose)
-    try:
+    num_cpus = local_num_cpus(config.tensor_parallel_size, ray_settings.replicas)
+    with ray_session(num_cpus, log_to_driver=ray_settings.verbose):
         if ray_settings.accelerator is None:
-            kind = "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+            kind = "gpu" if cluster_has_gpus() else "cpu"
             ray_settings = dataclasses.replace(ray_settings, accelerator=kind)
         yield RayDataEngine(config, ray_settings)
-    finally:
-        ray.shutdown()

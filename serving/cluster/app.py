@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +71,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from serving import settings
 from serving.api.errors import InternalError, InvalidRequest, ServerBusy, ServingError
 from serving.api.policy import ServePolicy
+from serving.cluster.session import cluster_has_gpus, local_num_cpus, ray_session
 from serving.engine.server import EmbeddedServerConfig
 
 logger = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ class ReplicaSettings(BaseModel):
         "by itself and is replaced at the next check; one that fails 3 checks in a row "
         "(e.g. a hung engine) is replaced. None: Ray Serve LLM's default (10 s).",
     )
-    routing: Literal["session", "prefix", "pow2"] = Field(
+    routing: Literal[settings.RAY_ROUTINGS] = Field(  # the names once: serving.settings
         default="session",
         description="session: a request with an x-session-id header goes to the replica that "
         "header hashes to, one without follows prefix affinity; prefix: prefix affinity only; "
@@ -610,14 +610,6 @@ def replica_settings_from_cli(args: Any, accelerator: str) -> ReplicaSettings:
     )
 
 
-def _local_num_cpus(args: RayAppArgs) -> int:
-    """Logical CPUs of a local instance. On a CPU machine every replica needs its own slots
-    (one for the replica actor, one per tensor-parallel rank) plus one for the ingress, whatever
-    the physical core count: vLLM-CPU threads share the cores anyway."""
-    per_replica = 1 + args.server.tensor_parallel_size
-    return max(os.cpu_count() or 1, 8, per_replica * args.replicas.bounds[1] + 2)
-
-
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -629,29 +621,26 @@ def run_ray(config: EmbeddedServerConfig, args: Any) -> int:
     starts a local instance (and shuts it down on leaving). HTTP listens on ``config.host:port``
     on the head node only, the single address the command was given.
     """
-    address = settings.ray_address()
     # Validated before Ray starts, so that bad flags fail fast; the accelerator may follow later.
     replicas = replica_settings_from_cli(args, args.accelerator or "cpu")
     app_args = RayAppArgs(server=config, replicas=replicas)
+    num_cpus = local_num_cpus(config.tensor_parallel_size, replicas.bounds[1])
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(address="local", num_cpus=_local_num_cpus(app_args))
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # ray.init installed its own (exit 15)
-        if args.accelerator is None and ray.cluster_resources().get("GPU", 0) > 0:
-            app_args.replicas.accelerator = "gpu"
-        serve.start(http_options={"host": config.host, "port": config.port}, proxy_location="HeadOnly")
-        serve.run(build_serve_app(app_args), name=APP_NAME, route_prefix="/", blocking=True)
+        with ray_session(num_cpus) as joined:
+            signal.signal(signal.SIGTERM, _raise_interrupt)  # ray.init installed its own (exit 15)
+            try:
+                if args.accelerator is None and cluster_has_gpus():
+                    app_args.replicas.accelerator = "gpu"
+                serve.start(http_options={"host": config.host, "port": config.port},
+                            proxy_location="HeadOnly")
+                serve.run(build_serve_app(app_args), name=APP_NAME, route_prefix="/", blocking=True)
+            finally:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                if joined:
+                    serve.delete(APP_NAME)
+                else:
+                    serve.shutdown()
     except KeyboardInterrupt:
         pass
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if ray.is_initialized():
-            if address:
-                serve.delete(APP_NAME)
-            else:
-                serve.shutdown()
-            ray.shutdown()
     return 0

@@ -65,7 +65,7 @@ def test_replicas_leave_when_their_engine_dies():
     import asyncio
     from concurrent.futures import Future
 
-    from serving import ray_app
+    from serving.cluster import app as ray_app
     from serving.cluster.app import EngineUnavailable, RayAppArgs, SkinGPT4Server, llm_config
 
     config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
@@ -127,7 +127,7 @@ def ingress(monkeypatch):
     list per call, of chunks and exceptions (raised where they stand)."""
     from ray.serve.llm.ingress import OpenAiIngress
 
-    from serving import ray_app
+    from serving.cluster import app as ray_app
 
     ingress = ray_app.SkinGPT4Ingress.__new__(ray_app.SkinGPT4Ingress)
     ingress.outcomes, ingress.calls = [], 0
