@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from serving.batch.run import Answer
+from serving.engine.errors import engine_error
 from serving.api.contract import CHAT_ROUTE
 from serving.api.errors import InternalError
 from serving.api.policy import ServePolicy
@@ -234,22 +235,16 @@ def sampling_row(params) -> dict[str, Any]:
 
 
 def error_answer(exc: Exception) -> Answer:
-    """The status and error body vLLM's server sends for ``exc`` (``create_error_response``)."""
-    from vllm.entrypoints.serve import create_error_response
-
-    error = create_error_response(exc)
-    return int(error.error.code), error.model_dump(), None
+    """The status and error body the server sends for ``exc``."""
+    return *engine_error(exc), None
 
 
 def failed_row_answer(message: str) -> Answer | None:
     """A row the engine failed: a 400 for what the server refuses too, None for a server error."""
-    from vllm.entrypoints.serve import create_error_response
-
     kind, _, text = message.partition(": ")
     if kind not in CLIENT_ERRORS:
         return None
-    error = create_error_response(text or message)
-    return int(error.error.code), error.model_dump(), None
+    return *engine_error(text or message), None
 
 
 def finish(rendered: Rendered, tokens: list[int], text: str, tokenizer) -> tuple[str, Any]:

@@ -76,7 +76,7 @@ from typing import Any, BinaryIO, Protocol
 
 from serving.api.admission import Admission
 from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
-from serving.api.errors import InvalidRequest, NotFound, ServingError
+from serving.api.errors import InvalidRequest, NotFound, ServingError, error_for_status
 from serving.api.policy import BODY_COST_FACTOR, ServePolicy
 from serving.engine.server import EmbeddedServerConfig, parse_vllm_args
 
@@ -117,7 +117,7 @@ def response_record(custom_id: str, status: int, body: dict, request_id: str | N
 
 def refusal_record(custom_id: str, error: ServingError) -> dict:
     """The status and OpenAI error body the server's middleware sends for ``error``."""
-    return response_record(custom_id, error.status, json.loads(error.body()))
+    return response_record(custom_id, error.status, error.to_dict())
 
 
 @dataclass(frozen=True)
@@ -406,16 +406,19 @@ class BatchEngine:
     async def answer(self, route: str, body: dict) -> Answer:
         """(status, response body, request id) as vLLM's server answers a checked body."""
         from pydantic import BaseModel
-        from vllm.entrypoints.serve import create_error_response
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        from serving.engine.errors import engine_error
 
         try:
             request = self.request_models[route].model_validate(body)
             result = await self.handlers[route](request)
         except Exception as exc:  # as vLLM's run_request: the failure becomes an error body
-            result = create_error_response(exc)
+            return *engine_error(exc), None
         if isinstance(result, ErrorResponse):
-            return int(result.error.code), result.model_dump(), None
+            status = int(result.error.code)
+            return status, error_for_status(status, result.error.message,
+                                            result.error.param).to_dict(), None
         if not isinstance(result, BaseModel):  # a stream; check_envelope refuses those
             raise RuntimeError(f"{route} returned a stream to a batch request")
         response = result.model_dump()
