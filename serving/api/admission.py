@@ -65,12 +65,6 @@ class Admission:
         return cls(policy.max_inflight_bytes, policy.max_concurrent_decodes,
                    policy.admission_queue_size, policy.admission_timeout_s, policy)
 
-    @staticmethod
-    def body_cost(declared: int | None, max_body_bytes: int) -> int:
-        """Bytes a body holds while read and parsed; the body limit when not declared."""
-        return BODY_COST_FACTOR * min(declared if declared is not None else max_body_bytes,
-                                      max_body_bytes)
-
     async def reserve(self, nbytes: int, deadline: float) -> None:
         """Take ``nbytes`` of the budget, waiting until ``deadline`` (then 503)."""
         await self._acquire("bytes", nbytes, deadline)
