@@ -33,6 +33,7 @@ import asyncio
 import hmac
 import json
 import time
+from http import HTTPStatus
 
 from serving.api.admission import Admission, BodyReservation
 from serving.api.errors import (
@@ -288,9 +289,10 @@ def error_message(status: int, body: bytes) -> tuple[str, str | None]:
             return f"{where}: {detail[0].get('msg', 'invalid value')}"[:2000], where or None
         return str(detail)[:2000], None
     text = body.decode("utf-8", "replace").strip()
-    from http import HTTPStatus
-
-    fallback = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+    try:
+        fallback = HTTPStatus(status).phrase
+    except ValueError:
+        fallback = "error"
     return (text[:2000] if text and data is None else fallback), None
 
 
