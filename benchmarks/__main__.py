@@ -83,8 +83,9 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 def _checkout(text: str) -> Path:
     path = Path(text)
-    if not (path / "serving" / "cli.py").is_file():
-        raise argparse.ArgumentTypeError(f"{text} is not a checkout of this project (no serving/cli/__init__.py)")
+    # serving/cli.py before serving/ was split into layers, serving/cli/__init__.py after
+    if not any((path / "serving" / cli).is_file() for cli in ("cli.py", "cli/__init__.py")):
+        raise argparse.ArgumentTypeError(f"{text} is not a checkout of this project (no serving/cli)")
     return path.resolve()
 
 
