@@ -10,7 +10,9 @@ Two bounds, both in :class:`serving.api.policy.ServePolicy`:
   adds memory). Each decode holds one full-size photo in memory for a moment, in a worker
   process (:attr:`Admission.photo_workers`) that is stopped when it runs past its time.
 - Schema compiles run in workers of their own (:attr:`Admission.schema_workers`), at most
-  :data:`SCHEMA_WORKERS` at once, at a lower CPU priority than photos.
+  :data:`SCHEMA_WORKERS` at once, at a lower CPU priority than photos. A schema worker loads
+  xgrammar, which loads torch (about 650 MB): it starts with the first schema a server checks,
+  not before, and compiled verdicts are cached, so one is enough.
 
 A request that does not fit waits in a bounded queue (``admission_queue_size`` waiters, at most
 ``admission_timeout_s``); past that it gets a 503 with ``Retry-After``. Waiters are served in
@@ -30,7 +32,7 @@ from serving.api.errors import ServerBusy
 from serving.api.policy import BODY_COST_FACTOR, ServePolicy
 from serving.api.workers import WorkerPool
 
-SCHEMA_WORKERS = 2
+SCHEMA_WORKERS = 1
 SCHEMA_WORKER_NICE = 10
 
 

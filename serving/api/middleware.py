@@ -467,10 +467,9 @@ class RequestPolicyMiddleware:
         self._started = False
 
     async def __call__(self, scope, receive, send):
-        if not self._started:  # the worker processes start with the first request's loop
+        if not self._started:  # the photo workers start with the first request's loop
             self._started = True
             self.admission.photo_workers.prestart()
-            self.admission.schema_workers.prestart()
         if scope["type"] == "websocket":
             return await self._websocket(scope, receive, send)
         if scope["type"] != "http":
