@@ -47,7 +47,6 @@ CPU_BLOCK_SIZE = 32
 NO_MEDIA_DOMAINS = ("media.invalid",)
 MIDDLEWARE = "serving.api.middleware.RequestPolicyMiddleware"
 NUMA_NODES = Path("/sys/devices/system/node")
-# vLLM's logging, moved off stdout where stdout is the command's output (generate, batch).
 
 
 class EmbeddedServerConfig(BaseModel):
