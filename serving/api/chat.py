@@ -189,13 +189,24 @@ async def _check_response_format(body: dict, admission: Admission) -> None:
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict):
         raise InvalidRequest("response_format.json_schema must be an object with name and schema")
-    if spec.get("schema") is None and spec.get("name") == REPORT_SCHEMA_NAME:
-        spec["schema"] = report_schema()
-    schema = spec.get("schema")
+    spec["schema"] = await check_json_schema(
+        spec.get("name"), spec.get("schema"), "response_format.json_schema.schema", admission,
+        compile_param="response_format")
+
+
+async def check_json_schema(name: Any, schema: Any, where: str, admission: Admission, *,
+                            param: str | None = None, compile_param: str | None = None) -> dict:
+    """The schema a ``json_schema`` output format asks for (chat's ``response_format``, the
+    Responses API's ``text.format``): the shipped report schema for its name, else ``schema``,
+    checked: a JSON schema object, at most :data:`MAX_SCHEMA_CHARS`, valid, and compiling to a
+    grammar within the policy's bounds. ``where`` names it in messages."""
+    if schema is None and name == REPORT_SCHEMA_NAME:
+        schema = report_schema()
     if not isinstance(schema, dict):
         raise InvalidRequest(
-            "response_format.json_schema.schema must be a JSON schema object (or use the name "
-            f"{REPORT_SCHEMA_NAME!r} for the built-in report schema)"
+            f"{where} must be a JSON schema object (or use the name "
+            f"{REPORT_SCHEMA_NAME!r} for the built-in report schema)",
+            param=param,
         )
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
@@ -203,27 +214,25 @@ async def _check_response_format(body: dict, admission: Admission) -> None:
     text = json.dumps(schema, sort_keys=True)
     if len(text) > MAX_SCHEMA_CHARS:
         raise InvalidRequest(
-            f"response_format.json_schema.schema is {len(text)} characters; the limit is "
-            f"{MAX_SCHEMA_CHARS}"
+            f"{where} is {len(text)} characters; the limit is {MAX_SCHEMA_CHARS}", param=param
         )
     try:
         Draft202012Validator.check_schema(schema)
     except RecursionError:
-        raise InvalidRequest("response_format.json_schema.schema is nested too deeply") from None
+        raise InvalidRequest(f"{where} is nested too deeply", param=param) from None
     except SchemaError as exc:
         path = "/".join(str(p) for p in exc.path) or "(root)"
         raise InvalidRequest(
-            f"response_format.json_schema.schema is not a valid JSON schema at {path}: "
-            f"{exc.message}"
+            f"{where} is not a valid JSON schema at {path}: {exc.message}", param=param
         ) from None
     reason = await grammar_error(text, admission)
     if reason:
         raise InvalidRequest(
-            "response_format.json_schema.schema is valid JSON Schema but the structured-output "
-            f"engine cannot compile it ({reason}); simplify it, e.g. keep pattern repetition "
-            "bounds at or below 128",
-            param="response_format",
+            f"{where} is valid JSON Schema but the structured-output engine cannot compile it "
+            f"({reason}); simplify it, e.g. keep pattern repetition bounds at or below 128",
+            param=compile_param or param,
         )
+    return schema
 
 
 _GRAMMAR_VERDICTS: collections.OrderedDict[str, str | None] = collections.OrderedDict()

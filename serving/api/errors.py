@@ -144,8 +144,8 @@ class ServerBusy(ServingError):
     type = "ServiceUnavailableError"
     code = "server_busy"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int = 1) -> None:
+        super().__init__(message, param=param)
         self.retry_after_s = retry_after_s
 
     def headers(self) -> list[tuple[bytes, bytes]]:
@@ -194,10 +194,6 @@ def error_for_status(status: int, message: str, param: str | None = None) -> Ser
         error.code = "model_not_found"
     else:
         cls = BY_STATUS.get(status) or (InternalError if status >= 500 else InvalidRequest)
-        error = cls.__new__(cls)
-        ServingError.__init__(error, message, param=param)
-        if cls is ServerBusy:
-            error.retry_after_s = 1
-    if error.status != status:
-        error.status = status
+        error = cls(message, param=param)
+    error.status = status  # kept as the other layer chose it (e.g. 502 as an InternalError)
     return error

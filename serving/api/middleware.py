@@ -170,37 +170,32 @@ class UploadClock:
         )
 
 
-async def read_body(receive, limit: int, declared: int | None, clock: UploadClock | None = None,
-                    reservation: BodyReservation | None = None) -> bytearray:
+async def read_body(receive, limit: int, clock: UploadClock,
+                    reservation: BodyReservation) -> bytearray:
     """The whole body in one buffer (no list of chunks joined into a second copy), within the
     ``clock``'s deadlines and with its memory reserved as it arrives. The clock's
     ``complete`` is set once the last byte is in."""
+    declared = clock.declared
     check_declared_size(declared, limit)
     body = bytearray()
     while True:
-        if clock is None:
-            message = await receive()
-        else:
-            try:
-                async with asyncio.timeout(clock.wait_s(len(body))):
-                    message = await receive()
-            except TimeoutError:
-                raise clock.late(len(body)) from None
-            clock.arrived()
+        try:
+            async with asyncio.timeout(clock.wait_s(len(body))):
+                message = await receive()
+        except TimeoutError:
+            raise clock.late(len(body)) from None
+        clock.arrived()
         if message["type"] == "http.disconnect":
             raise InvalidRequest("client disconnected before sending the whole body")
         chunk = message.get("body", b"")
         if len(body) + len(chunk) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        if reservation is not None:
-            waited = time.monotonic()
-            await reservation.cover(len(body) + len(chunk))
-            if clock is not None:  # time the server made the client wait is not the client's
-                clock.pause(time.monotonic() - waited)
+        waited = time.monotonic()
+        await reservation.cover(len(body) + len(chunk))
+        clock.pause(time.monotonic() - waited)  # time the server made the client wait
         body += chunk
         if not message.get("more_body", False):
-            if clock is not None:
-                clock.complete = True
+            clock.complete = True
             if declared is not None and len(body) != declared:
                 raise InvalidRequest(
                     f"the request body has {len(body)} bytes; its Content-Length declares {declared}"
@@ -502,11 +497,9 @@ class RequestPolicyMiddleware:
     async def _admit(self, scope, receive, clock: UploadClock) -> bytes:
         """Read the body as it arrives (its memory reserved as it comes, within the upload
         deadlines), check it; return the small body vLLM gets."""
-        check_declared_size(clock.declared, self.policy.max_body_bytes)
         reservation = BodyReservation(self.admission, self.admission.deadline())
         try:
-            raw = await read_body(receive, self.policy.max_body_bytes, clock.declared, clock,
-                                  reservation)
+            raw = await read_body(receive, self.policy.max_body_bytes, clock, reservation)
             parsed = parse_json(raw)
             del raw
             route = scope["path"]

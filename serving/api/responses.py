@@ -47,13 +47,12 @@ from pydantic import Field, ValidationError, model_validator
 from serving.api.admission import Admission
 from serving.api.chat import (
     IMAGE_DETAILS,
-    REPORT_SCHEMA_NAME,
     ROLES,
     _apply_stop,
     _check_keys,
-    _check_response_format,
     _check_text,
     _check_text_size,
+    check_json_schema,
     forward_image_url,
 )
 from serving.api.contract import MAX_NEW_TOKENS, _message, _param, _Strict
@@ -339,20 +338,8 @@ async def _text_format(fmt: dict | None, admission: Admission) -> dict | None:
     ``response_format`` (valid, compiles), the shipped report schema for its name."""
     if fmt is None or fmt["type"] != "json_schema":
         return fmt
-    probe = {"response_format": {"type": "json_schema", "json_schema": {
-        "name": fmt["name"], "schema": fmt.get("schema")}}}
-    try:
-        await _check_response_format(probe, admission)
-    except InvalidRequest as exc:
-        message = exc.message.replace("response_format.json_schema", "text.format")
-        raise InvalidRequest(message, param="text.format.schema") from None
-    schema = probe["response_format"]["json_schema"]["schema"]
-    if schema is None:
-        raise InvalidRequest(
-            f"text.format.schema must be a JSON schema object (or use the name "
-            f"{REPORT_SCHEMA_NAME!r} for the built-in report schema)",
-            param="text.format.schema",
-        )
+    where = "text.format.schema"
+    schema = await check_json_schema(fmt["name"], fmt.get("schema"), where, admission, param=where)
     return {**fmt, "schema": schema}
 
 
