@@ -56,8 +56,14 @@ def serve_policy_json(environ: Mapping[str, str] = os.environ) -> str | None:
     return environ.get(POLICY_ENV) or None
 
 
+def api_keys(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """The keys in ``SKINGPT4_API_KEY``: one, or several separated by commas."""
+    return tuple(k.strip() for k in environ.get(API_KEY_ENV, "").split(",") if k.strip())
+
+
 def api_key(environ: Mapping[str, str] = os.environ) -> str | None:
-    return environ.get(API_KEY_ENV) or None
+    """The first key in ``SKINGPT4_API_KEY`` (what a client here sends), or None."""
+    return next(iter(api_keys(environ)), None)
 
 
 def cpu_kvcache_gib(environ: Mapping[str, str] = os.environ) -> str:
@@ -74,7 +80,7 @@ __all__ = [
     "SEP", "RESERVED_TOKENS", "IMAGE_PLACEHOLDER", "IMAGE_PAD", "LLM_FAMILIES",
     "API_KEY_ENV", "POLICY_ENV", "KVCACHE_ENV", "DEFAULT_CPU_KVCACHE_GIB", "HOST_IP_ENV",
     "LOOPBACK_IP", "CPU_THREADS_BIND_ENV", "LOGGING_STREAM_ENV", "LOGGING_LEVEL_ENV", "RAY_ADDRESS_ENV", "RAY_ROUTINGS",
-    "api_key", "serve_policy_json", "cpu_kvcache_gib", "ray_address",
+    "api_keys", "api_key", "serve_policy_json", "cpu_kvcache_gib", "ray_address",
 ]
 
 

@@ -67,6 +67,20 @@ class RemoteImageFailed(ServingError):
     code = "remote_image_failed"
 
 
+class QuotaExceeded(ServingError):
+    """A file beyond what one API key may hold, or what the server's disk can take (400)."""
+
+    code = "quota_exceeded"
+
+
+class Conflict(ServingError):
+    """What the resource's state does not allow now, e.g. cancelling a finished batch (409)."""
+
+    status = 409
+    type = "ConflictError"
+    code = "conflict"
+
+
 class PayloadTooLarge(ServingError):
     """A body, an image or an image's pixel count over its limit (413)."""
 
@@ -179,7 +193,7 @@ class NotImplementedByServer(ServingError):
 BY_STATUS: dict[int, type[ServingError]] = {
     cls.status: cls
     for cls in (InvalidRequest, Unauthorized, RemoteImageRefused, NotFound, MethodNotAllowed,
-                RequestTimeout, PayloadTooLarge, UnsupportedMediaType, UnprocessableEntity,
+                RequestTimeout, Conflict, PayloadTooLarge, UnsupportedMediaType, UnprocessableEntity,
                 RateLimited, HeadersTooLarge, InternalError, NotImplementedByServer, ServerBusy)
 }
 

@@ -48,6 +48,7 @@ from serving.api.errors import (
     UnsupportedMediaType,
     error_for_status,
 )
+from serving.api.jobs import is_jobs_path
 from serving.api.policy import ServePolicy, policy_from_env
 from serving.api.pipeline import ROUTES, prepare_request
 
@@ -79,14 +80,21 @@ def _header(scope, name: bytes) -> str | None:
     return None
 
 
-def check_api_key(scope, key: str | None) -> None:
+def check_api_key(scope, keys: tuple[str, ...]) -> str | None:
+    """The key the request carries, one of ``keys`` (each compared in constant time), or None
+    where no key is needed; otherwise :class:`Unauthorized`."""
     preflight = scope.get("method") == "OPTIONS" and _header(scope, b"access-control-request-method")
-    if key is None or scope.get("path") in OPEN_PATHS or preflight:
-        return
+    if not keys or scope.get("path") in OPEN_PATHS or preflight:
+        return None
     given = _header(scope, b"authorization") or ""
     token = given[7:].strip() if given[:7].lower() == "bearer " else (_header(scope, b"x-api-key") or "")
-    if not hmac.compare_digest(token.encode(), key.encode()):
+    matched = None
+    for key in keys:  # every key is compared, so the time does not tell which one came close
+        if hmac.compare_digest(token.encode(), key.encode()):
+            matched = key
+    if matched is None:
         raise Unauthorized("missing or invalid API key; send Authorization: Bearer <key>")
+    return matched
 
 
 def check_route(scope) -> None:
@@ -459,6 +467,11 @@ class RequestPolicyMiddleware:
         self.policy = policy or policy_from_env()
         self.admission = Admission.from_policy(self.policy)
         self.context = ContextCheck(app)
+        self.jobs = None
+        if self.policy.data_dir:
+            from serving.api.jobs.service import BatchService
+
+            self.jobs = BatchService(self.policy, app, self.admission, self.context)
         self._started = False
 
     async def __call__(self, scope, receive, send):
@@ -467,12 +480,19 @@ class RequestPolicyMiddleware:
             self.admission.photo_workers.prestart()
         if scope["type"] == "websocket":
             return await self._websocket(scope, receive, send)
+        if scope["type"] == "lifespan" and self.jobs is not None:
+            return await self.jobs.lifespan(scope, receive, send, self.app)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         clock = None
         try:
             check_header_size(scope, self.policy.max_header_bytes)
-            check_api_key(scope, self.policy.api_key)
+            key = check_api_key(scope, self.policy.api_keys)
+            if is_jobs_path(scope.get("path", "")):
+                if self.jobs is None:
+                    raise NotFound("the Files and Batch API is off on this server; it is served "
+                                   "when the server is started with --data-dir")
+                return await self.jobs.handle(scope, receive, send, key)
             check_route(scope)
             if scope.get("method") != "POST":
                 return await self.app(scope, receive, shaped_errors(send))
@@ -488,7 +508,7 @@ class RequestPolicyMiddleware:
 
     async def _websocket(self, scope, receive, send):
         try:
-            check_api_key(scope, self.policy.api_key)
+            check_api_key(scope, self.policy.api_keys)
         except Unauthorized:
             await receive()  # websocket.connect
             return await send({"type": "websocket.close", "code": 1008})

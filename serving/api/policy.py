@@ -39,9 +39,10 @@ def default_decodes() -> int:
 class ServePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    api_key: str | None = Field(
-        default=None, min_length=1,
-        description="Bearer key needed on every route but /health; None: open.",
+    api_keys: tuple[str, ...] = Field(
+        default=(),
+        description="Bearer keys accepted on every route but /health (none: open). Each key is "
+        "a tenant of the Batch API: its files and batches are its own.",
     )
     max_images_per_request: int = Field(default=4, ge=1, description="Images in one request.")
     allowed_media_domains: tuple[str, ...] = Field(
@@ -107,12 +108,52 @@ class ServePolicy(BaseModel):
     max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="All request headers.")
     max_n: int = Field(default=8, ge=1, description="Largest `n` (choices per request).")
     media_fetch_timeout_s: float = Field(default=5.0, gt=0)
+    data_dir: str | None = Field(
+        default=None,
+        description="Folder of the Batch and Files API's store (SQLite and encrypted files); "
+        "None: /v1/files and /v1/batches are off.",
+    )
+    data_key_file: str | None = Field(
+        default=None,
+        description="Master key file of the store (created, mode 0600, if missing); None: "
+        "SKINGPT4_DATA_KEY, else data.key in the data folder.",
+    )
+    file_retention_hours: float = Field(
+        default=168.0, gt=0, description="Hours a batch input or output file is kept, then "
+        "deleted (bytes and record).",
+    )
+    max_file_bytes: int = Field(default=200 * 2**20, ge=1, description="Size of one upload.")
+    max_batch_lines: int = Field(default=50_000, ge=1, description="Requests in one batch.")
+    max_files_per_tenant: int = Field(default=1000, ge=1, description="Files one API key holds.")
+    max_tenant_bytes: int = Field(
+        default=20 * 2**30, ge=1, description="Bytes of files one API key holds."
+    )
+    min_free_disk_bytes: int = Field(
+        default=2**30, ge=0, description="Free space the data folder's disk keeps; an upload "
+        "that would leave less is refused.",
+    )
+    batch_max_inflight: int = Field(
+        default=8, ge=1, description="Batch requests in the engine at once; they run at a "
+        "lower priority than live requests.",
+    )
     default_stop: tuple[str, ...] = Field(
         default=(SEP,), description="SkinGPT-4's turn separator; always a stop string."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_key(cls, data):
+        """``api_key`` (one key, or None) is taken for ``api_keys``."""
+        if isinstance(data, dict) and "api_key" in data:
+            data = dict(data)
+            key = data.pop("api_key")
+            data.setdefault("api_keys", () if key is None else (key,))
+        return data
+
     @model_validator(mode="after")
     def _largest_body_fits(self) -> ServePolicy:
+        if any(not key for key in self.api_keys):
+            raise ValueError("an API key may not be empty")
         need = BODY_COST_FACTOR * self.max_body_bytes
         if need > self.max_inflight_bytes:
             raise ValueError(

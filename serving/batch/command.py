@@ -12,14 +12,8 @@ import sys
 from pathlib import Path
 
 from serving.batch import run as batch_run
-from serving.batch.run import (
-    DEFAULT_MAX_CONCURRENCY,
-    BatchSummary,
-    OutputError,
-    OutputLog,
-    open_engine,
-    run_batch,
-)
+from serving.api.jobs.runner import DEFAULT_MAX_CONCURRENCY, BatchSummary, run_batch
+from serving.batch.run import OutputError, OutputLog, open_engine
 from serving.engine.flags import add_model_arguments, config_error, config_from_args
 from serving.engine.server import EmbeddedServerConfig
 from serving.usage import FAILED, STOPPED, USAGE, UsageError, check_model_folder

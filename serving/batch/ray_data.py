@@ -1,8 +1,8 @@
 """``skingpt4 batch --ray``: the accepted lines of a batch file answered on Ray Data.
 
-:mod:`serving.batch.run` reads, checks, refuses and records every line, and resumes, exactly as
+:mod:`serving.api.jobs.runner` reads, checks, refuses and records every line, and resumes, exactly as
 without ``--ray``; this module is the step that differs, the answering of the requests that
-passed the checks. :class:`RayDataEngine` is a :class:`serving.batch.run.AnswerEngine` (``submit`` a
+passed the checks. :class:`RayDataEngine` is a :class:`serving.api.jobs.runner.AnswerEngine` (``submit`` a
 checked body, ``flush`` when the file is read, ``dead``, ``policy``) like the in-process
 :class:`serving.batch.run.BatchEngine`; instead of one engine in this process it runs one Ray Data
 pipeline over all the accepted requests:
@@ -58,7 +58,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from serving.batch.run import Answer
+from serving.api.jobs.runner import Answer
 from serving.engine.errors import engine_error
 from serving.api.contract import CHAT_ROUTE
 from serving.api.errors import InternalError
@@ -302,7 +302,7 @@ def answer_body(rendered: Rendered, out: dict, model_name: str, tokenizer) -> An
 
 
 class RayDataEngine:
-    """The answering step of :class:`serving.batch.run.BatchRun` on Ray Data: requests are rendered
+    """The answering step of :class:`serving.api.jobs.runner.BatchRun` on Ray Data: requests are rendered
     as they are submitted, answered together by one pipeline run when the file has been read
     (:meth:`flush`), and each answer reaches its request as its row comes back."""
 

@@ -20,8 +20,10 @@ def add_serving_commands(sub) -> None:
     serve.add_argument("model", help="a SkinGPT-4 model folder")
     add_model_arguments(serve)
     add_flags(serve, SERVE_FLAGS)
-    serve.add_argument("--api-key", default=settings.api_key(),
-                       help=f"require this key on every route but /health (or {settings.API_KEY_ENV})")
+    serve.add_argument("--api-key", action="append", dest="api_keys", default=None,
+                       help="require this key on every route but /health; give it more than "
+                       "once for several keys, each a tenant of the Batch API (default: "
+                       f"{settings.API_KEY_ENV}, keys separated by commas)")
     serve.add_argument("--ray", action="store_true", help="serve on Ray Serve (ray.serve.llm)")
     serve.add_argument("--replicas", type=int, default=None, help="fixed number of replicas (--ray)")
     serve.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (--ray)")
@@ -44,7 +46,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     try:
-        config = config_from_args(args, api_key=args.api_key)
+        keys = tuple(args.api_keys) if args.api_keys is not None else settings.api_keys()
+        config = config_from_args(args, api_keys=keys)
     except ValidationError as exc:
         print(f"skingpt4 serve: {config_error(exc)}", file=sys.stderr)
         return USAGE

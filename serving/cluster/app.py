@@ -443,11 +443,11 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def with_key_from_env(policy: ServePolicy) -> ServePolicy:
-    """A policy without a key takes ``SKINGPT4_API_KEY`` from the ingress replica's environment:
+    """A policy without keys takes those of ``SKINGPT4_API_KEY`` from the ingress replica's environment:
     on a cluster that is the environment ``ray start`` ran in on the replica's node, so the key
     can come from a secret store without being written into a Serve config file."""
-    key = settings.api_key()
-    return policy.model_copy(update={"api_key": key}) if policy.api_key is None and key else policy
+    keys = settings.api_keys()
+    return policy.model_copy(update={"api_keys": keys}) if not policy.api_keys and keys else policy
 
 
 def _causes(exc: BaseException | None, depth: int = 8):

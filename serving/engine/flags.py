@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from serving.api.policy import ServePolicy
@@ -56,18 +57,31 @@ FLAGS = {f.name: f for f in (
     Flag("max-jpeg-scans", "policy", "max_jpeg_scans", int),
     Flag("schema-compile-timeout", "policy", "schema_compile_timeout_s", float, unit=" s"),
     Flag("schema-compile-memory-mb", "policy", "schema_compile_memory_mb", int, unit=" MiB"),
+    Flag("data-dir", "policy", "data_dir"),
+    Flag("data-key-file", "policy", "data_key_file"),
+    Flag("file-retention-hours", "policy", "file_retention_hours", float, unit=" h"),
+    Flag("max-file-mb", "policy", "max_file_bytes", int, 2**20, " MiB"),
+    Flag("max-batch-lines", "policy", "max_batch_lines", int),
+    Flag("max-files-per-key", "policy", "max_files_per_tenant", int),
+    Flag("max-storage-gb-per-key", "policy", "max_tenant_bytes", int, 2**30, " GiB"),
+    Flag("batch-max-inflight", "policy", "batch_max_inflight", int),
 )}
 
 # The flags ``serve`` and ``batch`` share: the model, its photos and its engine.
 MODEL_FLAGS = ("model-name", "max-images-per-request", "allowed-media-domains", "max-image-pixels",
                "dtype", "max-model-len", "max-num-seqs", "tensor-parallel-size")
+# The Batch and Files API's store and limits (``serve``).
+BATCH_API_FLAGS = ("data-dir", "data-key-file", "file-retention-hours", "max-file-mb",
+                   "max-batch-lines", "max-files-per-key", "max-storage-gb-per-key",
+                   "batch-max-inflight")
 # ``serve``'s own: the HTTP server, the engine on a GPU, and the request policy's bounds.
 SERVE_FLAGS = ("host", "port", "max-inflight-mb", "max-concurrent-decodes", "admission-queue-size",
                "admission-timeout", "upload-timeout", "upload-idle-timeout", "min-upload-rate",
                "decode-timeout", "max-jpeg-scans", "schema-compile-timeout",
                "schema-compile-memory-mb", "enforce-eager", "gpu-memory-utilization",
-               "quantization")
+               "quantization", *BATCH_API_FLAGS)
 
+PATH_FIELDS = ("data_dir", "data_key_file")
 MODELS = {"server": EmbeddedServerConfig, "policy": ServePolicy}
 
 
@@ -116,6 +130,8 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> EmbeddedServerCo
             continue
         if flag.field == "allowed_media_domains":
             value = tuple(value)
+        if flag.field in PATH_FIELDS:  # the server (or a Ray replica) runs elsewhere
+            value = str(Path(value).expanduser().absolute())
         fields[flag.model][flag.field] = value * flag.scale if flag.scale != 1 else value
     return EmbeddedServerConfig(model=str(args.model), **fields["server"],
                                 policy=ServePolicy(**fields["policy"]))

@@ -460,10 +460,10 @@ def test_ingress_takes_the_key_from_its_environment(monkeypatch):
     from serving.cluster.app import with_key_from_env
 
     monkeypatch.setenv("SKINGPT4_API_KEY", "from-env")
-    assert with_key_from_env(ServePolicy()).api_key == "from-env"
-    assert with_key_from_env(ServePolicy(api_key="given")).api_key == "given"
+    assert with_key_from_env(ServePolicy()).api_keys == ("from-env",)
+    assert with_key_from_env(ServePolicy(api_keys=("given",))).api_keys == ("given",)
     monkeypatch.delenv("SKINGPT4_API_KEY")
-    assert with_key_from_env(ServePolicy()).api_key is None
+    assert with_key_from_env(ServePolicy()).api_keys == ()
 
 
 @pytest.fixture(scope="module")

@@ -38,18 +38,18 @@ def test_every_flag_defaults_to_its_field(name):
 def test_defaults_give_the_models_defaults():
     config = config_from_args(serve_args())
     assert config == EmbeddedServerConfig(model="/models/skin", policy=ServePolicy(
-        api_key=config.policy.api_key))
+        api_keys=config.policy.api_keys))
 
 
 def test_flags_reach_their_fields_scaled():
     config = config_from_args(serve_args(
         "--max-inflight-mb", "900", "--min-upload-rate", "4", "--upload-timeout", "60",
         "--decode-timeout", "3", "--max-jpeg-scans", "40", "--port", "9000", "--enforce-eager",
-        "--allowed-media-domains", "img.example.org"), api_key="k")
+        "--allowed-media-domains", "img.example.org"), api_keys=("k",))
     policy = config.policy
     assert policy.max_inflight_bytes == 900 * 2**20 and policy.min_upload_rate == 4 * 1024
     assert policy.upload_timeout_s == 60 and policy.decode_timeout_s == 3
-    assert policy.max_jpeg_scans == 40 and policy.api_key == "k"
+    assert policy.max_jpeg_scans == 40 and policy.api_keys == ("k",)
     assert policy.allowed_media_domains == ("img.example.org",)
     assert config.port == 9000 and config.enforce_eager
 
@@ -60,5 +60,5 @@ def test_serve_and_batch_build_the_same_config_from_the_shared_flags():
               "--allowed-media-domains", "a.example.org")
     served, batched = config_from_args(serve_args(*shared)), config_from_args(batch_args(*shared))
     assert batched == served.model_copy(update={"policy": served.policy.model_copy(
-        update={"api_key": None})})
+        update={"api_keys": ()})})
     assert set(MODEL_FLAGS) <= set(FLAGS)

@@ -1,0 +1,261 @@
+"""The Batch API's durable store: file and batch records in SQLite, file contents sealed beside it.
+
+A data directory (``--data-dir``, mode 0700) holds::
+
+    store.db      SQLite (WAL, secure_delete): files, batches
+    files/<id>    each file's contents, sealed (serving.api.jobs.sealed)
+    data.key      the master key, unless SKINGPT4_DATA_KEY gives it
+
+The database holds no photo, question or answer: a file's name and a batch's metadata are
+sealed under the master key, a file's data key is wrapped by it. Deleting a file removes its
+row (``secure_delete`` overwrites the freed pages) and its sealed bytes. Records belong to a
+tenant (a digest of the API key that created them); lookups by another tenant find nothing.
+
+Every method is blocking and must be called from one thread (the service runs them on a
+single-thread executor, off the event loop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serving.api.jobs import sealed
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    filename TEXT NOT NULL,          -- sealed
+    bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    data_key BLOB NOT NULL,          -- wrapped by the master key
+    visible INTEGER NOT NULL         -- 0 while a batch still writes it
+);
+CREATE INDEX IF NOT EXISTS files_by_tenant ON files (tenant, created_at, id);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    record TEXT NOT NULL,            -- the batch object as JSON, metadata aside
+    metadata TEXT,                   -- sealed JSON
+    output_file TEXT NOT NULL,       -- ids of the files its records go to
+    error_file TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_by_tenant ON batches (tenant, created_at, id);
+"""
+UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+def new_file_id() -> str:
+    return "file-" + secrets.token_hex(12)
+
+
+def new_batch_id() -> str:
+    return "batch_" + secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: str
+    tenant: str
+    purpose: str
+    filename: str
+    bytes: int
+    created_at: int
+    expires_at: int | None
+    data_key: bytes  # unwrapped
+
+    def to_dict(self) -> dict:
+        """OpenAI's file object."""
+        return {"id": self.id, "object": "file", "bytes": self.bytes,
+                "created_at": self.created_at, "filename": self.filename,
+                "purpose": self.purpose, "status": "processed", "expires_at": self.expires_at,
+                "status_details": None}
+
+
+class Store:
+    def __init__(self, data_dir: Path, key_file: Path | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.files_dir = self.data_dir / "files"
+        self.files_dir.mkdir(mode=0o700, exist_ok=True)
+        self.master = sealed.load_master_key(self.data_dir, key_file)
+        self.db = sqlite3.connect(self.data_dir / "store.db", check_same_thread=False,
+                                  isolation_level=None)
+        os.chmod(self.data_dir / "store.db", 0o600)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA secure_delete=ON")
+        self.db.executescript(SCHEMA)
+        self.remove_orphans()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def path(self, file_id: str) -> Path:
+        return self.files_dir / file_id
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def remove_orphans(self) -> int:
+        """Remove sealed contents with no record (an upload cut off by a crash)."""
+        known = {row[0] for row in self.db.execute("SELECT id FROM files")}
+        removed = 0
+        for path in self.files_dir.iterdir():
+            if path.name not in known:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def add_file(self, file_id: str, tenant: str, purpose: str, filename: str, nbytes: int,
+                 data_key: bytes, expires_at: int | None, *, visible: bool = True,
+                 created_at: int | None = None) -> FileRow:
+        created_at = int(time.time()) if created_at is None else created_at
+        self.db.execute(
+            "INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (file_id, tenant, purpose, sealed.seal_text(self.master, filename, "name:" + file_id),
+             nbytes, created_at, expires_at, sealed.wrap_key(self.master, data_key, file_id),
+             int(visible)),
+        )
+        return FileRow(file_id, tenant, purpose, filename, nbytes, created_at, expires_at, data_key)
+
+    def show_file(self, file_id: str, nbytes: int, expires_at: int | None) -> None:
+        """Publish a file a batch has written: its size and expiry."""
+        self.db.execute("UPDATE files SET visible = 1, bytes = ?, expires_at = ? WHERE id = ?",
+                        (nbytes, expires_at, file_id))
+
+    def file(self, file_id: str, tenant: str | None = None, *, hidden: bool = False) -> FileRow | None:
+        """The file ``file_id`` of ``tenant`` (None: any), if it exists and has not expired."""
+        row = self.db.execute(
+            "SELECT * FROM files WHERE id = ? AND (visible = 1 OR ?)", (file_id, hidden)
+        ).fetchone()
+        if row is None or (tenant is not None and row[1] != tenant):
+            return None
+        if row[6] is not None and row[6] <= time.time():
+            return None
+        return self._file_row(row)
+
+    def _file_row(self, row) -> FileRow:
+        file_id = row[0]
+        return FileRow(file_id, row[1], row[2],
+                       sealed.open_text(self.master, row[3], "name:" + file_id), row[4], row[5],
+                       row[6], sealed.unwrap_key(self.master, row[7], file_id))
+
+    def list_files(self, tenant: str, purpose: str | None, after: str | None, limit: int,
+                   order: str) -> tuple[list[FileRow], bool]:
+        """A page of ``tenant``'s files (``order``: ``asc`` or ``desc`` by creation) after the
+        file ``after``; and whether more follow."""
+        now = int(time.time())
+        sql = ("SELECT * FROM files WHERE tenant = ? AND visible = 1 "
+               "AND (expires_at IS NULL OR expires_at > ?)")
+        params: list[Any] = [tenant, now]
+        if purpose:
+            sql += " AND purpose = ?"
+            params.append(purpose)
+        cmp = ">" if order == "asc" else "<"
+        if after:
+            anchor = self.db.execute("SELECT created_at FROM files WHERE id = ? AND tenant = ?",
+                                     (after, tenant)).fetchone()
+            if anchor is not None:
+                sql += f" AND (created_at, id) {cmp} (?, ?)"
+                params += [anchor[0], after]
+        direction = "ASC" if order == "asc" else "DESC"
+        sql += f" ORDER BY created_at {direction}, id {direction} LIMIT ?"
+        rows = self.db.execute(sql, [*params, limit + 1]).fetchall()
+        return [self._file_row(r) for r in rows[:limit]], len(rows) > limit
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        """(files, bytes) that ``tenant`` holds, files still being written included."""
+        count, total = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?", (tenant,)
+        ).fetchone()
+        return count, total
+
+    def delete_file(self, file_id: str) -> None:
+        """The record (its wrapped key with it) and the sealed bytes."""
+        self.db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        self.path(file_id).unlink(missing_ok=True)
+
+    def expired_files(self, now: float) -> list[str]:
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM files WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))]
+
+    def file_in_use(self, file_id: str) -> bool:
+        """Whether an unfinished batch reads or writes ``file_id``."""
+        marks = ",".join("?" * len(UNFINISHED))
+        return self.db.execute(
+            f"SELECT 1 FROM batches WHERE status IN ({marks}) AND "
+            "(json_extract(record, '$.input_file_id') = ? OR output_file = ? OR error_file = ?)",
+            (*UNFINISHED, file_id, file_id, file_id),
+        ).fetchone() is not None
+
+    # --- batches -------------------------------------------------------------------------------
+
+    def add_batch(self, tenant: str, batch: dict, output_file: str, error_file: str) -> None:
+        record = {k: v for k, v in batch.items() if k != "metadata"}
+        self.db.execute(
+            "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (batch["id"], tenant, batch["created_at"], batch["status"], json.dumps(record),
+             self._seal_metadata(batch["id"], batch.get("metadata")), output_file, error_file),
+        )
+
+    def _seal_metadata(self, batch_id: str, metadata: dict | None) -> str | None:
+        if metadata is None:
+            return None
+        return sealed.seal_text(self.master, json.dumps(metadata), "metadata:" + batch_id)
+
+    def batch(self, batch_id: str, tenant: str | None = None) -> dict | None:
+        row = self.db.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None or (tenant is not None and row[1] != tenant):
+            return None
+        return self._batch(row)
+
+    def batch_files(self, batch_id: str) -> tuple[str, str, str]:
+        """(tenant, output file id, error file id) of a batch."""
+        row = self.db.execute("SELECT tenant, output_file, error_file FROM batches WHERE id = ?",
+                              (batch_id,)).fetchone()
+        return row[0], row[1], row[2]
+
+    def _batch(self, row) -> dict:
+        batch = json.loads(row[4])
+        metadata = (json.loads(sealed.open_text(self.master, row[5], "metadata:" + row[0]))
+                    if row[5] is not None else None)
+        return batch | {"metadata": metadata}
+
+    def update_batch(self, batch_id: str, **fields: Any) -> dict:
+        """Set ``fields`` of the batch object; returns it."""
+        row = self.db.execute("SELECT record FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        record = json.loads(row[0]) | fields
+        self.db.execute("UPDATE batches SET record = ?, status = ? WHERE id = ?",
+                        (json.dumps(record), record["status"], batch_id))
+        return self.batch(batch_id)
+
+    def list_batches(self, tenant: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
+        """A page of ``tenant``'s batches, newest first, after the batch ``after``."""
+        sql, params = "SELECT * FROM batches WHERE tenant = ?", [tenant]
+        if after:
+            anchor = self.db.execute("SELECT created_at FROM batches WHERE id = ? AND tenant = ?",
+                                     (after, tenant)).fetchone()
+            if anchor is not None:
+                sql += " AND (created_at, id) < (?, ?)"
+                params += [anchor[0], after]
+        rows = self.db.execute(sql + " ORDER BY created_at DESC, id DESC LIMIT ?",
+                               [*params, limit + 1]).fetchall()
+        return [self._batch(r) for r in rows[:limit]], len(rows) > limit
+
+    def unfinished_batches(self) -> list[str]:
+        """Ids of batches not yet in a final status, oldest first."""
+        marks = ",".join("?" * len(UNFINISHED))
+        return [r[0] for r in self.db.execute(
+            f"SELECT id FROM batches WHERE status IN ({marks}) ORDER BY created_at, id",
+            UNFINISHED)]
