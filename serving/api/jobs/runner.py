@@ -399,7 +399,9 @@ class BatchRun:
         try:
             await reservation.acquire()
             job = self._decide(parse_line(line, raw))
-            if isinstance(job, LineError):
+            if self.stopping:  # stopped while this line waited for its slot
+                pass
+            elif isinstance(job, LineError):
                 await self._line_error(job)
             elif job is None:
                 self.summary.skipped += 1
