@@ -20,6 +20,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # an engine without one of these fixtures carry the marker themselves.
 MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "server": ("engine",),  # tests/serving/conftest.py: the shared embedded server
+    "batch_server": ("engine",),  # tests/serving/api/test_batches_server.py: one with a data folder
     "engines": ("engine",),  # tests/plugins/test_vllm_parity.py: vLLM LLM + HF reference
     "vllm_engine": ("engine",),  # tests/plugins/test_convert.py: vLLM LLM on a converted release
     "reference_server": ("engine",),  # tests/benchmarks/conftest.py: the HF reference target

@@ -389,8 +389,12 @@ class ContextCheck:
     PER_PART = 16
     TEMPLATE = 1024  # the template's own text: the system prompt, separators, BOS
 
-    def __init__(self, app) -> None:
+    def __init__(self, app=None, counter=None) -> None:
+        """``app``: the app whose ``/tokenize`` counts a prompt; or ``counter``, an async
+        function from a ``/tokenize`` request body to ``(count, max_model_len)`` or None
+        (``skingpt4 batch``, which has vLLM's serving objects but no app)."""
         self.app = app
+        self.counter = counter
         self.max_model_len: int | None = None  # learned from the first count
 
     FIELDS = {"/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
@@ -450,6 +454,8 @@ class ContextCheck:
         return [model | {"prompt": p} for p in prompts]
 
     async def _count(self, scope, request: dict) -> tuple[int, int] | None:
+        if self.counter is not None:
+            return await self.counter(request)
         raw = json.dumps(request, ensure_ascii=False).encode("utf-8")
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
         sub = dict(scope, path="/tokenize", raw_path=b"/tokenize", query_string=b"", headers=headers)

@@ -69,11 +69,13 @@ import contextlib
 import fcntl
 import os
 from collections.abc import AsyncIterator, Awaitable
+from functools import partial
 from pathlib import Path
 
 from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
-from serving.api.errors import error_for_status
+from serving.api.errors import ServingError, error_for_status
 from serving.api.jobs.runner import Answer, encode_record, record_key
+from serving.api.middleware import ContextCheck
 from serving.api.policy import ServePolicy
 from serving.engine.server import EmbeddedServerConfig, parse_vllm_args
 
@@ -174,11 +176,13 @@ class BatchEngine:
 
     bulk = False  # each request is answered as soon as it is submitted
 
-    def __init__(self, client, handlers: dict, request_models: dict, policy: ServePolicy) -> None:
+    def __init__(self, client, handlers: dict, request_models: dict, policy: ServePolicy,
+                 context=None) -> None:
         self.client = client
         self.handlers = handlers
         self.request_models = request_models
         self.policy = policy
+        self.context = context  # the server's max_tokens check, counting with vLLM's tokenizer
 
     @property
     def dead(self) -> bool:
@@ -199,8 +203,12 @@ class BatchEngine:
         from serving.engine.errors import engine_error
 
         try:
+            if self.context is not None:
+                await self.context.check(None, route, body)
             request = self.request_models[route].model_validate(body)
             result = await self.handlers[route](request)
+        except ServingError as error:
+            return error.status, error.to_dict(), None
         except Exception as exc:  # as vLLM's run_request: the failure becomes an error body
             return *engine_error(exc), None
         if isinstance(result, ErrorResponse):
@@ -211,6 +219,21 @@ class BatchEngine:
             raise RuntimeError(f"{route} returned a stream to a batch request")
         response = result.model_dump()
         return 200, response, response.get("id")
+
+
+async def count_prompt(tokenization, request: dict) -> tuple[int, int] | None:
+    """(prompt tokens, context length) of a ``/tokenize`` request body, counted by vLLM's
+    tokenize serving object as the server's ``/tokenize`` route counts it; None if it cannot."""
+    from pydantic import TypeAdapter, ValidationError
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
+
+    try:
+        result = await tokenization.create_tokenize(
+            TypeAdapter(TokenizeRequest).validate_python(request), None)
+    except (ValidationError, ValueError):
+        return None
+    return None if isinstance(result, ErrorResponse) else (result.count, result.max_model_len)
 
 
 @contextlib.asynccontextmanager
@@ -239,6 +262,7 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
                 request_models={CHAT_ROUTE: ChatCompletionRequest,
                                 COMPLETIONS_ROUTE: CompletionRequest},
                 policy=config.served_policy(),
+                context=ContextCheck(counter=partial(count_prompt, state.serving_tokenization)),
             )
     finally:
         # A traceback kept inside vLLM holds this frame; with the engine in its locals,
