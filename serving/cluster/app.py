@@ -427,13 +427,27 @@ def llm_config(args: RayAppArgs) -> LLMConfig:
 
 def build_serve_app(args: RayAppArgs) -> Application:
     """The Ray Serve application: ``build_openai_app`` with the policy-enforcing ingress."""
-    return build_openai_app({
+    policy = args.server.served_policy()
+    config: dict[str, Any] = {
         "llm_configs": [llm_config(args)],
         "ingress_cls_config": {
             "ingress_cls": SkinGPT4Ingress,
-            "ingress_extra_kwargs": {"policy": args.server.served_policy().model_dump(mode="json")},
+            "ingress_extra_kwargs": {"policy": policy.model_dump(mode="json")},
         },
-    })
+    }
+    if policy.data_dir:
+        config["ingress_deployment_config"] = BATCH_API_INGRESS
+    return build_openai_app(config)
+
+
+# With the Batch API on (a data folder), the ingress keeps the store and runs the batches: one
+# replica, on the head node, where the data folder is (docs/ray-cluster.md: a persistent
+# volume). Ray gives the head node this resource (Ray's docs, "Resources").
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+BATCH_API_INGRESS = {
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+    "ray_actor_options": {"resources": {HEAD_NODE_RESOURCE: 0.001}},
+}
 
 
 def build_app(args: dict[str, Any]) -> Application:

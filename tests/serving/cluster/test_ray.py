@@ -493,7 +493,8 @@ class RayServe:
             cmd = [sys.executable, "-m", "serving.cli", "serve", str(self.model), "--ray",
                    "--replicas", "2", "--accelerator", "cpu", "--dtype", "float32",
                    "--max-model-len", "1024", "--max-num-seqs", "8",
-                   "--port", self.base_url.rsplit(":", 1)[1], "--api-key", API_KEY]
+                   "--port", self.base_url.rsplit(":", 1)[1], "--api-key", API_KEY,
+                   "--data-dir", str(self.root / "data")]
             # /health is 200 only once the ingress and the LLM replicas answer.
             self.process = ServerProcess(
                 cmd, root_url=self.base_url, log_path=self.root / "serve.log", cwd=REPO_ROOT,
@@ -569,6 +570,38 @@ def test_streaming(client, photo_url):
     assert len(deltas) >= 2, "the answer did not arrive in pieces"
     assert "".join(deltas) == full.choices[0].message.content
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_the_batch_api_answers_as_live_chat_does(client, ray_server, photo_url):
+    """The Files and Batch API in Ray mode: the ingress keeps the store and sends the lines to
+    the LLM replicas; each answer equals the live answer to the same request (greedy)."""
+    bodies = {
+        "photo": {"model": MODEL, "messages": [image_message([photo_url])], **GREEDY},
+        "text": {"model": MODEL, "messages": [{"role": "user", "content": "Is it eczema?"}],
+                 **GREEDY},
+    }
+    lines = "".join(json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions",
+                                "body": b}) + "\n" for k, b in bodies.items())
+    upload = client.files.create(file=("cases.jsonl", lines.encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 300
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    records = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in records) == ["photo", "text"]
+    for record in records:
+        live = client.chat.completions.create(**bodies[record["custom_id"]])
+        answer = record["response"]["body"]
+        assert answer["choices"][0]["message"]["content"] == live.choices[0].message.content
+        assert answer["usage"]["prompt_tokens"] == live.usage.prompt_tokens
+        assert answer["usage"]["completion_tokens"] == live.usage.completion_tokens
+    assert client.files.delete(upload.id).deleted
+    data = ray_server.root / "data"
+    assert (data / "store.db").exists() and not (data / "files" / upload.id).exists()
 
 
 def test_api_key_required_except_health(ray_server):
