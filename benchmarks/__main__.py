@@ -10,6 +10,8 @@
     python -m benchmarks sweep --out bench-results
     # the same 96 requests through `skingpt4 batch` and the embedded server (32 at once)
     python -m benchmarks batch-vs-server --num-requests 96 --concurrency 32 --out bench-results/batch
+    # live requests' TTFT at concurrency 4, alone and while a 200-line Batch API batch runs
+    python -m benchmarks live-vs-batch --num-requests 48 --concurrency 4 --batch-lines 200 --out bench-results/live-batch
     # 12 MP phone photos, 32 at once: this project, plain vLLM, and an older checkout of it
     git worktree add ../before 3cb75e0
     python -m benchmarks sweep --targets embedded,vllm --before-checkout ../before \
@@ -30,6 +32,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.batch_compare import CompareConfig, compare_markdown, run_compare
+from benchmarks.live_batch import LiveBatchConfig, run_live_vs_batch
+from benchmarks.live_batch import markdown as live_markdown
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
 from benchmarks.report import run_record, summary_of, write_json
 from benchmarks.scenarios import (
@@ -152,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--batch-concurrency", type=int, default=None,
                          help="skingpt4 batch --max-concurrency (default: the command's own)")
     _common(compare)
+
+    live = sub.add_parser("live-vs-batch", help="live requests' TTFT with and without a Batch API batch running")
+    live.add_argument("--num-requests", type=int, default=LiveBatchConfig.num_requests, help="live requests per run")
+    live.add_argument("--concurrency", type=int, default=LiveBatchConfig.concurrency, help="the live requests'")
+    live.add_argument("--batch-lines", type=int, default=LiveBatchConfig.batch_lines)
+    live.add_argument("--batch-max-inflight", type=int, default=None,
+                      help="serve --batch-max-inflight (default: the server's)")
+    _common(live)
     return parser
 
 
@@ -255,6 +267,22 @@ def cmd_compare(args, argv: list[str]) -> int:
     return 0 if summary["batch"]["failed"] == 0 and summary["server"]["failed"] == 0 else 1
 
 
+def cmd_live(args, argv: list[str]) -> int:
+    cfg = LiveBatchConfig(
+        out=args.out, model=ensure_model(args.model, args.family), num_requests=args.num_requests,
+        concurrency=args.concurrency, batch_lines=args.batch_lines,
+        batch_max_inflight=args.batch_max_inflight, max_tokens=args.max_tokens,
+        temperature=args.temperature, image_size=args.image_size or DEFAULT_IMAGE_SIZE,
+        seed=args.seed, warmup_requests=args.warmup_requests,
+        startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,
+        show_progress=not args.no_progress, command="python -m benchmarks " + shlex.join(argv),
+    )
+    summary = run_live_vs_batch(cfg)
+    print(live_markdown(summary))
+    print(f"{cfg.out / 'live-vs-batch.json'}, {cfg.out / 'live-vs-batch.png'}")
+    return 0 if summary["batch"]["status"] == "completed" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -262,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     if args.command == "batch-vs-server":
         return cmd_compare(args, argv)
+    if args.command == "live-vs-batch":
+        return cmd_live(args, argv)
     return cmd_sweep(args, argv)
 
 

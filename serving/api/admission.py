@@ -173,3 +173,48 @@ class BodyReservation:
         if self.held:
             self.admission.release(self.held)
             self.held = 0
+
+
+class LiveTraffic:
+    """Live requests first: how many Batch API requests may be in the engine at once. While
+    live requests are in flight, or one ended less than ``quiet_s`` ago, at most ``busy``
+    (a trickle, so a batch still moves under steady live load); otherwise ``idle``."""
+
+    def __init__(self, idle: int, busy: int = 1, quiet_s: float = 1.0) -> None:
+        self.idle, self.busy, self.quiet_s = idle, busy, quiet_s
+        self.live = 0
+        self.last_live = float("-inf")
+        self.batch = 0
+        self._changed: asyncio.Event | None = None
+
+    def limit(self) -> int:
+        recent = self.live or time.monotonic() - self.last_live < self.quiet_s
+        return self.busy if recent else self.idle
+
+    def live_started(self) -> None:
+        self.live += 1
+        self.last_live = time.monotonic()
+
+    def live_ended(self) -> None:
+        self.live -= 1
+        self.last_live = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def batch_slot(self) -> AsyncIterator[None]:
+        """Wait until one more batch request fits the limit (checked again as the quiet time
+        passes), and hold its place while it runs."""
+        while self.batch >= self.limit():
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._changed.wait(), self.quiet_s / 4)
+            except TimeoutError:
+                pass
+        self.batch += 1
+        try:
+            yield
+        finally:
+            self.batch -= 1
+            if self._changed is not None:
+                self._changed.set()
+                self._changed = None

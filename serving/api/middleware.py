@@ -35,7 +35,7 @@ import json
 import time
 from http import HTTPStatus
 
-from serving.api.admission import Admission, BodyReservation
+from serving.api.admission import Admission, BodyReservation, LiveTraffic
 from serving.api.errors import (
     ContextLengthExceeded,
     HeadersTooLarge,
@@ -473,11 +473,12 @@ class RequestPolicyMiddleware:
         self.policy = policy or policy_from_env()
         self.admission = Admission.from_policy(self.policy)
         self.context = ContextCheck(app)
+        self.live = LiveTraffic(self.policy.batch_max_inflight)
         self.jobs = None
         if self.policy.data_dir:
             from serving.api.jobs.service import BatchService
 
-            self.jobs = BatchService(self.policy, app, self.admission, self.context)
+            self.jobs = BatchService(self.policy, app, self.admission, self.context, self.live)
         self._started = False
 
     async def __call__(self, scope, receive, send):
@@ -490,7 +491,6 @@ class RequestPolicyMiddleware:
             return await self.jobs.lifespan(scope, receive, send, self.app)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        clock = None
         try:
             check_header_size(scope, self.policy.max_header_bytes)
             key = check_api_key(scope, self.policy.api_keys)
@@ -504,13 +504,19 @@ class RequestPolicyMiddleware:
                 return await self.app(scope, receive, shaped_errors(send))
             check_content_type(scope)
             clock = UploadClock(self.policy, _content_length(scope))
-            body = await self._admit(scope, receive, clock)
         except ServingError as error:
-            unread = scope.get("method") == "POST" and not (clock and clock.complete)
-            return await send_error(send, error, close=unread)
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-        scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
-        return await self.app(scope, _replay(body, receive), shaped_errors(send))
+            return await send_error(send, error, close=scope.get("method") == "POST")
+        self.live.live_started()  # Batch API requests yield to this one until it ends
+        try:
+            try:
+                body = await self._admit(scope, receive, clock)
+            except ServingError as error:
+                return await send_error(send, error, close=not clock.complete)
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+            scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
+            return await self.app(scope, _replay(body, receive), shaped_errors(send))
+        finally:
+            self.live.live_ended()
 
     async def _websocket(self, scope, receive, send):
         try:

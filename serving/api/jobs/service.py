@@ -10,9 +10,11 @@ RequestPolicyMiddleware`, on the embedded server and on the Ray ingress alike (d
   ``skingpt4 batch`` makes: the same line checks, request pipeline and records. Each checked
   request then goes through the app in this process (:class:`AppEngine`), the route a live
   request takes after the middleware, so its body is the server's.
-- **Live traffic first.** At most ``batch_max_inflight`` batch requests are in the engine at
-  once, at vLLM priority :data:`BATCH_PRIORITY` (live requests have 0 and are scheduled first),
-  with one photo decoder and a small share of the memory budget.
+- **Live traffic first.** Batch requests run at vLLM priority :data:`BATCH_PRIORITY` (live
+  requests have 0 and are scheduled first), at most ``batch_max_inflight`` in the engine at
+  once, and only one while live requests are in flight or were a moment ago
+  (:class:`serving.api.admission.LiveTraffic`); their photos are checked one at a time, with a
+  small share of the memory budget.
 - **Durable.** Records go to the batch's output and error files as each request finishes,
   one sealed frame each, synced. A server killed mid-batch resumes it on its next start
   (:meth:`BatchService.start`): lines with a record are skipped, so every ``custom_id`` gets
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-from serving.api.admission import Admission
+from serving.api.admission import Admission, LiveTraffic
 from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.api.errors import (
     Conflict,
@@ -190,8 +192,10 @@ class AppEngine:
     bulk = False
     dead = False
 
-    def __init__(self, app, policy: ServePolicy, context, template: dict) -> None:
+    def __init__(self, app, policy: ServePolicy, context, template: dict,
+                 live: LiveTraffic | None = None) -> None:
         self.app, self.policy, self.context, self.template = app, policy, context, template
+        self.live = live or LiveTraffic(policy.batch_max_inflight, policy.batch_max_inflight)
 
     async def submit(self, route: str, body: dict):
         return self.answer(route, body)
@@ -204,7 +208,8 @@ class AppEngine:
 
         await self.context.check(sub_scope(self.template, route, b""), route, body)
         raw = dump_json(dict(body, priority=BATCH_PRIORITY))
-        status, out = await call_app(self.app, sub_scope(self.template, route, raw), raw)
+        async with self.live.batch_slot():
+            status, out = await call_app(self.app, sub_scope(self.template, route, raw), raw)
         if status == 200:
             response = json.loads(out)
             return 200, response, response.get("id")
@@ -218,10 +223,12 @@ class BatchService:
     """``/v1/files`` and ``/v1/batches`` over one store, and the worker that runs the batches
     (one at a time, oldest first)."""
 
-    def __init__(self, policy: ServePolicy, app, admission: Admission, context) -> None:
+    def __init__(self, policy: ServePolicy, app, admission: Admission, context,
+                 live: LiveTraffic) -> None:
         self.policy = policy
         self.app = app
         self.context = context
+        self.live = live
         # Batch checks share the server's decoders and worker processes, with one decode at a
         # time and an eighth of the memory budget, so live requests keep the rest.
         self.admission = Admission(
@@ -575,7 +582,7 @@ class BatchService:
 
     async def _execute(self, batch: dict) -> None:
         log = await self._open_log(batch)
-        engine = AppEngine(self.app, self.policy, self.context, self.template or {})
+        engine = AppEngine(self.app, self.policy, self.context, self.template or {}, self.live)
         progress = asyncio.create_task(self._report(batch, log))
         outcome = "finalizing"
         try:

@@ -486,3 +486,33 @@ def test_the_master_key_comes_from_the_environment_or_a_private_file(tmp_path):
     os.chmod(tmp_path / "data.key", 0o644)
     with pytest.raises(ValueError, match="chmod 600"):
         sealed.load_master_key(tmp_path, environ={})
+
+
+def test_batch_requests_yield_to_live_ones():
+    from serving.api.admission import LiveTraffic
+
+    async def go():
+        live = LiveTraffic(idle=3, busy=1, quiet_s=0.5)
+        running, most = 0, []
+
+        async def batch_request():
+            nonlocal running
+            async with live.batch_slot():
+                running += 1
+                most.append(running)
+                await asyncio.sleep(0.05)
+                running -= 1
+
+        live.live_started()
+        await asyncio.gather(*(batch_request() for _ in range(4)))
+        during = max(most)
+        live.live_ended()
+        most.clear()
+        await asyncio.gather(*(batch_request() for _ in range(4)))  # within the quiet time
+        after_end = max(most)
+        await asyncio.sleep(0.55)
+        most.clear()
+        await asyncio.gather(*(batch_request() for _ in range(6)))
+        return during, after_end, max(most)
+
+    assert asyncio.run(go()) == (1, 1, 3)
