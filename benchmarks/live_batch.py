@@ -12,7 +12,9 @@ weights and options, warmed up, then in one run:
    (``files.create``, ``batches.create``); once it is running (its first records are in),
 3. ``during batch``: the same number of live requests (other photos of the same size, so neither
    run reuses the other's prefix cache) at the same concurrency;
-4. the batch is polled until it ends: it must still finish, all its lines answered.
+4. the batch is polled until it ends: it must still finish, all its lines answered. Its count
+   of answered lines, polled every 0.25 s during step 3 (the server updates it every second),
+   gives the lines answered while the live requests ran.
 
 TTFT p50 and p99 of both live runs, their ratios, and the batch's progress (lines answered during
 the live run, lines per second, total time) go to one JSON (``live-vs-batch.json``), a bar chart
@@ -70,6 +72,13 @@ def batch_file(cfg: LiveBatchConfig, model: str, config: LoadConfig) -> bytes:
                    for c in convs).encode()
 
 
+def answered_at(samples: list[tuple[float, int]], when: float) -> int:
+    """The batch's answered lines at ``when``: the last sample at or before it (the server
+    updates the count every second, so this lags by up to a second)."""
+    earlier = [count for t, count in samples if t <= when]
+    return earlier[-1] if earlier else (samples[0][1] if samples else 0)
+
+
 async def _runs(cfg: LiveBatchConfig, server, config: LoadConfig) -> dict:
     client = make_client(server.base_url, cfg.request_timeout_s, api_key())
     try:
@@ -86,14 +95,25 @@ async def _runs(cfg: LiveBatchConfig, server, config: LoadConfig) -> dict:
         while batch.request_counts.completed < 1 and batch.status not in FINAL:
             await asyncio.sleep(0.2)
             batch = await client.batches.retrieve(batch.id)
-        before = batch.request_counts.completed
+        samples: list[tuple[float, int]] = []  # (time, lines answered), every 0.25 s
+
+        async def sample():
+            while True:
+                current = await client.batches.retrieve(batch.id)
+                samples.append((time.perf_counter(), current.request_counts.completed))
+                await asyncio.sleep(0.25)
+
+        poller = asyncio.create_task(sample())
         busy_convs = build_conversations("single", cfg.num_requests, cfg.image_size,
                                          cfg.seed + DURING_SEED)
-        live_start = time.perf_counter()
         busy, busy_usage = await measure(server, client, busy_convs, config, label="during batch")
-        live_s = time.perf_counter() - live_start
+        live_end = time.perf_counter()
+        live_s = busy.duration  # the live requests' own span, ending as measure() returns
+        await asyncio.sleep(0.3)
+        poller.cancel()
+        await asyncio.gather(poller, return_exceptions=True)
+        during = answered_at(samples, live_end) - answered_at(samples, live_end - live_s)
         batch = await client.batches.retrieve(batch.id)
-        during = batch.request_counts.completed - before
         while batch.status not in FINAL and time.perf_counter() - started < cfg.batch_timeout_s:
             await asyncio.sleep(0.5)
             batch = await client.batches.retrieve(batch.id)

@@ -75,7 +75,6 @@ from pathlib import Path
 from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.api.errors import ServingError, error_for_status
 from serving.api.jobs.runner import Answer, encode_record, record_key
-from serving.api.middleware import ContextCheck
 from serving.api.policy import ServePolicy
 from serving.engine.server import EmbeddedServerConfig, parse_vllm_args
 
@@ -246,6 +245,8 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.usage.usage_lib import UsageContext
+
+    from serving.api.middleware import ContextCheck  # imports torch: not at the CLI's start
 
     args = parse_vllm_args(config, prog="skingpt4 batch")
     client = state = None

@@ -23,6 +23,7 @@ retries them. Imports neither vLLM nor Ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import uuid
@@ -310,11 +311,18 @@ class BatchRun:
 
     ``admission``: the byte budget and photo decoders the checks use (None: a private one,
     waiting as long as a batch needs). ``report_failures``: name each server error on stderr
-    (the command line; the HTTP service keeps request details out of its logs)."""
+    (the command line; the HTTP service keeps request details out of its logs). ``line_gate``:
+    an async context manager held while a line is checked and answered (the HTTP service's
+    :meth:`serving.api.admission.LiveTraffic.batch_slot`; not for a bulk engine, whose answers
+    come only once every line is submitted)."""
 
     def __init__(self, engine: AnswerEngine, log: RecordLog,
                  max_concurrency: int = DEFAULT_MAX_CONCURRENCY, progress: bool = True, *,
-                 admission: Admission | None = None, report_failures: bool = True) -> None:
+                 admission: Admission | None = None, report_failures: bool = True,
+                 line_gate=contextlib.nullcontext) -> None:
+        if engine.bulk and line_gate is not contextlib.nullcontext:
+            raise ValueError("a bulk engine answers only after every line is submitted: no gate")
+        self.line_gate = line_gate
         self.engine = engine
         self.log = log
         self.policy = engine.policy
@@ -444,17 +452,19 @@ class BatchRun:
             await self._write(error.record(), refused=True)
 
     async def _serve(self, job: BatchLine, reservation: _Reservation) -> None:
-        """Check, run and record one request; holds one concurrency slot."""
+        """Check, run and record one request; holds one concurrency slot (and, while it is
+        checked and answered, the line gate's)."""
         try:
-            try:
-                body = await self._check(job)
-                answer = await self.engine.submit(job.route, body)
-            finally:
-                await reservation.release()
-                self.unsubmitted -= 1
-                if not self.unsubmitted:
-                    self.all_submitted.set()
-            status, response, request_id = await answer
+            async with self.line_gate():
+                try:
+                    body = await self._check(job)
+                    answer = await self.engine.submit(job.route, body)
+                finally:
+                    await reservation.release()
+                    self.unsubmitted -= 1
+                    if not self.unsubmitted:
+                        self.all_submitted.set()
+                status, response, request_id = await answer
             if status >= 500:
                 return self._failed(job, status, str(response.get("error", {}).get("message")))
             await self._write(response_record(job.custom_id, status, response, request_id),

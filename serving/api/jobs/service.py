@@ -11,10 +11,11 @@ RequestPolicyMiddleware`, on the embedded server and on the Ray ingress alike (d
   request then goes through the app in this process (:class:`AppEngine`), the route a live
   request takes after the middleware, so its body is the server's.
 - **Live traffic first.** Batch requests run at vLLM priority :data:`BATCH_PRIORITY` (live
-  requests have 0 and are scheduled first), at most ``batch_max_inflight`` in the engine at
-  once, and only one while live requests are in flight or were a moment ago
-  (:class:`serving.api.admission.LiveTraffic`); their photos are checked one at a time, with a
-  small share of the memory budget.
+  requests have 0 and are scheduled first), at most ``batch_max_inflight`` being checked or
+  answered at once, and only one while live requests are in flight or were a moment ago
+  (:class:`serving.api.admission.LiveTraffic`), so a batch's photo decodes do not hold the photo
+  workers either; their photos are checked one at a time, with a small share of the memory
+  budget.
 - **Durable.** Records go to the batch's output and error files as each request finishes,
   one sealed frame each, synced. A server killed mid-batch resumes it on its next start
   (:meth:`BatchService.start`): lines with a record are skipped, so every ``custom_id`` gets
@@ -192,10 +193,8 @@ class AppEngine:
     bulk = False
     dead = False
 
-    def __init__(self, app, policy: ServePolicy, context, template: dict,
-                 live: LiveTraffic | None = None) -> None:
+    def __init__(self, app, policy: ServePolicy, context, template: dict) -> None:
         self.app, self.policy, self.context, self.template = app, policy, context, template
-        self.live = live or LiveTraffic(policy.batch_max_inflight, policy.batch_max_inflight)
 
     async def submit(self, route: str, body: dict):
         return self.answer(route, body)
@@ -208,8 +207,7 @@ class AppEngine:
 
         await self.context.check(sub_scope(self.template, route, b""), route, body)
         raw = dump_json(dict(body, priority=BATCH_PRIORITY))
-        async with self.live.batch_slot():
-            status, out = await call_app(self.app, sub_scope(self.template, route, raw), raw)
+        status, out = await call_app(self.app, sub_scope(self.template, route, raw), raw)
         if status == 200:
             response = json.loads(out)
             return 200, response, response.get("id")
@@ -582,7 +580,7 @@ class BatchService:
 
     async def _execute(self, batch: dict) -> None:
         log = await self._open_log(batch)
-        engine = AppEngine(self.app, self.policy, self.context, self.template or {}, self.live)
+        engine = AppEngine(self.app, self.policy, self.context, self.template or {})
         progress = asyncio.create_task(self._report(batch, log))
         outcome = "finalizing"
         try:
@@ -627,7 +625,8 @@ class BatchService:
         if reader is None:
             return None
         run = BatchRun(engine, log, self.policy.batch_max_inflight, progress=False,
-                       admission=self.admission, report_failures=False)
+                       admission=self.admission, report_failures=False,
+                       line_gate=self.live.batch_slot)
         self._run = run
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, batch["expires_at"] - time.time()), run.stop)

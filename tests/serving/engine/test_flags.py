@@ -62,3 +62,16 @@ def test_serve_and_batch_build_the_same_config_from_the_shared_flags():
     assert batched == served.model_copy(update={"policy": served.policy.model_copy(
         update={"api_keys": ()})})
     assert set(MODEL_FLAGS) <= set(FLAGS)
+
+
+def test_several_api_keys_and_a_data_folder_as_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = serve_args("--api-key", "a", "--api-key", "b", "--data-dir", "store",
+                      "--max-file-mb", "5", "--batch-max-inflight", "3")
+    config = config_from_args(args, api_keys=tuple(args.api_keys))
+    assert config.policy.api_keys == ("a", "b")
+    assert config.policy.data_dir == str(tmp_path / "store")
+    assert config.policy.max_file_bytes == 5 * 2**20 and config.policy.batch_max_inflight == 3
+    assert serve_args().api_keys is None  # then SKINGPT4_API_KEY's keys are used
+    # One key in a Serve config file's policy (api_key) still reads as a list of one.
+    assert ServePolicy.model_validate({"api_key": "k"}).api_keys == ("k",)

@@ -222,6 +222,8 @@ def test_settings_are_the_defining_packages_constants(monkeypatch):
         settings.NOT_A_SETTING  # noqa: B018
     assert settings.api_key({settings.API_KEY_ENV: "k"}) == "k"
     assert settings.api_key({settings.API_KEY_ENV: ""}) is None
+    assert settings.api_keys({settings.API_KEY_ENV: "a, b,,c"}) == ("a", "b", "c")
+    assert settings.api_keys({}) == ()
     assert settings.cpu_kvcache_gib({}) == str(settings.DEFAULT_CPU_KVCACHE_GIB) == "1"
     assert settings.serve_policy_json({settings.POLICY_ENV: "{}"}) == "{}"
     assert settings.serve_policy_json({}) is None
