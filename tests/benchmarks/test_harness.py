@@ -262,3 +262,20 @@ def test_launcher_reports_a_target_that_exits(tmp_path):
         with LaunchedTarget(target, tmp_path / "broken.log", startup_timeout_s=30):
             pass
     assert "no model here" in info.value.log_tail and "no model here" in str(info.value)
+
+
+def test_live_vs_batch_counts_the_lines_answered_inside_the_live_window():
+    from pathlib import Path
+
+    from benchmarks.__main__ import build_parser
+    from benchmarks.live_batch import LiveBatchConfig, answered_at, batch_file
+
+    samples = [(10.0, 5), (10.25, 7), (10.5, 12), (11.0, 20)]
+    assert answered_at(samples, 10.3) == 7 and answered_at(samples, 9.0) == 5
+    assert answered_at(samples, 12.0) == 20 and answered_at([], 1.0) == 0
+    args = build_parser().parse_args(["live-vs-batch", "--batch-lines", "3", "--batch-max-inflight", "2"])
+    assert (args.batch_lines, args.batch_max_inflight, args.concurrency) == (3, 2, 4)
+    cfg = LiveBatchConfig(out=Path("."), model=Path("."), batch_lines=3, image_size=(64, 48))
+    lines = [json.loads(x) for x in batch_file(cfg, "skingpt4", LoadConfig(max_tokens=8)).splitlines()]
+    assert [x["custom_id"] for x in lines] == ["case-0", "case-1", "case-2"]
+    assert all(x["body"]["max_tokens"] == 8 and x["url"] == "/v1/chat/completions" for x in lines)
