@@ -300,6 +300,8 @@ class ServerUsage:
     """Bytes, the largest sample during the run."""
     rss_times: list[float] = field(default_factory=list)
     rss_bytes: list[int] = field(default_factory=list)
+    cpu_by_process: dict[str, float] | None = None
+    """``cpu_s`` by kind of process (``serving.engine.process.process_label``)."""
 
     @classmethod
     def of(cls, cpu_s: float | None, api_cpu_s: float | None, memory: MemorySampler | None) -> ServerUsage:

@@ -95,6 +95,7 @@ def run_record(
         "server_cpu_s": server_cpu_s,
         "server_cpu_share": None if server_cpu_s is None or load.duration <= 0 else server_cpu_s / load.duration,
         "api_server_cpu_s": server.api_cpu_s,
+        "server_cpu_s_by_process": server.cpu_by_process,
         "rejected_503": count_status(load.results, 503),
         "idle_rss_bytes": server.idle_rss,
         "peak_rss_bytes": server.peak_rss,
@@ -368,3 +369,25 @@ def markdown_report(
     if failures:
         out += ["## Targets that did not run\n", *(f"- {t}: {msg.splitlines()[0] if msg else ''}" for t, msg in failures.items()), ""]
     return "\n".join(out)
+
+
+def cpu_by_process_markdown(runs: list[dict]) -> str:
+    """Where each run's server CPU went: milliseconds per answered request by kind of process
+    (the API server, the engine core, photo workers, Ray's proxy, ingress and replica actors,
+    its daemons), largest first, with each kind's share of the run's server CPU."""
+    out = ["| target | scenario | concurrency | process | CPU ms / request | share |",
+           "|---|---|---:|---|---:|---:|"]
+    for run in runs:
+        kinds = run.get("server_cpu_s_by_process") or {}
+        answered = run.get("completed") or 0
+        total = sum(kinds.values())
+        if not kinds or not answered or total <= 0:
+            continue
+        for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            if seconds / total < 0.005:
+                continue
+            out.append(f"| {run['target']} | {run['scenario']} | {run['max_concurrency']} | "
+                       f"`{kind}` | {1000 * seconds / answered:.1f} | {100 * seconds / total:.0f}% |")
+        out.append(f"| {run['target']} | {run['scenario']} | {run['max_concurrency']} | **all** | "
+                   f"**{1000 * total / answered:.1f}** | 100% |")
+    return "\n".join(out) + "\n"

@@ -40,6 +40,7 @@ from pathlib import Path
 from benchmarks.loadgen import LoadConfig, LoadResult, make_client, run_load, warm_up
 from benchmarks.metrics import ServerUsage
 from benchmarks.report import (
+    cpu_by_process_markdown,
     machine_info,
     markdown_report,
     package_versions,
@@ -182,11 +183,16 @@ async def measure(server, client, convs: list[Conversation], config: LoadConfig,
     throughout (the idle reading just before)."""
     with server.memory_sampler() or contextlib.nullcontext() as sampler:
         cpu0, api0 = server.cpu_seconds(), server.api_cpu_seconds()
+        kinds0 = server.cpu_by_process()
         load = await run_load(client, server.model, convs, config, label=label)
         cpu1, api1 = server.cpu_seconds(), server.api_cpu_seconds()
+        kinds1 = server.cpu_by_process()
     usage = ServerUsage.of(
         None if cpu0 is None else cpu1 - cpu0, None if api0 is None else api1 - api0, sampler
     )
+    if kinds0 is not None and kinds1 is not None:
+        usage.cpu_by_process = {k: v - kinds0.get(k, 0.0) for k, v in kinds1.items()
+                                if v - kinds0.get(k, 0.0) > 0}
     return load, usage
 
 
@@ -280,6 +286,8 @@ def write_outputs(cfg: SweepConfig, runs: list[dict], failures: dict[str, str], 
     if plot_consult(runs, cfg.out / "consult.png"):
         files["consult_png"] = cfg.out / "consult.png"
     files["markdown"].write_text(markdown_report(runs, header, failures, scenario=cfg.scenario))
+    files["cpu_by_process"] = cfg.out / "cpu-by-process.md"
+    files["cpu_by_process"].write_text(cpu_by_process_markdown(runs))
     summary = {**header, "runs": runs, "failures": failures, "files": {k: str(v) for k, v in files.items()}}
     write_json(files["summary"], summary)
     return summary

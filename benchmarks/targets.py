@@ -264,6 +264,10 @@ class LaunchedTarget:
         """User + system CPU seconds of the server's whole process tree since it started."""
         return self.process.cpu_seconds()
 
+    def cpu_by_process(self) -> dict[str, float] | None:
+        """:meth:`cpu_seconds` by kind of process (the server, its engine, Ray's daemons...)."""
+        return self.process.cpu_by_process()
+
     def api_cpu_seconds(self) -> float | None:
         """User + system CPU seconds of the API-server process alone (the leader: the process
         that parses requests and decodes photos; vLLM's engine runs in its children)."""
@@ -301,6 +305,9 @@ class ExternalTarget:
         return None  # not our process: unknown
 
     def api_cpu_seconds(self) -> float | None:
+        return None
+
+    def cpu_by_process(self) -> dict[str, float] | None:
         return None
 
     def memory_sampler(self, interval_s: float = 0.05) -> None:

@@ -61,7 +61,6 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
 from ray.serve.llm import LLMConfig, build_openai_app
-from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 from ray.serve.llm.deployment import LLMServer
 from ray.serve.llm.ingress import OpenAiIngress
 from ray.serve.llm.request_router import PrefixCacheAffinityRouter
@@ -71,10 +70,40 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from serving import settings
 from serving.api.errors import InternalError, InvalidRequest, ServerBusy, ServingError
 from serving.api.policy import ServePolicy
+from serving.cluster.routing import ConsultRing
 from serving.cluster.session import cluster_has_gpus, local_num_cpus, ray_session
 from serving.engine.server import EmbeddedServerConfig
 
 logger = logging.getLogger(__name__)
+
+# The names of Ray's own (ray 2.60.0) that this module uses although Ray does not document them,
+# and why no public API does the job. tests/serving/cluster/test_private_ray_names.py holds this
+# table equal to what the module uses and checks each name still exists in the installed Ray;
+# docs/ray-cluster.md lists them.
+RAY_VERSION_CHECKED = "2.60.0"
+PRIVATE_RAY_NAMES = {
+    "_set_asgi_app": "OpenAiIngress receives its FastAPI app here, after __init__ and before the "
+    "lifespan: the last point where the app still accepts middleware (the policy middleware and "
+    "the /health and /v1/responses routes). The documented __serve_build_asgi_app__ hook is for "
+    "ingresses built without an app.",
+    "_get_response": "OpenAiIngress's one call to the LLM deployment: overridden to send a "
+    "request a dying replica refused to another replica, and to turn replica failures into "
+    "JSON errors before and after the first output.",
+    "_process_llm_request": "OpenAiIngress's response builder: overridden so a ServingError "
+    "raised by _get_response becomes the project's error response.",
+    "_extract_text_from_request": "PrefixCacheAffinityRouter's text of a request: overridden "
+    "to read a Responses request (Ray's raises on one).",
+    "_normalize_prompt_to_string": "PrefixCacheAffinityRouter's flattening of messages to text: "
+    "a Responses request's input is flattened as chat's messages are, so both reach the replica "
+    "that holds the same prefix.",
+    "_batch_output_stream": "LLMServer's batching of stream events by time: Responses events "
+    "are batched as chat's are (one actor message per interval, not per token).",
+    "_app_state": "VLLMEngine keeps vLLM's serving objects (OpenAIServingResponses among them) "
+    "here; Ray wraps chat and completions, not the Responses API.",
+    "perform_graceful_shutdown": "the replica actor's stop method (Serve's controller calls "
+    "it): a replica whose engine died drains and leaves at once, instead of after three failed "
+    "health checks. Without it the replica is killed (ray.kill).",
+}
 
 APP_NAME = "skingpt4"
 HEALTH_TIMEOUT_S = 5.0
@@ -98,8 +127,8 @@ class PrefixAffinityRouter(PrefixCacheAffinityRouter):
     requests."""
 
     def _extract_text_from_request(self, pending_request) -> str:
-        # The prefix router's text of a request (a hook of PrefixCacheAffinityRouter, overridden
-        # as the ring methods of SessionAffinityRouter are borrowed). Ray's reads `messages`
+        # The prefix router's text of a request (a private hook of PrefixCacheAffinityRouter:
+        # PRIVATE_RAY_NAMES says why it is overridden). Ray's reads `messages`
         # (chat) or `prompt` (completions); vLLM's ResponsesRequest has no messages, and its
         # `prompt` is a stored-prompt reference (always None here), on which Ray's raises. Its
         # text is what chat's would be for the same conversation: the system message
@@ -112,45 +141,34 @@ class PrefixAffinityRouter(PrefixCacheAffinityRouter):
 
 class SessionAffinityRouter(PrefixAffinityRouter):
     """Request router of the LLM deployment: a request with a session id (header
-    ``x-session-id``) goes to the replica a consistent hash of that id picks (Ray Serve's
-    :class:`ConsistentHashRouter` ring: the same replica for every turn of a consult, up to
-    ``num_fallback_replicas`` successors when it refuses under back-pressure); a request without
+    ``x-session-id``) goes to the replica a consistent hash of that id picks
+    (:class:`serving.cluster.routing.ConsultRing`: the same replica for every turn of a consult,
+    up to ``num_fallback_replicas`` successors when it refuses under back-pressure); a request without
     one follows :class:`PrefixAffinityRouter` (the replica that already saw the longest prefix
     of its prompt, else the least loaded). Both keep a consult's photo and history in one
     replica's prefix cache. ``request_router_kwargs``: ``num_virtual_nodes``,
     ``num_fallback_replicas``, and the prefix router's own."""
 
-    # The ring, built and walked exactly as ConsistentHashRouter does.
-    _rebuild_ring = ConsistentHashRouter._rebuild_ring
-    _lookup_ranked_replicas = ConsistentHashRouter._lookup_ranked_replicas
-
     def __init__(self, *args, **kwargs):
-        self._ring_hashes: list = []
-        self._ring_replicas: list = []
-        self._replica_set_snapshot: frozenset = frozenset()
-        self._num_virtual_nodes = 100
-        self._num_fallback_replicas = 2
+        self.ring = ConsultRing()
         super().__init__(*args, **kwargs)
 
     def initialize_state(self, num_virtual_nodes: int = 100, num_fallback_replicas: int = 2,
                          **prefix_kwargs) -> None:
-        self._num_virtual_nodes = num_virtual_nodes
-        self._num_fallback_replicas = num_fallback_replicas
+        self.ring = ConsultRing(num_virtual_nodes, num_fallback_replicas)
         super().initialize_state(**prefix_kwargs)
 
     def update_replicas(self, replicas) -> None:
         super().update_replicas(replicas)
-        snapshot = frozenset(self._replica_id_set)
-        if snapshot != self._replica_set_snapshot:
-            self._rebuild_ring(snapshot)
+        self.ring.update(r.replica_id for r in replicas)
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         session = pending_request.metadata.session_id if pending_request is not None else ""
         if not session or not candidate_replicas:
             return await super().choose_replicas(candidate_replicas, pending_request)
         pending_request.routing_context.should_backoff = True
-        return [[self._replicas[r]] for r in self._lookup_ranked_replicas(session)
-                if r in self._replicas]
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        return [[by_id[r]] for r in self.ring.ranked(session) if r in by_id]
 
 
 class EngineUnavailable(RuntimeError):
@@ -418,10 +436,6 @@ def llm_config(args: RayAppArgs) -> LLMConfig:
         server_cls=SkinGPT4Server,
         **options,
     )
-    # The model card (GET /v1/models) says "input_modality": "image" only for configs Ray has
-    # read a vision_config from, which happens in the replicas, after the ingress's cards were
-    # made. SkinGPT-4 always takes a photo: say so from the start.
-    config._supports_vision = True
     return config
 
 
@@ -492,6 +506,14 @@ def error_response(error: ServingError) -> Response:
                     headers={k.decode(): v.decode() for k, v in error.headers()})
 
 
+def with_image_input(model_cards: dict) -> dict:
+    """The model cards (``GET /v1/models``) saying ``"input_modality": "image"``: Ray says so
+    only for configs it has read a ``vision_config`` from, which happens in the replicas, after
+    the ingress's cards were made. SkinGPT-4 always takes a photo."""
+    return {model: card.model_copy(update={"metadata": {**card.metadata, "input_modality": "image"}})
+            for model, card in model_cards.items()}
+
+
 class SkinGPT4Ingress(OpenAiIngress):
     """``OpenAiIngress`` with :class:`RequestPolicyMiddleware` in front of every route, a
     ``/health`` route that answers 200 once every LLM deployment passes its health check, a
@@ -499,7 +521,8 @@ class SkinGPT4Ingress(OpenAiIngress):
     died sent again (:meth:`_get_response`)."""
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, policy: dict | None = None):
-        super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
+        super().__init__(llm_deployments, with_image_input(model_cards), lora_paths=lora_paths)
+        self._llm_handles = dict(llm_deployments)
         self._policy = with_key_from_env(ServePolicy.model_validate(policy or {}))
         self._policy_installed = False
 
@@ -601,7 +624,7 @@ class SkinGPT4Ingress(OpenAiIngress):
             raise RuntimeError("the request policy middleware was not installed on the ingress app")
 
     async def health(self) -> Response:
-        checks = [h.check_health.remote() for h in self._default_serve_handles.values()]
+        checks = [h.check_health.remote() for h in self._llm_handles.values()]
         try:
             await asyncio.wait_for(asyncio.gather(*checks), HEALTH_TIMEOUT_S)
         except Exception as exc:  # no replica yet, or one whose engine died

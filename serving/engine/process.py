@@ -107,6 +107,7 @@ class ServerProcess:
         self._log_start = 0
         self._seen: dict[int, psutil.Process] = {}  # pid -> process, every descendant recorded
         self._cpu: dict[int, float] = {}  # pid -> its last CPU seconds reading
+        self._labels: dict[int, str] = {}  # pid -> process_label
 
     # --- start --------------------------------------------------------------------------------
 
@@ -139,6 +140,7 @@ class ServerProcess:
             )
         self._seen = {self.popen.pid: psutil.Process(self.popen.pid)}
         self._cpu.clear()
+        self._labels.clear()
 
     def wait_healthy(self) -> None:
         """Until ``/health`` answers 200; :class:`ServerStartError` if the process exits first or
@@ -181,13 +183,25 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         """User + system CPU seconds of the whole process tree since it started (exited
         processes count with their last reading)."""
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[str, float]:
+        """:meth:`cpu_seconds` by kind of process (:func:`process_label`: the API server, the
+        engine core, a photo worker, Ray's daemons and actors...), summed over processes of a
+        kind."""
         for pid, p in self._record_tree().items():
             try:
                 t = p.cpu_times()
+                if pid not in self._labels:
+                    self._labels[pid] = "server" if pid == self.popen.pid else process_label(p)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             self._cpu[pid] = t.user + t.system
-        return sum(self._cpu.values())
+        totals: dict[str, float] = {}
+        for pid, seconds in self._cpu.items():
+            label = self._labels.get(pid, "other")
+            totals[label] = totals.get(label, 0.0) + seconds
+        return totals
 
     def _record_tree(self) -> dict[int, psutil.Process]:
         """Add the live descendants of every recorded process (the leader first; then also the
@@ -250,6 +264,23 @@ class ServerProcess:
         if self.popen is None:
             raise RuntimeError(f"{self.name} has not been started")
         return self.popen
+
+
+def process_label(p: psutil.Process) -> str:
+    """What a process of a server's tree is: its process title where it set one (Ray's
+    ``ray::ServeReplica:APP:DEPLOYMENT``, ``ray::ProxyActor``, vLLM's ``VLLM::EngineCore``), the
+    module a Python process runs (``-m serving.api.workers photo``), else its program name."""
+    try:
+        cmd = p.cmdline()
+        name = p.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "other"
+    first = cmd[0] if cmd else name
+    if first.startswith(("ray::", "VLLM::")):
+        return first.split()[0]
+    if "-m" in cmd[:-1]:
+        return " ".join(["-m", *cmd[cmd.index("-m") + 1:cmd.index("-m") + 3]])
+    return name or Path(first).name
 
 
 def _running(p: psutil.Process) -> bool:

@@ -250,9 +250,13 @@ def test_launcher_waits_for_health_and_kills_the_process_group(tmp_path):
         assert server.model == "fake"
         leader, child = server.pid, int(pid_file.read_text())
         assert _alive(leader) and _alive(child)
-        before = server.cpu_seconds()
+        before, kinds = server.cpu_seconds(), server.cpu_by_process()
         assert http_get(f"{target.root_url}/burn", timeout_s=30)[0] == 200
         assert server.cpu_seconds() - before >= 0.25  # the 0.3 s the server just spent
+        # ... and it was the server (the leader), not its child, that spent it
+        after = server.cpu_by_process()
+        assert set(after) >= {"server"} and len(after) == 2
+        assert after["server"] - kinds["server"] >= 0.25
     assert not _alive(leader) and not _alive(child)
 
 

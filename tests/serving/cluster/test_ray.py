@@ -392,12 +392,14 @@ def test_engine_metrics_and_image_model_card():
     takes images (Ray reads that from the model's config only inside the replicas)."""
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
-    from serving.cluster.app import RayAppArgs, llm_config
+    from serving.cluster.app import RayAppArgs, llm_config, with_image_input
 
     config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
     assert config.log_engine_metrics is True
     assert "disable_log_stats" not in config.engine_kwargs
-    assert to_model_metadata("skingpt4", config).metadata["input_modality"] == "image"
+    card = to_model_metadata("skingpt4", config)
+    assert card.metadata["input_modality"] == "text"  # Ray's, before a replica read the folder
+    assert with_image_input({"skingpt4": card})["skingpt4"].metadata["input_modality"] == "image"
 
 
 def test_session_router_uses_the_ring_for_sessions_and_prefixes_otherwise():
@@ -407,23 +409,23 @@ def test_session_router_uses_the_ring_for_sessions_and_prefixes_otherwise():
 
     from serving.cluster.app import SessionAffinityRouter
 
+    from serving.cluster.routing import ConsultRing
+
     router = SessionAffinityRouter.__new__(SessionAffinityRouter)  # no Ray: state set by hand
+    router.ring = ConsultRing(100, 0)
     replica_id = namedtuple("ReplicaID", "unique_id")
-    ids = [replica_id(f"r{i}") for i in range(3)]
-    router._replicas = {rid: f"replica-{rid.unique_id}" for rid in ids}
-    router._num_virtual_nodes, router._num_fallback_replicas = 100, 0
-    router._deployment_id = "test"
-    router._rebuild_ring(frozenset(ids))
+    replicas = [SimpleNamespace(replica_id=replica_id(f"r{i}")) for i in range(3)]
+    router.ring.update(r.replica_id for r in replicas)
 
     def request(session):
         return SimpleNamespace(metadata=SimpleNamespace(session_id=session),
                                routing_context=SimpleNamespace(should_backoff=False))
 
-    chosen = {s: asyncio.run(router.choose_replicas(list(router._replicas.values()), request(s)))
+    chosen = {s: asyncio.run(router.choose_replicas(replicas, request(s)))
               for s in ("consult-a", "consult-b", "consult-c", "consult-d")}
     for session, ranks in chosen.items():
         assert len(ranks) == 1 and len(ranks[0]) == 1
-        assert asyncio.run(router.choose_replicas(list(router._replicas.values()), request(session))) == ranks
+        assert asyncio.run(router.choose_replicas(replicas, request(session))) == ranks
     assert len({ranks[0][0] for ranks in chosen.values()}) >= 2  # sessions spread over replicas
 
 

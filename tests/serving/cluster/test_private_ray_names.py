@@ -1,0 +1,74 @@
+"""Ray names the cluster code uses without Ray documenting them: each is listed, with its reason,
+in ``serving.cluster.app.PRIVATE_RAY_NAMES`` and in docs/ray-cluster.md, and still exists in the
+installed Ray. A Ray upgrade that renames one fails here, not in production. Reads files only."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+APP = REPO / "serving" / "cluster" / "app.py"
+# The Ray modules whose classes the cluster code subclasses or calls into.
+RAY_MODULES = (
+    "llm/_internal/serve/core/ingress/ingress.py",
+    "llm/_internal/serve/core/server/llm_server.py",
+    "llm/_internal/serve/routing_policies/prefix_aware/prefix_aware_router.py",
+    "llm/_internal/serve/engines/vllm/vllm_engine.py",
+    "serve/_private/request_router/request_router.py",
+    "serve/_private/http_util.py",
+    "serve/_private/replica.py",
+)
+
+
+def ray_source() -> str:
+    root = Path(importlib.util.find_spec("ray").origin).parent
+    return "\n".join((root / module).read_text() for module in RAY_MODULES)
+
+
+def underscore_names(source: str) -> set[str]:
+    """Single-underscore names the module accesses, defines or names in a string."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found.add(node.name)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)
+    return {n for n in found if re.fullmatch(r"_[a-z]\w*", n)}
+
+
+def listed() -> dict[str, str]:
+    tree = ast.parse(APP.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PRIVATE_RAY_NAMES":
+            return ast.literal_eval(node.value)
+    raise AssertionError("serving/cluster/app.py has no PRIVATE_RAY_NAMES")
+
+
+def test_every_private_ray_name_used_is_listed_with_a_reason():
+    ray = ray_source()
+    used = {n for n in underscore_names(APP.read_text()) if re.search(rf"\b{n}\b", ray)}
+    table = listed()
+    assert used == {n for n in table if n.startswith("_")}
+    assert "perform_graceful_shutdown" in APP.read_text().split("PRIVATE_RAY_NAMES", 2)[2]
+    assert all(len(reason) > 40 for reason in table.values())
+
+
+def test_each_listed_name_still_exists_in_the_installed_ray():
+    ray = ray_source()
+    for name in listed():
+        assert re.search(rf"def {name}\b|self\.{name}\b", ray), f"{name} is gone from Ray"
+
+
+def test_the_docs_list_them_with_the_ray_version():
+    docs = (REPO / "docs" / "ray-cluster.md").read_text()
+    section = docs.split("## Ray names used without Ray documenting them", 1)[1].split("\n## ", 1)[0]
+    for name in listed():
+        assert f"`{name}`" in section, name
+    from importlib.metadata import version
+
+    assert version("ray") in section
