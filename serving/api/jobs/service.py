@@ -14,8 +14,7 @@ RequestPolicyMiddleware`, on the embedded server and on the Ray ingress alike (d
   requests have 0 and are scheduled first), at most ``batch_max_inflight`` being checked or
   answered at once, and only one while live requests are in flight or were a moment ago
   (:class:`serving.api.admission.LiveTraffic`), so a batch's photo decodes do not hold the photo
-  workers either; their photos are checked one at a time, with a small share of the memory
-  budget.
+  workers either; their photos are checked one at a time, within a byte budget of their own.
 - **Durable.** Records go to the batch's output and error files as each request finishes,
   one sealed frame each, synced. A server killed mid-batch resumes it on its next start
   (:meth:`BatchService.start`): lines with a record are skipped, so every ``custom_id`` gets
@@ -157,13 +156,14 @@ class SplitLog:
         response = record.get("response")
         answered = bool(response) and response.get("status_code") == 200
         writer = self.output if answered else self.errors
-        writer.write(encode_record(record))
+        line = encode_record(record)
+        writer.write(line)
         writer.sync()
         if answered:
             self.completed += 1
         else:
             self.failed += 1
-        key = record_key(encode_record(record))
+        key = record_key(line)
         if key is not None:
             (self.done_ids if key[0] == "id" else self.done_lines).add(key[1])
 
@@ -227,8 +227,9 @@ class BatchService:
         self.app = app
         self.context = context
         self.live = live
-        # Batch checks share the server's decoders and worker processes, with one decode at a
-        # time and an eighth of the memory budget, so live requests keep the rest.
+        # Batch checks share the server's photo and schema worker processes, one decode at a
+        # time, with a byte budget of their own (an eighth of the server's, at least one
+        # largest body), so they never take the budget live requests wait for.
         self.admission = Admission(
             max(policy.max_inflight_bytes // 8, 3 * policy.max_body_bytes), 1,
             queue_size=policy.batch_max_inflight * policy.max_images_per_request + 1,
