@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -191,8 +192,8 @@ async def measure(server, client, convs: list[Conversation], config: LoadConfig,
         None if cpu0 is None else cpu1 - cpu0, None if api0 is None else api1 - api0, sampler
     )
     if kinds0 is not None and kinds1 is not None:
-        usage.cpu_by_process = {k: v - kinds0.get(k, 0.0) for k, v in kinds1.items()
-                                if v - kinds0.get(k, 0.0) > 0}
+        usage = dataclasses.replace(usage, cpu_by_process={
+            k: v - kinds0.get(k, 0.0) for k, v in kinds1.items() if v - kinds0.get(k, 0.0) > 0})
     return load, usage
 
 

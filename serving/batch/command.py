@@ -1,5 +1,5 @@
 """``skingpt4 batch``: the command line of a batch run (checks before the engine starts, the
-engine in-process or on Ray Data, the exit status), over :mod:`serving.batch.run`."""
+engine in-process or Ray Serve LLM replicas, the exit status), over :mod:`serving.batch.run`."""
 
 from __future__ import annotations
 
@@ -46,14 +46,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                         help="records are appended here (OpenAI Batch output format); a rerun "
                         "resumes")
     parser.add_argument("--max-concurrency", type=_positive, default=DEFAULT_MAX_CONCURRENCY,
-                        help="requests in flight at once in the in-process engine (default: "
-                        "%(default)s; with --ray each engine batches up to --max-num-seqs)")
+                        help="requests in flight at once, over all engines (default: "
+                        "%(default)s; each engine batches up to --max-num-seqs of them)")
     add_model_arguments(parser)
     ray = parser.add_argument_group(
-        "Ray", "--ray answers the checked requests on Ray Data across a cluster (RAY_ADDRESS; "
-        "without it, a local Ray instance): the same checks, records and resuming")
+        "Ray", "--ray answers the checked requests with the LLM replicas of serve --ray across a "
+        "cluster (RAY_ADDRESS; without it, a local Ray instance): the same checks, records, "
+        "resuming and answer bodies")
     ray.add_argument("--ray", action="store_true",
-                     help="answer on Ray Data (ray.data.llm) instead of an in-process engine")
+                     help="answer with Ray Serve LLM replicas instead of an in-process engine")
     ray.add_argument("--replicas", type=_positive, default=1,
                      help="engines, spread over the cluster's nodes (--ray; default: 1)")
     ray.add_argument("--accelerator", choices=["cpu", "gpu"], default=None,
@@ -109,10 +110,11 @@ def _check_files(args: argparse.Namespace) -> None:
 
 
 def _open(config: EmbeddedServerConfig, args: argparse.Namespace):
-    """The engine that answers the checked requests: in-process, or Ray Data with ``--ray``."""
+    """The engine that answers the checked requests: in-process, or the LLM replicas of
+    ``serve --ray`` with ``--ray``."""
     if not args.ray:
         return open_engine(config)
-    from serving.batch.ray_data import RayBatchSettings, open_ray_engine
+    from serving.batch.ray_serve import RayBatchSettings, open_ray_engine
 
     return open_ray_engine(config, RayBatchSettings(
         replicas=args.replicas, accelerator=args.accelerator,

@@ -52,11 +52,10 @@ server's engine environment (:func:`batch_environment`), then ``init_app_state``
 writes OUTPUT only at the end (no resume), has no ``/v1/completions`` and puts errors in
 ``error`` with an empty body, so its file handling and record models are not used.
 
-``--ray``: the same run, with the accepted requests answered on Ray Data across a cluster
-(:mod:`serving.batch.ray_data`). Reading, checks, refusals, records and resuming are this module's
-:class:`BatchRun` either way; only the :class:`AnswerEngine` differs. An in-process engine answers
-each request as it is submitted; Ray Data answers them all in one pipeline run once the file has
-been read (:meth:`AnswerEngine.flush`).
+``--ray``: the same run, with the accepted requests answered by the LLM replicas of
+``serve --ray`` across a cluster (:mod:`serving.batch.ray_serve`). Reading, checks, refusals,
+records and resuming are :class:`serving.api.jobs.runner.BatchRun`'s either way; only the
+:class:`serving.api.jobs.runner.AnswerEngine` differs.
 
 Privacy: photos are decoded and shrunk in memory (:func:`serving.api.chat.prepare_chat_request`),
 never written to disk; request logging stays off and no message here echoes a request body.
@@ -173,8 +172,6 @@ def _fsync_dir(folder: Path) -> None:
 class BatchEngine:
     """An in-process vLLM engine and the server's OpenAI serving objects over it."""
 
-    bulk = False  # each request is answered as soon as it is submitted
-
     def __init__(self, client, handlers: dict, request_models: dict, policy: ServePolicy,
                  context=None) -> None:
         self.client = client
@@ -191,8 +188,6 @@ class BatchEngine:
         """The answer to a checked body, to await (the engine starts on it at once)."""
         return self.answer(route, body)
 
-    async def flush(self) -> None:
-        """Every request is submitted (nothing to do: each one is running already)."""
 
     async def answer(self, route: str, body: dict) -> Answer:
         """(status, response body, request id) as vLLM's server answers a checked body."""

@@ -42,7 +42,7 @@ it at its next health check, instead of after three failed ones while routers ke
 ingress sends a refused request again (at most twice, a second and then two apart); a request that
 had already received output is never sent again.
 
-``serving.cli.serve`` imports this module only in Ray mode, and ``serving.batch.ray_data`` only for
+``serving.cli.serve`` imports this module only in Ray mode, and ``serving.batch.ray_serve`` only for
 ``batch --ray`` (importing Ray Serve LLM imports vLLM: several seconds); Ray Serve imports it
 too, by path, for the router and server classes.
 """
@@ -403,7 +403,7 @@ def engine_environment(config: EmbeddedServerConfig, accelerator: str) -> dict[s
 
 
 def model_path(model: str) -> str:
-    """The model as replicas and Ray Data engines name it."""
+    """The model as replicas name it."""
     # Replicas run in other working directories (and on other nodes): a folder that exists here
     # goes out as an absolute path; any other path is taken to exist on the replicas' nodes.
     path = Path(model).expanduser()

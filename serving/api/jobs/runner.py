@@ -41,7 +41,6 @@ ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE)
 LINE_KEYS = ("custom_id", "method", "url", "body")
 MAX_CUSTOM_ID_CHARS = 512
 DEFAULT_MAX_CONCURRENCY = 64
-UNCAPPED = 2**31 - 1
 # Waiting for memory or a decode slot is normal in a batch (the reader runs ahead of the engine);
 # the server's 30 s admission timeout would turn that wait into 503s.
 ADMISSION_TIMEOUT_S = 24 * 3600.0
@@ -245,20 +244,18 @@ class RecordLog(Protocol):
 
 
 class AnswerEngine(Protocol):
-    """What answers the requests that passed the checks: :class:`BatchEngine` (one in-process
-    engine), or :class:`serving.batch.ray_data.RayDataEngine` (Ray Data across a cluster).
-    Everything else about a run (reading, checks, refusals, records, resuming) is
-    :class:`BatchRun`'s, the same for both."""
+    """What answers the requests that passed the checks: :class:`serving.batch.run.BatchEngine`
+    (one in-process engine), :class:`serving.batch.ray_serve.ServeEngine` (the LLM replicas of
+    ``serve --ray``) or :class:`serving.api.jobs.service.AppEngine` (the server's own routes, for
+    the HTTP Batch API). Everything else about a run (reading, checks, refusals, records,
+    resuming) is :class:`BatchRun`'s, the same for all."""
 
     policy: ServePolicy
-    bulk: bool  # True: answers come only after flush(), so no cap on requests in flight
 
     @property
     def dead(self) -> bool: ...
 
     async def submit(self, route: str, body: dict) -> Awaitable[Answer]: ...
-
-    async def flush(self) -> None: ...
 
 
 # --- one run over a file -----------------------------------------------------------------------
@@ -313,15 +310,12 @@ class BatchRun:
     waiting as long as a batch needs). ``report_failures``: name each server error on stderr
     (the command line; the HTTP service keeps request details out of its logs). ``line_gate``:
     an async context manager held while a line is checked and answered (the HTTP service's
-    :meth:`serving.api.admission.LiveTraffic.batch_slot`; not for a bulk engine, whose answers
-    come only once every line is submitted)."""
+    :meth:`serving.api.admission.LiveTraffic.batch_slot`)."""
 
     def __init__(self, engine: AnswerEngine, log: RecordLog,
                  max_concurrency: int = DEFAULT_MAX_CONCURRENCY, progress: bool = True, *,
                  admission: Admission | None = None, report_failures: bool = True,
                  line_gate=contextlib.nullcontext) -> None:
-        if engine.bulk and line_gate is not contextlib.nullcontext:
-            raise ValueError("a bulk engine answers only after every line is submitted: no gate")
         self.line_gate = line_gate
         self.engine = engine
         self.log = log
@@ -332,12 +326,7 @@ class BatchRun:
             queue_size=max_concurrency * self.policy.max_images_per_request + 1,
             timeout_s=ADMISSION_TIMEOUT_S, policy=self.policy,
         )
-        # A bulk engine answers only once everything is submitted: no cap, or it would wait
-        # forever; the checked bodies (photos already shrunk) wait in memory meanwhile.
-        self.slots = asyncio.Semaphore(UNCAPPED if engine.bulk else max_concurrency)
-        self.unsubmitted = 0  # tasks still checking or submitting their request
-        self.all_submitted = asyncio.Event()
-        self.all_submitted.set()
+        self.slots = asyncio.Semaphore(max_concurrency)
         self.progress = progress
         self.report_failures = report_failures
         self.stopping = False
@@ -367,8 +356,6 @@ class BatchRun:
                 if self.engine.dead or self.stopping:
                     break
                 await self._dispatch(line, raw)
-            await self.all_submitted.wait()
-            await self.engine.flush()
             while self.tasks:
                 await asyncio.wait(set(self.tasks))
         finally:
@@ -418,8 +405,6 @@ class BatchRun:
                 await self._write(refusal_record(job.custom_id, job.refusal), refused=True)
             else:
                 task = asyncio.create_task(self._serve(job, reservation))
-                self.unsubmitted += 1
-                self.all_submitted.clear()
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
                 started = True
@@ -461,9 +446,6 @@ class BatchRun:
                     answer = await self.engine.submit(job.route, body)
                 finally:
                     await reservation.release()
-                    self.unsubmitted -= 1
-                    if not self.unsubmitted:
-                        self.all_submitted.set()
                 status, response, request_id = await answer
             if status >= 500:
                 return self._failed(job, status, str(response.get("error", {}).get("message")))

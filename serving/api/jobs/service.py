@@ -190,7 +190,6 @@ class AppEngine:
     the server's own app in this process (vLLM's routes embedded, the ingress's on Ray), at the
     batch priority, after the same context check as a live request."""
 
-    bulk = False
     dead = False
 
     def __init__(self, app, policy: ServePolicy, context, template: dict) -> None:
@@ -199,8 +198,6 @@ class AppEngine:
     async def submit(self, route: str, body: dict):
         return self.answer(route, body)
 
-    async def flush(self) -> None:
-        """Every request is answered as it is submitted."""
 
     async def answer(self, route: str, body: dict) -> Answer:
         from serving.api.middleware import call_app, dump_json, error_message

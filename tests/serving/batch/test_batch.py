@@ -336,38 +336,36 @@ def test_batch_subcommand_registers(tiny_checkpoints, tmp_path):
         parser.parse_args(["batch", "M", "in.jsonl", "out.jsonl", "--ray", "--replicas", "0"])
 
 
-class BulkEngine:
-    """Answers only once every request is submitted, as Ray Data does (serving.batch.ray_data)."""
+class CountingEngine:
+    """Answers each checked request after a moment, counting how many it holds at once."""
 
-    bulk = True
     dead = False
 
     def __init__(self) -> None:
         from serving.api.policy import ServePolicy
 
         self.policy = ServePolicy()
-        self.pending: list[tuple[dict, asyncio.Future]] = []
-        self.flushed_with: int | None = None
+        self.running = self.most = 0
 
     async def submit(self, route, body):
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((body, future))
-        return future
+        return self.answer(body)
 
-    async def flush(self):
-        self.flushed_with = len(self.pending)
-        for body, future in self.pending:
-            future.set_result((200, {"prompt": body["prompt"], "stop": body["stop"]}, "cmpl-1"))
+    async def answer(self, body):
+        self.running += 1
+        self.most = max(self.most, self.running)
+        await asyncio.sleep(0.01)
+        self.running -= 1
+        return 200, {"prompt": body["prompt"], "stop": body["stop"]}, "cmpl-1"
 
 
-def test_a_bulk_engine_gets_every_checked_request_before_it_answers(tmp_path):
-    """More lines than --max-concurrency: a bulk engine must see all of them submitted (checked,
-    with the ### stop) before its flush, or the run would wait forever."""
+def test_at_most_max_concurrency_requests_are_in_the_engine(tmp_path):
+    """More lines than --max-concurrency: every checked request (with the ### stop) is
+    answered, never more than the bound at once."""
     lines = [completion(f"case-{i}", {"model": MODEL, "prompt": f"case {i}"}) for i in range(12)]
     lines.insert(5, completion("refused", {"model": MODEL, "prompt": "x", "echo": True}))
     input_path, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     input_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    engine = BulkEngine()
+    engine = CountingEngine()
 
     async def run() -> BatchSummary:
         with OutputLog.open(output) as log:
@@ -375,7 +373,7 @@ def test_a_bulk_engine_gets_every_checked_request_before_it_answers(tmp_path):
                 run_batch(engine, input_path, log, max_concurrency=2, progress=False), 60)
 
     summary = asyncio.run(run())
-    assert engine.flushed_with == 12
+    assert engine.most == 2
     assert (summary.answered, summary.refused, summary.lines) == (12, 1, 13) and summary.complete
     records = by_key(read_records(output))
     assert records["refused"]["response"]["status_code"] == 400

@@ -1,6 +1,7 @@
-"""``skingpt4 batch --ray``: the same batch file answered on Ray Data across Ray's multi-node test
-cluster (a head with 1 logical CPU and two workers with 3; a CPU engine takes 2, its actor and
-its engine, so engines can only run on the workers).
+"""``skingpt4 batch --ray``: the same batch file answered by the LLM replicas of ``serve --ray``
+(deployed for the run) across Ray's multi-node test cluster (a head with 1 logical CPU and two
+workers with 3; a CPU replica takes 2, its actor and its engine, so replicas can only run on the
+workers).
 
 One file of good lines (photo consults, a text-only chat, a text completion) and bad lines (not
 JSON, a broken photo, an unknown url, a field outside the contract, an unknown model, a prompt
@@ -29,7 +30,8 @@ MODEL = "skingpt4"
 GREEDY = {"temperature": 0, "max_tokens": 8}
 REPO = Path(__file__).resolve().parents[3]
 ENGINE_FLAGS = ("--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8")
-GOOD = ("photo-0", "photo-1", "photo-2", "photo-3", "two-photos", "text-only", "completion")
+GOOD = ("photo-0", "photo-1", "photo-2", "photo-3", "two-photos", "text-only", "completion",
+        "two-choices")
 
 
 def chat(custom_id: str, body: dict, **envelope) -> dict:
@@ -60,6 +62,9 @@ def batch_file(photos) -> tuple[str, dict]:
             {"role": "user", "content": "Is a ring-shaped rash contagious?"}], **GREEDY}),
         {"custom_id": "completion", "method": "POST", "url": "/v1/completions",
          "body": {"model": MODEL, "prompt": "Describe eczema.", **GREEDY}},
+        chat("two-choices", {"model": MODEL, "n": 2, "logprobs": True, "top_logprobs": 2,
+                             "seed": 7, "max_tokens": 6, "messages": [
+                                 {"role": "user", "content": "Is this eczema?"}]}),
         {"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
          "body": {"model": MODEL, "prompt": "itchy red patch " * 2000, **GREEDY}},
     ]
@@ -164,12 +169,21 @@ def test_bad_lines_name_their_problem(files, ray_run):
             assert word.lower() in message.lower(), (key, message)
 
 
-def test_greedy_answers_equal_the_in_process_ones(ray_run, reference):
-    """Same prompt tokens (the chat template, 32 positions per photo), same greedy tokens, same
-    finish reason; the body is vLLM's chat.completion / text_completion."""
-    from openai.types import Completion
-    from openai.types.chat import ChatCompletion
+def comparable(body: dict) -> dict:
+    """A body without what differs between two runs of the same request: ids, times, and how
+    much of the prompt the prefix cache happened to hold."""
+    body = {k: v for k, v in body.items() if k not in ("id", "created", "system_fingerprint")}
+    usage = dict(body.get("usage") or {})
+    details = dict(usage.get("prompt_tokens_details") or {})
+    for counted_by_the_cache in ("cached_tokens", "created_cache_tokens"):
+        details.pop(counted_by_the_cache, None)
+    return body | {"usage": usage | {"prompt_tokens_details": details or None}}
 
+
+def test_answers_equal_the_in_process_ones(ray_run, reference):
+    """The body the server sends: the chat template (32 positions per photo), the same tokens,
+    finish reason, usage, both choices of ``n: 2`` and their logprobs; only ids, times and what
+    the prefix cache held differ."""
     records, _ = ray_run
     for custom_id in GOOD:
         ray_response, local_response = (records[custom_id]["response"],
@@ -177,51 +191,40 @@ def test_greedy_answers_equal_the_in_process_ones(ray_run, reference):
         assert ray_response["status_code"] == local_response["status_code"] == 200
         ray_body, local_body = ray_response["body"], local_response["body"]
         assert ray_response["request_id"] == ray_body["id"]
-        kind = Completion if custom_id == "completion" else ChatCompletion
-        ray_answer, local_answer = kind.model_validate(ray_body), kind.model_validate(local_body)
-        assert ray_answer.object == local_answer.object and ray_answer.model == MODEL
-        assert ray_answer.usage.prompt_tokens == local_answer.usage.prompt_tokens, custom_id
-        assert ray_answer.usage.completion_tokens == local_answer.usage.completion_tokens
-        ray_choice, local_choice = ray_answer.choices[0], local_answer.choices[0]
-        assert ray_choice.finish_reason == local_choice.finish_reason, custom_id
-        if custom_id == "completion":
-            assert ray_choice.text == local_choice.text
-        else:
-            assert ray_choice.message.content == local_choice.message.content, custom_id
-            assert ray_choice.message.role == "assistant"
-        # The keys of the whole body agree (values such as ids and times differ).
-        assert set(ray_body) == set(local_body)
-        assert set(ray_body["choices"][0]) == set(local_body["choices"][0])
+        assert comparable(ray_body) == comparable(local_body), custom_id
+        assert ray_body["usage"]["prompt_tokens_details"]["cached_tokens"] is not None
+    two = records["two-choices"]["response"]["body"]["choices"]
+    assert len(two) == 2 and all(c["logprobs"]["content"] for c in two)
     answers = {records[i]["response"]["body"]["choices"][0]["message"]["content"]
                for i in ("photo-0", "photo-1", "photo-2")}
     assert len(answers) > 1  # the answers depend on the photo: the photos reached the engines
     photo = records["photo-0"]["response"]["body"]["usage"]
-    text = records["text-only"]["response"]["body"]["usage"]
     assert photo["prompt_tokens_details"]["multimodal_tokens"] == {"image": 32}
-    assert text["prompt_tokens_details"] is None
 
 
-def engine_actors(cluster) -> list[dict]:
-    """The engine stage's actors the cluster has run (they end with their run). Read from the
-    GCS actor table: Ray's state API needs the cluster's dashboard, which does not start when
-    another Ray instance on this machine holds the dashboard port."""
+def replica_actors(cluster) -> list[dict]:
+    """The LLM replicas of the runs' Serve applications (they end with their run). Read from
+    the GCS actor table: Ray's state API needs the cluster's dashboard, which does not start
+    when another Ray instance on this machine holds the dashboard port."""
     import ray
     from ray._private import state
 
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         return [a for a in state.actors().values()
-                if "vLLMEngineStageUDF" in a["ActorClassName"]]
+                if a["ActorClassName"].startswith("ServeReplica:skingpt4-batch-")
+                and ":SkinGPT4Server:" in a["ActorClassName"]]
     finally:
         ray.shutdown()
 
 
-def test_engines_ran_on_two_worker_nodes(cluster, ray_run):
-    engines = engine_actors(cluster)
-    nodes = {a["Address"]["NodeID"] for a in engines}
-    assert len(engines) == 2, [a["ActorClassName"] for a in engines]
+def test_replicas_ran_on_two_worker_nodes(cluster, ray_run):
+    replicas = replica_actors(cluster)
+    nodes = {a["Address"]["NodeID"] for a in replicas}
+    assert len(replicas) == 2, [a["ActorClassName"] for a in replicas]
     assert nodes <= cluster.worker_node_ids
-    assert len(nodes) == 2, f"both engines on one node: {nodes}"
+    assert len(nodes) == 2, f"both replicas on one node: {nodes}"
+    assert all(a["State"] == "DEAD" for a in replicas)  # the run's application was deleted
 
 
 def test_a_rerun_adds_exactly_the_missing_records(files, tiny_checkpoints, cluster, ray_run):
@@ -252,28 +255,3 @@ def test_a_rerun_adds_exactly_the_missing_records(files, tiny_checkpoints, clust
 def _key(raw: bytes):
     record = json.loads(raw)
     return record["custom_id"] if record["custom_id"] is not None else record["error"]["line"]
-
-
-def test_cpu_engines_ask_ray_for_cpus_only(tiny_checkpoints):
-    """Ray Data's vLLM stage asks for a GPU per rank unless given a placement group config, even
-    with ``accelerator_type=None``: the CPU engines' config gives one, and the stage then asks
-    for 2 logical CPUs per engine (its actor and its rank) and no GPU."""
-    from ray.llm._internal.batch.stages import vLLMEngineStage
-
-    from serving.batch.ray_data import RayBatchSettings, processor_config
-    from serving.engine.server import EmbeddedServerConfig
-
-    def stage_resources(placement_group_config) -> dict:
-        stage = vLLMEngineStage(
-            fn_constructor_kwargs={"model": "m", "engine_kwargs": dict(config.engine_kwargs),
-                                   "placement_group_config": placement_group_config},
-            map_batches_kwargs={"accelerator_type": config.accelerator_type})
-        return {k: v for k, v in stage.map_batches_kwargs.items() if k in ("num_cpus", "num_gpus")}
-
-    server = EmbeddedServerConfig(model=str(tiny_checkpoints["llama"]))
-    config = processor_config(server, RayBatchSettings(replicas=2, accelerator="cpu"), rows=8)
-    assert config.accelerator_type is None and config.concurrency == (2, 2)
-    assert stage_resources(None) == {"num_gpus": 1}  # what the stage would do by itself
-    assert stage_resources(config.placement_group_config) == {"num_cpus": 2}
-    assert "enable_log_requests" not in config.engine_kwargs  # the stage sets it itself
-    assert config.engine_kwargs["enable_prefix_caching"] and config.engine_kwargs["enforce_eager"]

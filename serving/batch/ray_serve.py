@@ -1,0 +1,120 @@
+"""``skingpt4 batch --ray``: the accepted lines of a batch file answered by the LLM replicas of
+``serve --ray``.
+
+:mod:`serving.api.jobs.runner` reads, checks, refuses and records every line, and resumes, exactly
+as without ``--ray``; this module answers the requests that passed the checks. It deploys the
+Ray Serve application of ``skingpt4 serve --ray`` (:func:`serving.cluster.app.build_serve_app`:
+the same engine options, environment and replica placement) under an application name of its
+own and without an HTTP route, and sends each checked request to its LLM deployment through a
+deployment handle (``SkinGPT4Server.chat`` / ``completions``, Ray Serve LLM's ``LLMServer`` over
+vLLM's ``OpenAIServingChat`` / ``OpenAIServingCompletion``). So a line's answer is the body the
+server sends for it, ``finish_reason``, ``cached_tokens``, ``n`` above 1 and ``logprobs``
+included; records are written as lines finish; Ray Serve's router spreads the lines over the
+replicas (at most ``--max-concurrency`` in flight). The application is deleted when the run
+ends.
+
+Photos travel from the driver to the replicas inside the requests (Ray's object store, in
+memory), never through a file of this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+from serving.api.contract import CHAT_ROUTE
+from serving.api.errors import error_for_status
+from serving.api.jobs.runner import Answer
+from serving.api.policy import ServePolicy
+from serving.engine.server import EmbeddedServerConfig
+
+
+@dataclass(frozen=True)
+class RayBatchSettings:
+    """Where and how many engines run."""
+
+    replicas: int = 1  # LLM replicas of the batch's Serve application
+    accelerator: Literal["cpu", "gpu"] | None = None  # None: gpu when the cluster has GPUs
+    accelerator_type: str | None = None  # GPU kind (A100, H100...) when the cluster mixes kinds
+    verbose: bool = False  # the replicas' logs on the driver's stderr
+
+
+class ServeEngine:
+    """An :class:`serving.api.jobs.runner.AnswerEngine` over the LLM deployment's handle."""
+
+    dead = False
+
+    def __init__(self, handle, policy: ServePolicy) -> None:
+        self.handle = handle.options(stream=True)
+        self.policy = policy
+
+    async def submit(self, route: str, body: dict):
+        return self.answer(route, body)
+
+
+    async def answer(self, route: str, body: dict) -> Answer:
+        """(status, body, request id) as ``serve --ray``'s ingress answers a checked body."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        from serving.engine.errors import engine_error
+
+        chat = route == CHAT_ROUTE
+        try:
+            request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+            method = self.handle.chat if chat else self.handle.completions
+            first = None
+            async for first in method.remote(request, None):
+                break
+        except Exception as exc:  # a refused request (400) or a replica failure (5xx)
+            return *engine_error(exc), None
+        if isinstance(first, list):  # a batch of stream chunks; not for whole answers
+            first = first[0] if first else None
+        if isinstance(first, ErrorResponse):
+            status = int(first.error.code)
+            return status, error_for_status(status, first.error.message,
+                                            first.error.param).to_dict(), None
+        if first is None:
+            return 500, {"error": {"message": "the replica returned no answer"}}, None
+        response = first.model_dump()
+        return 200, response, response.get("id")
+
+
+@contextlib.asynccontextmanager
+async def open_ray_engine(config: EmbeddedServerConfig,
+                          ray_settings: RayBatchSettings) -> AsyncIterator[ServeEngine]:
+    """Join the cluster in ``RAY_ADDRESS`` (or start a local Ray instance), deploy the batch's
+    Serve application, and on exit delete it (and stop a local instance). The accelerator, when
+    not given, is gpu if the cluster has GPUs."""
+    from ray import serve
+
+    from serving.cluster.app import RayAppArgs, ReplicaSettings, build_serve_app
+    from serving.cluster.session import cluster_has_gpus, local_num_cpus, ray_session
+
+    num_cpus = local_num_cpus(config.tensor_parallel_size, ray_settings.replicas)
+    with ray_session(num_cpus, log_to_driver=ray_settings.verbose) as joined:
+        if ray_settings.accelerator is None:
+            kind = "gpu" if cluster_has_gpus() else "cpu"
+            ray_settings = dataclasses.replace(ray_settings, accelerator=kind)
+        replicas = ReplicaSettings(accelerator=ray_settings.accelerator,
+                                   accelerator_type=ray_settings.accelerator_type,
+                                   num_replicas=ray_settings.replicas, routing="pow2")
+        app_name = f"skingpt4-batch-{os.getpid()}"
+        # No HTTP: the requests go through a handle. Serve keeps the options it started with
+        # when a `serve --ray` already runs on the cluster.
+        serve.start(proxy_location="Disabled")
+        try:
+            serve.run(build_serve_app(RayAppArgs(server=config, replicas=replicas)),
+                      name=app_name, route_prefix=None)
+            handle = serve.get_deployment_handle(f"SkinGPT4Server:{config.model_name}",
+                                                 app_name=app_name)
+            yield ServeEngine(handle, config.served_policy())
+        finally:
+            serve.delete(app_name)
+            if not joined:
+                serve.shutdown()
