@@ -7,7 +7,11 @@
    without reading the rest.
 3. Routes: only those of the product (chat, completions, responses, models, health, metrics,
    version); others get 404, so no vLLM route takes input past these checks. A POST body must
-   be declared JSON (``Content-Type: application/json``), or 415 before it is read.
+   be declared JSON (``Content-Type: application/json``), or 415 before it is read. With a data
+   folder, ``/v1/files`` and ``/v1/batches`` go to the Batch API
+   (:class:`serving.api.jobs.service.BatchService`), whose tenant is the key the request
+   carries; live requests there take precedence over batch lines
+   (:class:`serving.api.admission.LiveTraffic`).
 4. Upload time (:class:`UploadClock`): a body must arrive within ``upload_timeout_s`` and, after
    its first ``upload_idle_timeout_s``, at ``min_upload_rate`` on average, or 408; a body that
    stops short of its ``Content-Length`` for ``upload_idle_timeout_s`` is a 400.
