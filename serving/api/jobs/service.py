@@ -232,6 +232,7 @@ class BatchService:
             queue_size=policy.batch_max_inflight * policy.max_images_per_request + 1,
             timeout_s=ADMISSION_TIMEOUT_S, policy=policy,
         )
+        self.server_admission = admission  # for the API's own small request bodies
         self.admission.photo_workers = admission.photo_workers
         self.admission.schema_workers = admission.schema_workers
         self.admission.schema_slots = admission.schema_slots
@@ -406,13 +407,14 @@ class BatchService:
                                 "some first (DELETE /v1/files/{id})")
         if self._uploads >= MAX_UPLOADS:
             raise ServerBusy(f"{MAX_UPLOADS} uploads are being read; retry in 5 s", retry_after_s=5)
-        self._uploads += 1
         file_id = new_file_id()
         data_key = sealed.new_data_key()
         path = self.store.path(file_id)
-        form = _Form(p.max_file_bytes, p.max_tenant_bytes - used,
-                     sealed.SealedWriter(path, data_key, file_id))
+        self._uploads += 1
+        form = None
         try:
+            form = _Form(p.max_file_bytes, p.max_tenant_bytes - used,
+                         sealed.SealedWriter(path, data_key, file_id))
             free = shutil.disk_usage(self.store.data_dir).free
             if declared is not None and free - declared < p.min_free_disk_bytes:
                 raise QuotaExceeded("the server's disk is too full to take this file; try a "
@@ -426,7 +428,8 @@ class BatchService:
                                  form.writer.plain_bytes, data_key, now + expires_s,
                                  created_at=now)
         except BaseException:
-            form.writer.close()
+            if form is not None:
+                form.writer.close()
             path.unlink(missing_ok=True)
             raise
         finally:
@@ -459,7 +462,7 @@ class BatchService:
 
         check_content_type(scope)
         clock = UploadClock(self.policy, _content_length(scope))
-        reservation = BodyReservation(self.admission, self.admission.deadline())
+        reservation = BodyReservation(self.server_admission, self.server_admission.deadline())
         try:
             body = parse_json(await read_body(receive, MAX_CREATE_BODY, clock, reservation))
         finally:
