@@ -122,3 +122,14 @@ def schema_bomb(properties: int = 16) -> dict:
     pattern = "^((b|c){1,128}){1,128}$"
     return {"type": "object", "required": [f"p{i}" for i in range(properties)],
             "properties": {f"p{i}": {"type": "string", "pattern": pattern} for i in range(properties)}}
+
+
+def comparable(body: dict) -> dict:
+    """An answer body without what differs between two runs of the same request: ids, times, and
+    the prompt tokens the prefix cache happened to hold or fill."""
+    body = {k: v for k, v in body.items() if k not in ("id", "created", "system_fingerprint")}
+    usage = dict(body.get("usage") or {})
+    details = dict(usage.get("prompt_tokens_details") or {})
+    for counted_by_the_cache in ("cached_tokens", "created_cache_tokens"):
+        details.pop(counted_by_the_cache, None)
+    return body | {"usage": usage | {"prompt_tokens_details": details or None}}

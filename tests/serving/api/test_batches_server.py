@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from encoders.samples import encode_image, synthetic_skin_photo
-from tests.serving.helpers import API_KEY, Server, data_url, image_message, start_server
+from tests.serving.helpers import API_KEY, Server, comparable, data_url, image_message, start_server
 
 MODEL = "skingpt4"
 GREEDY = {"temperature": 0, "max_tokens": 8}
@@ -72,15 +72,6 @@ def download(client, file_id: str | None) -> list[dict]:
 
 def photo(seed: int) -> str:
     return data_url(encode_image(synthetic_skin_photo(seed=seed)))
-
-
-def comparable(body: dict) -> dict:
-    """An answer without what differs between two runs of the same request: ids, times, and how
-    much of the prompt the prefix cache happened to hold."""
-    body = {k: v for k, v in body.items() if k not in ("id", "created", "system_fingerprint")}
-    usage = dict(body.get("usage") or {})
-    usage.pop("prompt_tokens_details", None)
-    return body | {"usage": usage}
 
 
 def test_the_sdk_flow_gives_the_answers_of_skingpt4_batch(batch_server, tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from encoders.samples import encode_image
-from tests.serving.helpers import data_url, image_message, ray_test_cluster
+from tests.serving.helpers import comparable, data_url, image_message, ray_test_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.engine]
 
@@ -167,17 +167,6 @@ def test_bad_lines_name_their_problem(files, ray_run):
             message = r["response"]["body"]["error"]["message"]
         for word in words:
             assert word.lower() in message.lower(), (key, message)
-
-
-def comparable(body: dict) -> dict:
-    """A body without what differs between two runs of the same request: ids, times, and how
-    much of the prompt the prefix cache happened to hold."""
-    body = {k: v for k, v in body.items() if k not in ("id", "created", "system_fingerprint")}
-    usage = dict(body.get("usage") or {})
-    details = dict(usage.get("prompt_tokens_details") or {})
-    for counted_by_the_cache in ("cached_tokens", "created_cache_tokens"):
-        details.pop(counted_by_the_cache, None)
-    return body | {"usage": usage | {"prompt_tokens_details": details or None}}
 
 
 def test_answers_equal_the_in_process_ones(ray_run, reference):
