@@ -244,14 +244,14 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
     from serving.api.middleware import ContextCheck  # imports torch: not at the CLI's start
 
     args = parse_vllm_args(config, prog="skingpt4 batch")
-    client = state = None
+    client = state = engine = None
     try:
         async with build_async_engine_client(
             args, usage_context=UsageContext.OPENAI_BATCH_RUNNER
         ) as client:
             state = State()
             await init_app_state(client, state, args, await client.get_supported_tasks())
-            yield BatchEngine(
+            engine = BatchEngine(
                 client,
                 handlers={CHAT_ROUTE: state.openai_serving_chat.create_chat_completion,
                           COMPLETIONS_ROUTE: state.openai_serving_completion.create_completion},
@@ -260,9 +260,15 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
                 policy=config.served_policy(),
                 context=ContextCheck(counter=partial(count_prompt, state.serving_tokenization)),
             )
+            try:
+                yield engine
+            finally:
+                # Nothing of vLLM's outlives its engine through the object handed out: the
+                # serving objects go before the engine client shuts down.
+                engine.handlers, engine.context = {}, None
     finally:
         # A traceback kept inside vLLM holds this frame; with the engine in its locals,
         # AsyncLLM.__del__ would run at interpreter exit, when the globals it calls are gone.
-        client = state = None  # noqa: F841
+        client = state = engine = None  # noqa: F841
 
 
