@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from serving.api.contract import CHAT_ROUTE
-from serving.api.errors import error_for_status
 from serving.api.jobs.runner import Answer
 from serving.api.policy import ServePolicy
 from serving.engine.server import EmbeddedServerConfig
@@ -60,8 +59,8 @@ class ServeEngine:
         """(status, body, request id) as ``serve --ray``'s ingress answers a checked body."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+        from serving.batch.run import answer_of
         from serving.engine.errors import engine_error
 
         chat = route == CHAT_ROUTE
@@ -75,14 +74,9 @@ class ServeEngine:
             return *engine_error(exc), None
         if isinstance(first, list):  # a batch of stream chunks; not for whole answers
             first = first[0] if first else None
-        if isinstance(first, ErrorResponse):
-            status = int(first.error.code)
-            return status, error_for_status(status, first.error.message,
-                                            first.error.param).to_dict(), None
         if first is None:
             return 500, {"error": {"message": "the replica returned no answer"}}, None
-        response = first.model_dump()
-        return 200, response, response.get("id")
+        return answer_of(first, route)
 
 
 @contextlib.asynccontextmanager

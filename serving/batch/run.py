@@ -191,9 +191,6 @@ class BatchEngine:
 
     async def answer(self, route: str, body: dict) -> Answer:
         """(status, response body, request id) as vLLM's server answers a checked body."""
-        from pydantic import BaseModel
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
         from serving.engine.errors import engine_error
 
         try:
@@ -205,14 +202,23 @@ class BatchEngine:
             return error.status, error.to_dict(), None
         except Exception as exc:  # as vLLM's run_request: the failure becomes an error body
             return *engine_error(exc), None
-        if isinstance(result, ErrorResponse):
-            status = int(result.error.code)
-            return status, error_for_status(status, result.error.message,
-                                            result.error.param).to_dict(), None
-        if not isinstance(result, BaseModel):  # a stream; check_envelope refuses those
-            raise RuntimeError(f"{route} returned a stream to a batch request")
-        response = result.model_dump()
-        return 200, response, response.get("id")
+        return answer_of(result, route)
+
+
+def answer_of(result, route: str) -> Answer:
+    """(status, body, request id) of what a vLLM serving class returned for a whole answer: its
+    ``ErrorResponse`` as the project's error body, or the response."""
+    from pydantic import BaseModel
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    if isinstance(result, ErrorResponse):
+        status = int(result.error.code)
+        return status, error_for_status(status, result.error.message,
+                                        result.error.param).to_dict(), None
+    if not isinstance(result, BaseModel):  # a stream; check_envelope refuses those
+        raise RuntimeError(f"{route} returned a stream to a batch request")
+    response = result.model_dump()
+    return 200, response, response.get("id")
 
 
 async def count_prompt(tokenization, request: dict) -> tuple[int, int] | None:

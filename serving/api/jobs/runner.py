@@ -197,6 +197,15 @@ def parse_line(line: int, raw: bytes) -> BatchLine | LineError:
     return BatchLine(line, custom_id, route, body)
 
 
+def duplicate_line(line: BatchLine, first: int) -> LineError:
+    """A line whose ``custom_id`` line ``first`` already has."""
+    return LineError(
+        line.line, "duplicate_custom_id",
+        f"line {line.line}: custom_id {line.custom_id!r} is already used on line {first}; "
+        "custom_ids must be unique, so this line was not run", "custom_id",
+    )
+
+
 def check_envelope(obj: dict) -> tuple[str, Any]:
     """The route and body of a batch line; refuse what the server would not serve as asked."""
     for key in obj:
@@ -420,12 +429,7 @@ class BatchRun:
             if first is None:
                 self.seen[parsed.custom_id] = parsed.line
                 return None if parsed.custom_id in self.log.done_ids else parsed
-            parsed = LineError(
-                parsed.line, "duplicate_custom_id",
-                f"line {parsed.line}: custom_id {parsed.custom_id!r} is already used on line "
-                f"{first}; custom_ids must be unique, so this line was not run",
-                "custom_id",
-            )
+            parsed = duplicate_line(parsed, first)
         return None if parsed.line in self.log.done_lines else parsed
 
     async def _line_error(self, error: LineError) -> None:

@@ -66,6 +66,7 @@ from serving.api.jobs.runner import (
     BatchRun,
     LineError,
     TooLarge,
+    duplicate_line,
     encode_record,
     parse_line,
     read_lines,
@@ -785,9 +786,8 @@ def validate_lines(reader: io.BufferedReader, endpoint: str,
                 continue
             first = seen.setdefault(parsed.custom_id, number)
             if first != number:
-                add(_error("duplicate_custom_id", f"line {number}: custom_id "
-                           f"{parsed.custom_id!r} is already used on line {first}",
-                           "custom_id", number))
+                duplicate = duplicate_line(parsed, first)
+                add(_error(duplicate.code, duplicate.message, duplicate.param, number))
             elif parsed.refusal is not None:
                 add(_error(parsed.refusal.code, f"line {number}: {parsed.refusal.message}",
                            parsed.refusal.param, number))
