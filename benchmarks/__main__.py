@@ -120,6 +120,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-results"))
 
 
+def _stream_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="ask for whole answers instead of streamed ones (TTFT = latency, no TPOT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrency", type=int, default=1)
     run.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (default inf)")
     run.add_argument("--num-requests", type=int, default=16)
+    _stream_flag(run)
     _common(run)
 
     sweep = sub.add_parser("sweep", help="all targets x concurrency levels; JSON, PNG, Markdown")
@@ -147,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--phone-image-size", type=parse_image_size, default=SweepConfig.phone_image_size)
     sweep.add_argument("--budget-s", type=float, default=SweepConfig.budget_s, help="bound on the whole sweep")
     sweep.add_argument("--endpoint", type=_endpoint, action="append", default=[], help="NAME=URL: use, don't start")
+    _stream_flag(sweep)
     _common(sweep)
     sweep.set_defaults(max_duration_s=SweepConfig.max_duration_s)
 
@@ -173,6 +180,7 @@ async def _measure(args, server) -> dict:
         max_concurrency=args.max_concurrency, request_rate=args.request_rate,
         max_duration_s=args.max_duration_s, max_tokens=args.max_tokens, temperature=args.temperature,
         seed=args.seed, show_progress=not args.no_progress, session_ids=args.session_ids,
+        stream=args.stream,
     )
     size = args.image_size or default_image_size(args.scenario)
     convs = build_conversations(args.scenario, args.num_requests, size, args.seed)
@@ -241,7 +249,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
         warmup_requests=args.warmup_requests, max_duration_s=args.max_duration_s, budget_s=args.budget_s,
         startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,
         endpoints=dict(args.endpoint), seed=args.seed, session_ids=args.session_ids,
-        show_progress=not args.no_progress,
+        stream=args.stream, show_progress=not args.no_progress,
         command="python -m benchmarks " + shlex.join(argv),
     )
     summary = run_sweep(cfg)

@@ -4,9 +4,10 @@ Like ``vllm bench serve``: arrivals are a Poisson process of ``request_rate`` pe
 ``inf`` sends all at once) and at most ``max_concurrency`` conversations run at a time (closed loop
 when the rate is ``inf``). Every request streams, with ``stream_options={"include_usage": True}``
 for the token counts and the prompt tokens the server's prefix cache supplied
-(``usage.prompt_tokens_details.cached_tokens``). Every turn of a conversation carries the same
-``x-session-id`` header, as a consult client sends it for Ray Serve's session affinity
-(``session_ids=False``: no header). The run stops starting conversations after ``num_requests`` or
+(``usage.prompt_tokens_details.cached_tokens``), unless ``stream`` is off: then each answer
+comes whole, its TTFT is its end-to-end latency and it has no TPOT or ITL. Every turn of a
+conversation carries the same ``x-session-id`` header, as a consult client sends it for Ray
+Serve's session affinity (``session_ids=False``: no header). The run stops starting conversations after ``num_requests`` or
 ``max_duration_s``, whichever comes first; started conversations finish.
 
 The client's own CPU time (``getrusage(RUSAGE_SELF)``, all threads, no child processes) over the
@@ -48,6 +49,8 @@ class LoadConfig:
     session_ids: bool = True
     """Send ``x-session-id: <run seed>-<conversation>`` with every turn (the embedded server
     ignores it; Ray's session router keeps a consult on one replica by it)."""
+    stream: bool = True
+    """Stream the answers (server-sent events); False: one JSON body per answer."""
 
     def __post_init__(self) -> None:
         if self.max_concurrency is not None and self.max_concurrency < 1:
@@ -100,30 +103,36 @@ def cached_tokens(usage) -> int | None:
 async def chat_request(
     client: AsyncOpenAI, model: str, messages: list[dict], config: LoadConfig, result: RequestResult, t0: float
 ) -> None:
-    """Stream one chat completion and fill ``result`` (times relative to ``t0``, perf_counter)."""
+    """Send one chat completion (streamed unless ``config.stream`` is off) and fill ``result``
+    (times relative to ``t0``, perf_counter)."""
     start = time.perf_counter()
     result.start = start - t0
+    result.streamed = config.stream
     text: list[str] = []
     last = start
     first: float | None = None
     usage = None
     try:
-        stream = await client.chat.completions.create(
-            model=model, messages=messages, max_tokens=config.max_tokens,
-            temperature=config.temperature, seed=config.seed + result.conversation,
-            stream=True, stream_options={"include_usage": True},
-            extra_headers=session_header(config, result.conversation),
-        )
-        async for chunk in stream:
-            now = time.perf_counter()
-            usage = chunk.usage or usage
-            if chunk.choices and chunk.choices[0].delta.content:
-                if first is None:
-                    first = now
-                else:
-                    result.itl.append(now - last)
-                last = now
-                text.append(chunk.choices[0].delta.content)
+        request = dict(model=model, messages=messages, max_tokens=config.max_tokens,
+                       temperature=config.temperature, seed=config.seed + result.conversation,
+                       extra_headers=session_header(config, result.conversation))
+        if not config.stream:
+            answer = await client.chat.completions.create(**request)
+            usage = answer.usage
+            text.append(answer.choices[0].message.content or "")
+        else:
+            stream = await client.chat.completions.create(
+                **request, stream=True, stream_options={"include_usage": True})
+            async for chunk in stream:
+                now = time.perf_counter()
+                usage = chunk.usage or usage
+                if chunk.choices and chunk.choices[0].delta.content:
+                    if first is None:
+                        first = now
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                    text.append(chunk.choices[0].delta.content)
     except Exception as exc:  # every failure is data: kept in ``errors`` (and ``statuses``)
         result.error = f"{type(exc).__name__}: {exc}"
         result.status = getattr(exc, "status_code", None)  # openai.APIStatusError: 4xx/5xx
@@ -131,7 +140,8 @@ async def chat_request(
         return
     end = time.perf_counter()
     result.latency = end - start
-    result.ttft = (first if first is not None else end) - start  # no text: the end is the first sign
+    # No streamed text (or none asked for): the end is the first sign of an answer.
+    result.ttft = (first if first is not None else end) - start
     result.generated_text = "".join(text)
     result.prompt_len = usage.prompt_tokens if usage else 0
     result.output_len = usage.completion_tokens if usage else len(text)

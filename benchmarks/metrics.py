@@ -61,10 +61,12 @@ class RequestResult:
     cached_tokens: int | None = None
     """``usage.prompt_tokens_details.cached_tokens``: prompt tokens found in the prefix cache;
     None when the server does not report it."""
+    streamed: bool = True
+    """False: the answer came whole (TTFT is its latency; no TPOT)."""
 
     @property
     def tpot(self) -> float | None:
-        if not self.success or self.output_len < 2:
+        if not self.success or not self.streamed or self.output_len < 2:
             return None
         return (self.latency - self.ttft) / (self.output_len - 1)
 

@@ -87,6 +87,7 @@ def run_record(
         "sent": load.sent,
         "max_tokens": config.max_tokens,
         "temperature": config.temperature,
+        "stream": config.stream,
         "image_size": f"{image_size[0]}x{image_size[1]}",
         **metrics.to_json(),
         "client_cpu_s": load.client_cpu_s,

@@ -106,6 +106,8 @@ class SweepConfig:
     seed: int = 0
     session_ids: bool = True
     """Send ``x-session-id`` with every turn (Ray's session affinity; see ``LoadConfig``)."""
+    stream: bool = True
+    """Streamed answers (``--no-stream``: whole ones; see ``LoadConfig``)."""
     show_progress: bool = True
     command: str = ""
 
@@ -206,6 +208,7 @@ def load_config(cfg: SweepConfig, run: PlannedRun, clock: Clock) -> LoadConfig:
         seed=cfg.seed,
         show_progress=cfg.show_progress,
         session_ids=cfg.session_ids,
+        stream=cfg.stream,
     )
 
 

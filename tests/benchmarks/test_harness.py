@@ -162,6 +162,28 @@ def test_max_duration_stops_new_conversations(reference_server):
     assert all(r.success for r in load.results)  # what was started ran to its end
 
 
+def test_whole_answers_equal_streamed_ones_and_have_no_tpot(reference_server):
+    """``--no-stream``: the same greedy answers and token counts as streamed, TTFT = latency, no
+    TPOT or ITL samples."""
+    convs = build_conversations("single", 2, (64, 48), seed=11)
+
+    async def go(stream: bool):
+        client = make_client(reference_server.base_url, timeout_s=60)
+        try:
+            config = LoadConfig(max_concurrency=1, max_tokens=8, show_progress=False, stream=stream)
+            return await run_load(client, reference_server.model, convs, config)
+        finally:
+            await client.close()
+
+    streamed, whole = asyncio.run(go(True)), asyncio.run(go(False))
+    assert all(r.success for r in streamed.results + whole.results)
+    assert [(r.generated_text, r.output_len) for r in whole.results] == \
+        [(r.generated_text, r.output_len) for r in streamed.results]
+    assert all(r.ttft == r.latency and r.tpot is None and not r.itl for r in whole.results)
+    metrics = compute_metrics(whole.results, whole.duration)
+    assert metrics.completed == 2 and metrics.to_json()["median_tpot_ms"] == 0
+
+
 # --------------------------------------------------------------------------- metric math
 
 
