@@ -54,7 +54,6 @@ class ServeEngine:
     async def submit(self, route: str, body: dict):
         return self.answer(route, body)
 
-
     async def answer(self, route: str, body: dict) -> Answer:
         """(status, body, request id) as ``serve --ray``'s ingress answers a checked body."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -79,12 +78,20 @@ class ServeEngine:
         return answer_of(first, route)
 
 
+ROUTER_THREAD_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
+
+
 @contextlib.asynccontextmanager
 async def open_ray_engine(config: EmbeddedServerConfig,
                           ray_settings: RayBatchSettings) -> AsyncIterator[ServeEngine]:
     """Join the cluster in ``RAY_ADDRESS`` (or start a local Ray instance), deploy the batch's
     Serve application, and on exit delete it (and stop a local instance). The accelerator, when
     not given, is gpu if the cluster has GPUs."""
+    # This driver's handle router on a thread of its own (Ray Serve's default, which the
+    # throughput-optimized mode of a cluster's environment turns off): on this driver's event
+    # loop, its polling of Serve's controller would outlive the Ray connection closed below and
+    # reconnect to log a traceback. Read by Ray Serve on import: set first.
+    os.environ[ROUTER_THREAD_ENV] = "1"
     from ray import serve
 
     from serving.cluster.app import RayAppArgs, ReplicaSettings, build_serve_app

@@ -337,6 +337,23 @@ def test_replica_answers_responses_with_the_engines_serving_object():
     assert isinstance(missing, ErrorResponse) and missing.error.code == 501
 
 
+def test_a_local_instance_runs_serve_throughput_optimized_behind_its_proxy():
+    """``serve --ray`` and ``batch --ray`` start a local instance in Ray Serve's throughput-optimized
+    mode without its direct ingress; a user's own setting wins; the installed Ray reads both."""
+    import inspect
+
+    import ray.serve._private.constants as serve_constants
+
+    from serving.cluster.session import SERVE_ENV, serve_environment
+
+    assert serve_environment({}) == SERVE_ENV == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    assert serve_environment({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    source = inspect.getsource(serve_constants)
+    assert all(f'"{name}"' in source for name in SERVE_ENV)
+
+
 def test_replica_settings():
     from serving.cluster.app import ReplicaSettings, RayAppArgs, llm_config
 
