@@ -1,0 +1,145 @@
+"""Ray Serve mode with one LLM replica whose engine dies: the requests in flight on it fail with a
+JSON 5xx, and those sent after the death wait for Ray Serve's replacement instead of failing.
+
+``skingpt4 serve MODEL --ray --replicas 1`` on a local Ray instance of its own (no ``RAY_ADDRESS``),
+as a user runs it on one machine. Its own module, so that it starts after test_ray.py's cluster
+has been shut down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from serving.engine.process import ServerProcess, free_port
+from tests.serving.helpers import data_url, image_message
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+API_KEY = "ray-single-key-0123456789"
+START_TIMEOUT_S = 480
+# In flight when the engine dies: streamed answers (the tiny model ends them at about 450 tokens,
+# some seconds of decoding for 8 at once), cut off by a kill as soon as the first of them has
+# begun. Those the kill finds on the engine end with an error; any that had not reached it yet
+# are answered by the new replica.
+IN_FLIGHT, IN_FLIGHT_TOKENS = 8, 1500
+# Sent after the death: each must wait for the replacement (a new engine: about a minute here).
+AFTER, WAIT_BOUND_S = 4, 360
+
+pytestmark = [pytest.mark.ray, pytest.mark.engine]
+
+
+@pytest.fixture(scope="module")
+def single_replica(tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray-single")
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving.cli", "serve", str(tiny_checkpoints["llama"]), "--ray",
+           "--replicas", "1", "--accelerator", "cpu", "--dtype", "float32",
+           "--max-model-len", "2048", "--max-num-seqs", "8", "--port", str(port), "--api-key", API_KEY]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
+    server = ServerProcess(cmd, root_url=f"http://127.0.0.1:{port}", log_path=root / "serve.log",
+                           cwd=REPO_ROOT, env=env, name="serve --ray --replicas 1",
+                           startup_timeout_s=START_TIMEOUT_S, stop_timeout_s=120, probe_timeout_s=10).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _engines(root_pid: int) -> list[psutil.Process]:
+    """vLLM's engine processes in the server's tree (Ray's workers are its descendants)."""
+    found = []
+    for p in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if p.name().startswith("VLLM::") or any(a.startswith("VLLM::") for a in p.cmdline()[:1]):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, photos):
+    from encoders.samples import encode_image
+
+    base = single_replica.root_url
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    photo = data_url(encode_image(photos[0]))
+
+    def body(tokens: int, stream: bool = False) -> dict:
+        return {"model": "skingpt4", "messages": [image_message([photo])], "temperature": 0,
+                "max_tokens": tokens, "ignore_eos": True, "stream": stream}
+
+    def chat(tokens: int, session: str, timeout: float) -> tuple[int, str, float]:
+        started = time.monotonic()
+        try:
+            r = httpx.post(f"{base}/v1/chat/completions", json=body(tokens), timeout=timeout,
+                           headers={**headers, "x-session-id": session})
+            return r.status_code, r.text, time.monotonic() - started
+        except httpx.HTTPError as exc:
+            return -1, repr(exc), time.monotonic() - started
+
+    streaming = threading.Semaphore(0)
+
+    def in_flight(session: str) -> list[str]:
+        """A streamed answer's data events; the semaphore is released at its first one. An answer
+    cut off by the engine's death ends as vLLM ends it: an error event, then ``[DONE]``."""
+        events = []
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body(IN_FLIGHT_TOKENS, True),
+                          headers={**headers, "x-session-id": session}, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 1:
+                        streaming.release()
+        return events
+
+    assert chat(4, "warm", 120)[0] == 200
+    engines = _engines(single_replica.pid)
+    assert engines, "no vLLM engine process under the server"
+
+    results: dict[str, object] = {}
+
+    def run(name: str, call, *args) -> threading.Thread:
+        t = threading.Thread(target=lambda: results.__setitem__(name, call(*args)))
+        t.start()
+        return t
+
+    threads = [run(f"in-flight-{i}", in_flight, f"in-flight-{i}") for i in range(IN_FLIGHT)]
+    assert streaming.acquire(timeout=120), "no streamed request started"  # one is decoding
+    for engine in engines:
+        engine.kill()  # SIGKILL
+    killed_at = time.monotonic()
+    time.sleep(0.5)
+    threads += [run(f"after-{i}", chat, 8, f"after-{i}", WAIT_BOUND_S) for i in range(AFTER)]
+    for t in threads:
+        t.join(WAIT_BOUND_S + 30)
+    waited = time.monotonic() - killed_at
+    after = {k: v for k, v in results.items() if k.startswith("after-")}
+    print(f"single replica: after the kill {[(s, round(t, 1)) for s, _, t in after.values()]}; "
+          f"in flight: {[len(v) for k, v in sorted(results.items()) if k.startswith('in-flight')]} "
+          f"events each; all done {waited:.0f} s after the kill")
+
+    assert len(results) == IN_FLIGHT + AFTER, sorted(results)
+    for name, (status, text, _) in after.items():  # they waited for the new replica
+        assert status == 200, (name, status, text[:300])
+    cut = []
+    for name in (k for k in results if k.startswith("in-flight")):
+        events = results[name]
+        assert events[-1] == "[DONE]", (name, events[-2:])  # every stream ends, none hangs
+        errors = [e for e in events[:-1] if '"error"' in e]
+        if errors:  # cut off: one JSON error, the last event before [DONE], no traceback
+            assert errors == [events[-2]], (name, errors)
+            assert json.loads(errors[0])["error"]["message"] and "Traceback" not in errors[0]
+            cut.append(name)
+    assert cut, "no streamed answer was cut off by the engine's death"
+    assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+    assert chat(4, "later", 120)[0] == 200
