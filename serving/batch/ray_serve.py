@@ -9,7 +9,8 @@ own and without an HTTP route, and sends each checked request to its LLM deploym
 deployment handle (``SkinGPT4Server.chat`` / ``completions``, Ray Serve LLM's ``LLMServer`` over
 vLLM's ``OpenAIServingChat`` / ``OpenAIServingCompletion``). So a line's answer is the body the
 server sends for it, ``finish_reason``, ``cached_tokens``, ``n`` above 1 and ``logprobs``
-included; records are written as lines finish; Ray Serve's router spreads the lines over the
+included, after the server's ``max_tokens`` check (the prompt counted by a replica's
+tokenizer); records are written as lines finish; Ray Serve's router spreads the lines over the
 replicas (at most ``--max-concurrency`` in flight). The application is deleted when the run
 ends.
 
@@ -24,9 +25,11 @@ import dataclasses
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 from serving.api.contract import CHAT_ROUTE
+from serving.api.errors import ServingError
 from serving.api.jobs.runner import Answer
 from serving.api.policy import ServePolicy
 from serving.engine.server import EmbeddedServerConfig
@@ -48,8 +51,18 @@ class ServeEngine:
     dead = False
 
     def __init__(self, handle, policy: ServePolicy) -> None:
+        from serving.api.middleware import ContextCheck  # imports torch: not at the CLI's start
+        from serving.batch.run import count_prompt
+
         self.handle = handle.options(stream=True)
         self.policy = policy
+        # The server's max_tokens check, counting on a replica as `batch` counts in-process.
+        self.context = ContextCheck(counter=partial(count_prompt, self._tokenize))
+
+    async def _tokenize(self, request):
+        async for result in self.handle.tokenize.remote(request, None):
+            return result
+        return None
 
     async def submit(self, route: str, body: dict):
         return self.answer(route, body)
@@ -64,11 +77,14 @@ class ServeEngine:
 
         chat = route == CHAT_ROUTE
         try:
+            await self.context.check(None, route, body)
             request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
             method = self.handle.chat if chat else self.handle.completions
             first = None
             async for first in method.remote(request, None):
                 break
+        except ServingError as error:  # the context check's 400
+            return error.status, error.to_dict(), None
         except Exception as exc:  # a refused request (400) or a replica failure (5xx)
             return *engine_error(exc), None
         if isinstance(first, list):  # a batch of stream chunks; not for whole answers

@@ -188,7 +188,6 @@ class BatchEngine:
         """The answer to a checked body, to await (the engine starts on it at once)."""
         return self.answer(route, body)
 
-
     async def answer(self, route: str, body: dict) -> Answer:
         """(status, response body, request id) as vLLM's server answers a checked body."""
         from serving.engine.errors import engine_error
@@ -221,19 +220,22 @@ def answer_of(result, route: str) -> Answer:
     return 200, response, response.get("id")
 
 
-async def count_prompt(tokenization, request: dict) -> tuple[int, int] | None:
-    """(prompt tokens, context length) of a ``/tokenize`` request body, counted by vLLM's
-    tokenize serving object as the server's ``/tokenize`` route counts it; None if it cannot."""
+async def count_prompt(tokenize, request: dict) -> tuple[int, int] | None:
+    """(prompt tokens, context length) of a ``/tokenize`` request body, counted as the server's
+    ``/tokenize`` route counts it: ``tokenize`` is an async function from vLLM's
+    ``TokenizeRequest`` to its ``TokenizeResponse`` or ``ErrorResponse`` (vLLM's tokenize serving
+    object here, an LLM replica for ``batch --ray``). None if it cannot count it."""
     from pydantic import TypeAdapter, ValidationError
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
     from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
 
     try:
-        result = await tokenization.create_tokenize(
-            TypeAdapter(TokenizeRequest).validate_python(request), None)
+        result = await tokenize(TypeAdapter(TokenizeRequest).validate_python(request))
     except (ValidationError, ValueError):
         return None
-    return None if isinstance(result, ErrorResponse) else (result.count, result.max_model_len)
+    if result is None or isinstance(result, ErrorResponse):
+        return None
+    return result.count, result.max_model_len
 
 
 @contextlib.asynccontextmanager
@@ -264,7 +266,8 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
                 request_models={CHAT_ROUTE: ChatCompletionRequest,
                                 COMPLETIONS_ROUTE: CompletionRequest},
                 policy=config.served_policy(),
-                context=ContextCheck(counter=partial(count_prompt, state.serving_tokenization)),
+                context=ContextCheck(counter=partial(count_prompt, partial(
+                    state.serving_tokenization.create_tokenize, raw_request=None))),
             )
             try:
                 yield engine

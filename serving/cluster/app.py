@@ -99,7 +99,8 @@ PRIVATE_RAY_NAMES = {
     "_batch_output_stream": "LLMServer's batching of stream events by time: Responses events "
     "are batched as chat's are (one actor message per interval, not per token).",
     "_app_state": "VLLMEngine keeps vLLM's serving objects (OpenAIServingResponses among them) "
-    "here; Ray wraps chat and completions, not the Responses API.",
+    "here; Ray wraps chat and completions, not the Responses API, and looks the tokenize object "
+    "up under a name vLLM 0.32 no longer gives it.",
     "perform_graceful_shutdown": "the replica actor's stop method (Serve's controller calls "
     "it): a replica whose engine died drains and leaves at once, instead of after three failed "
     "health checks. Without it the replica is killed (ray.kill).",
@@ -246,6 +247,29 @@ class SkinGPT4Server(LLMServer):
         await self._refuse_when_engine_dead()
         return self._responses(request, raw_request_info)
 
+    async def tokenize(self, request, raw_request_info=None):
+        """vLLM's ``/tokenize`` answer (a prompt's token count and the context length, as the
+        embedded server's route gives them) from the engine's own ``ServingTokenization``: Ray
+        Serve LLM 2.60 looks that object up under a name vLLM 0.32 no longer gives it, and
+        answers that the model cannot tokenize. ``batch --ray`` counts a line's prompt with it
+        for the server's ``max_tokens`` check. Yields vLLM's ``TokenizeResponse`` or
+        ``ErrorResponse``."""
+        await self._refuse_when_engine_dead()
+        return self._tokenize(request)
+
+    async def _tokenize(self, request):
+        from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+
+        serving = vllm_serving(self.engine, "serving_tokenization")
+        if serving is None:
+            yield ErrorResponse(error=ErrorInfo(message="tokenization is not available here",
+                                                type="NotImplementedError", code=501))
+            return
+        try:
+            yield await serving.create_tokenize(request, None)
+        except ValueError as exc:  # as vLLM's route: a request it cannot render
+            yield serving.create_error_response(exc)
+
     async def _responses(self, request, raw_request_info):
         from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
         from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
@@ -272,17 +296,23 @@ class SkinGPT4Server(LLMServer):
                 yield "".join(events)
 
 
-def responses_serving(engine: Any):
-    """A replica engine's vLLM ``OpenAIServingResponses``, or None.
+def vllm_serving(engine: Any, name: str):
+    """A replica engine's vLLM serving object of that name (vLLM's ``init_app_state`` names), or
+    None.
 
     Ray Serve LLM's ``VLLMEngine`` runs vLLM's ``init_app_state``, which builds the serving object
     of every route from the engine's own arguments, model registry and renderer, as vLLM's server
     does in embedded mode; Ray keeps them in the engine's private ``_app_state`` and reaches its
     own routes through methods, with no public accessor. Building a second one would take the
     engine client, the registry, the renderer and the arguments, private attributes as well, and
-    could drift from vLLM's wiring. Should a Ray upgrade rename ``_app_state``, the route answers
-    501 (and Ray mode's Responses tests fail) while chat keeps working."""
-    return getattr(getattr(engine, "_app_state", None), "openai_serving_responses", None)
+    could drift from vLLM's wiring. Should a Ray upgrade rename ``_app_state``, the routes that
+    use it answer 501 (and Ray mode's tests of them fail) while chat keeps working."""
+    return getattr(getattr(engine, "_app_state", None), name, None)
+
+
+def responses_serving(engine: Any):
+    """A replica engine's vLLM ``OpenAIServingResponses``, or None."""
+    return vllm_serving(engine, "openai_serving_responses")
 
 
 async def server_sent_events(events):
@@ -624,11 +654,13 @@ class SkinGPT4Ingress(OpenAiIngress):
             raise RuntimeError("the request policy middleware was not installed on the ingress app")
 
     async def health(self) -> Response:
-        checks = [h.check_health.remote() for h in self._llm_handles.values()]
-        try:
-            await asyncio.wait_for(asyncio.gather(*checks), HEALTH_TIMEOUT_S)
-        except Exception as exc:  # no replica yet, or one whose engine died
-            detail = "no model replica answered in time" if isinstance(exc, TimeoutError) else str(exc)
+        checks = [asyncio.ensure_future(h.check_health.remote()) for h in self._llm_handles.values()]
+        done, late = await asyncio.wait(checks, timeout=HEALTH_TIMEOUT_S)
+        for check in late:
+            check.cancel()  # no replica yet: the check is dropped, not left to fail unread
+        failures = [c.exception() for c in done if c.exception() is not None]
+        if late or failures:  # no replica yet, or one whose engine died
+            detail = "no model replica answered in time" if late else str(failures[0])
             # /health is open: the detail (node addresses, tracebacks) goes to the log only.
             logger.warning("health check failed: %s", detail)
             return JSONResponse({"status": "unavailable"}, status_code=503)

@@ -67,6 +67,8 @@ def batch_file(photos) -> tuple[str, dict]:
                                  {"role": "user", "content": "Is this eczema?"}]}),
         {"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
          "body": {"model": MODEL, "prompt": "itchy red patch " * 2000, **GREEDY}},
+        chat("too-many-tokens", {"model": MODEL, "max_tokens": 1000, "messages": [
+            {"role": "user", "content": "Describe eczema."}]}),
     ]
     expect = {
         **{custom_id: (200,) for custom_id in GOOD},
@@ -75,6 +77,7 @@ def batch_file(photos) -> tuple[str, dict]:
         "outside-contract": (400, "echo"),
         "unknown-model": (404, "gpt-4o"),
         "too-long": (400, "1024"),
+        "too-many-tokens": (400, "max_tokens", "tokens are left"),
         3: ("invalid_json_line", "line 3", "not valid JSON"),
     }
     text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
@@ -182,6 +185,10 @@ def test_answers_equal_the_in_process_ones(ray_run, reference):
         assert ray_response["request_id"] == ray_body["id"]
         assert comparable(ray_body) == comparable(local_body), custom_id
         assert ray_body["usage"]["prompt_tokens_details"]["cached_tokens"] is not None
+    # The server's max_tokens check, counted on a replica as in-process: the same 400.
+    ray_refusal, local_refusal = (r["too-many-tokens"]["response"] for r in (records, reference))
+    assert (ray_refusal["status_code"], ray_refusal["body"]) == \
+        (local_refusal["status_code"], local_refusal["body"]) == (400, ray_refusal["body"])
     two = records["two-choices"]["response"]["body"]["choices"]
     assert len(two) == 2 and all(c["logprobs"]["content"] for c in two)
     answers = {records[i]["response"]["body"]["choices"][0]["message"]["content"]

@@ -153,6 +153,37 @@ def _stream(ingress) -> list:
     return asyncio.run(collect())
 
 
+def test_ingress_health_answers_503_for_a_failing_or_silent_replica(ingress, monkeypatch):
+    """``/health``: 200 when every LLM deployment passes its check; 503 when one fails, or does not
+    answer within the bound (that check is cancelled, not left to fail unread)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from serving.cluster import app as ray_app
+
+    monkeypatch.setattr(ray_app, "HEALTH_TIMEOUT_S", 0.05)
+    started: list[asyncio.Future] = []
+
+    def handle(outcome):
+        async def check():
+            if outcome == "silent":
+                started.append(asyncio.get_running_loop().create_future())
+                await started[-1]
+            elif outcome == "fails":
+                raise RuntimeError("engine dead at 10.0.0.7")
+        return SimpleNamespace(check_health=SimpleNamespace(remote=check))
+
+    async def status(*outcomes):
+        ingress._llm_handles = {f"m{i}": handle(o) for i, o in enumerate(outcomes)}
+        response = await ingress.health()
+        await asyncio.sleep(0)  # a cancelled check settles
+        return response.status_code, response.body
+
+    assert asyncio.run(status("ok", "ok"))[0] == 200
+    assert asyncio.run(status("ok", "fails")) == (503, b'{"status":"unavailable"}')
+    assert asyncio.run(status("silent"))[0] == 503 and started[0].cancelled()
+
+
 def test_ingress_sends_a_refused_request_again(ingress):
     from serving.cluster.app import EngineUnavailable
 
@@ -264,6 +295,46 @@ def test_ingress_answers_responses_as_vllm_does(ingress):
 
     status, _, text = _respond(ingress, {"model": MODEL})  # no input: not a Responses request
     assert status == 400 and json.loads(text)["error"]["param"] == "input"
+
+
+@pytest.mark.filterwarnings("ignore:coroutine 'LLMServer.__del__' was never awaited")
+def test_replica_tokenizes_with_the_engines_serving_object():
+    """SkinGPT4Server.tokenize answers from the engine's vLLM ServingTokenization (which Ray's
+    own tokenize does not find): the count, vLLM's error for a ValueError, a 501 without it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+    from vllm.entrypoints.serve.tokenize.protocol import TokenizeCompletionRequest, TokenizeResponse
+
+    from serving.cluster.app import RayAppArgs, SkinGPT4Server, llm_config
+
+    class Serving:
+        async def create_tokenize(self, request, raw_request):
+            if request.prompt == "fail":
+                raise ValueError("cannot render")
+            return TokenizeResponse(count=3, max_model_len=1024, tokens=[1, 2, 3])
+
+        def create_error_response(self, exc):
+            return ErrorResponse(error=ErrorInfo(message=str(exc), type="BadRequestError", code=400))
+
+    config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
+    server = SkinGPT4Server.sync_init(config, engine_cls=None)
+    server._engine_dead = False
+
+    def answer(prompt, serving):
+        server.engine = SimpleNamespace(check_health=lambda: asyncio.sleep(0),
+                                        _app_state=SimpleNamespace(serving_tokenization=serving))
+
+        async def go():
+            return [r async for r in await server.tokenize(TokenizeCompletionRequest(prompt=prompt))]
+        [result] = asyncio.run(go())
+        return result
+
+    counted = answer("Describe eczema.", Serving())
+    assert (counted.count, counted.max_model_len) == (3, 1024)
+    assert answer("fail", Serving()).error.message == "cannot render"
+    assert answer("x", None).error.code == 501
 
 
 @pytest.mark.filterwarnings("ignore:coroutine 'LLMServer.__del__' was never awaited")
