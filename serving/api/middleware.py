@@ -396,7 +396,8 @@ class ContextCheck:
     def __init__(self, app=None, counter=None) -> None:
         """``app``: the app whose ``/tokenize`` counts a prompt; or ``counter``, an async
         function from a ``/tokenize`` request body to ``(count, max_model_len)`` or None
-        (``skingpt4 batch``, which has vLLM's serving objects but no app)."""
+        (``skingpt4 batch``, which has vLLM's serving objects but no app, and Ray mode, whose
+        ingress app has no working ``/tokenize``: :mod:`serving.engine.tokens`)."""
         self.app = app
         self.counter = counter
         self.max_model_len: int | None = None  # learned from the first count
@@ -459,7 +460,10 @@ class ContextCheck:
 
     async def _count(self, scope, request: dict) -> tuple[int, int] | None:
         if self.counter is not None:
-            return await self.counter(request)
+            try:
+                return await self.counter(request)
+            except Exception:  # it could not count (a replica gone...): the app decides alone
+                return None
         raw = json.dumps(request, ensure_ascii=False).encode("utf-8")
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
         sub = dict(scope, path="/tokenize", raw_path=b"/tokenize", query_string=b"", headers=headers)
@@ -472,11 +476,13 @@ class ContextCheck:
 
 
 class RequestPolicyMiddleware:
-    def __init__(self, app, policy: ServePolicy | None = None) -> None:
+    def __init__(self, app, policy: ServePolicy | None = None, counter=None) -> None:
+        """``counter``: how the ``max_tokens`` check counts a prompt (:class:`ContextCheck`);
+        None: the app's own ``/tokenize``."""
         self.app = app
         self.policy = policy or policy_from_env()
         self.admission = Admission.from_policy(self.policy)
-        self.context = ContextCheck(app)
+        self.context = ContextCheck(app, counter)
         self.live = LiveTraffic(self.policy.batch_max_inflight)
         self.jobs = None
         if self.policy.data_dir:

@@ -52,17 +52,13 @@ class ServeEngine:
 
     def __init__(self, handle, policy: ServePolicy) -> None:
         from serving.api.middleware import ContextCheck  # imports torch: not at the CLI's start
-        from serving.batch.run import count_prompt
+        from serving.cluster.app import replica_tokenize
+        from serving.engine.tokens import count_prompt
 
         self.handle = handle.options(stream=True)
         self.policy = policy
         # The server's max_tokens check, counting on a replica as `batch` counts in-process.
-        self.context = ContextCheck(counter=partial(count_prompt, self._tokenize))
-
-    async def _tokenize(self, request):
-        async for result in self.handle.tokenize.remote(request, None):
-            return result
-        return None
+        self.context = ContextCheck(counter=partial(count_prompt, partial(replica_tokenize, handle)))
 
     async def submit(self, route: str, body: dict):
         return self.answer(route, body)

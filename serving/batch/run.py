@@ -220,24 +220,6 @@ def answer_of(result, route: str) -> Answer:
     return 200, response, response.get("id")
 
 
-async def count_prompt(tokenize, request: dict) -> tuple[int, int] | None:
-    """(prompt tokens, context length) of a ``/tokenize`` request body, counted as the server's
-    ``/tokenize`` route counts it: ``tokenize`` is an async function from vLLM's
-    ``TokenizeRequest`` to its ``TokenizeResponse`` or ``ErrorResponse`` (vLLM's tokenize serving
-    object here, an LLM replica for ``batch --ray``). None if it cannot count it."""
-    from pydantic import TypeAdapter, ValidationError
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-    from vllm.entrypoints.serve.tokenize.protocol import TokenizeRequest
-
-    try:
-        result = await tokenize(TypeAdapter(TokenizeRequest).validate_python(request))
-    except (ValidationError, ValueError):
-        return None
-    if result is None or isinstance(result, ErrorResponse):
-        return None
-    return result.count, result.max_model_len
-
-
 @contextlib.asynccontextmanager
 async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine]:
     """Start the engine with the server's options (set :func:`batch_environment` first);
@@ -250,6 +232,7 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
     from vllm.usage.usage_lib import UsageContext
 
     from serving.api.middleware import ContextCheck  # imports torch: not at the CLI's start
+    from serving.engine.tokens import count_prompt
 
     args = parse_vllm_args(config, prog="skingpt4 batch")
     client = state = engine = None

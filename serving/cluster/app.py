@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -536,6 +537,14 @@ def error_response(error: ServingError) -> Response:
                     headers={k.decode(): v.decode() for k, v in error.headers()})
 
 
+async def replica_tokenize(handle, request):
+    """An LLM deployment's answer to vLLM's ``TokenizeRequest`` (:meth:`SkinGPT4Server.tokenize`):
+    vLLM's ``TokenizeResponse`` or an error response."""
+    async for result in handle.options(stream=True).tokenize.remote(request, None):
+        return result
+    return None
+
+
 def with_image_input(model_cards: dict) -> dict:
     """The model cards (``GET /v1/models``) saying ``"input_modality": "image"``: Ray says so
     only for configs it has read a ``vision_config`` from, which happens in the replicas, after
@@ -563,11 +572,19 @@ class SkinGPT4Ingress(OpenAiIngress):
         # rather than serving without the policy.
         from serving.api.middleware import RequestPolicyMiddleware
 
-        app.add_middleware(RequestPolicyMiddleware, policy=self._policy)
+        app.add_middleware(RequestPolicyMiddleware, policy=self._policy, counter=self._count_prompt)
         app.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         app.add_api_route("/v1/responses", self.responses, methods=["POST"])
         self._policy_installed = True
         super()._set_asgi_app(app)
+
+    async def _count_prompt(self, request: dict) -> tuple[int, int] | None:
+        """The policy's ``max_tokens`` check counts a prompt on an LLM replica of the request's
+        model (:meth:`SkinGPT4Server.tokenize`); Ray's own ``/tokenize`` route cannot."""
+        from serving.engine.tokens import count_prompt
+
+        handle = self._llm_handles.get(request.get("model")) or next(iter(self._llm_handles.values()))
+        return await count_prompt(partial(replica_tokenize, handle), request)
 
     async def _get_response(self, *, body, call_method: str, raw_request=None):
         """The LLM deployment's answer stream, as ``OpenAiIngress`` gets it, except that a request
