@@ -252,9 +252,9 @@ class SkinGPT4Server(LLMServer):
         """vLLM's ``/tokenize`` answer (a prompt's token count and the context length, as the
         embedded server's route gives them) from the engine's own ``ServingTokenization``: Ray
         Serve LLM 2.60 looks that object up under a name vLLM 0.32 no longer gives it, and
-        answers that the model cannot tokenize. ``batch --ray`` counts a line's prompt with it
-        for the server's ``max_tokens`` check. Yields vLLM's ``TokenizeResponse`` or
-        ``ErrorResponse``."""
+        answers that the model cannot tokenize. The ingress's policy and ``batch --ray`` count
+        prompts with it for the server's ``max_tokens`` check (:func:`replica_tokenize`). Yields
+        vLLM's ``TokenizeResponse`` or ``ErrorResponse``."""
         await self._refuse_when_engine_dead()
         return self._tokenize(request)
 
