@@ -396,8 +396,8 @@ class ContextCheck:
     def __init__(self, app=None, counter=None) -> None:
         """``app``: the app whose ``/tokenize`` counts a prompt; or ``counter``, an async
         function from a ``/tokenize`` request body to ``(count, max_model_len)`` or None
-        (``skingpt4 batch``, which has vLLM's serving objects but no app, and Ray mode, whose
-        ingress app has no working ``/tokenize``: :mod:`serving.engine.tokens`)."""
+        (``skingpt4 batch``, which has vLLM's serving objects but no app, and ``batch --ray``:
+        :mod:`serving.engine.tokens`)."""
         self.app = app
         self.counter = counter
         self.max_model_len: int | None = None  # learned from the first count
@@ -476,13 +476,11 @@ class ContextCheck:
 
 
 class RequestPolicyMiddleware:
-    def __init__(self, app, policy: ServePolicy | None = None, counter=None) -> None:
-        """``counter``: how the ``max_tokens`` check counts a prompt (:class:`ContextCheck`);
-        None: the app's own ``/tokenize``."""
+    def __init__(self, app, policy: ServePolicy | None = None) -> None:
         self.app = app
         self.policy = policy or policy_from_env()
         self.admission = Admission.from_policy(self.policy)
-        self.context = ContextCheck(app, counter)
+        self.context = ContextCheck(app)
         self.live = LiveTraffic(self.policy.batch_max_inflight)
         self.jobs = None
         if self.policy.data_dir:

@@ -28,10 +28,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from serving.api.contract import CHAT_ROUTE
-from serving.api.errors import ServingError
-from serving.api.jobs.runner import Answer
+from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.api.policy import ServePolicy
+from serving.batch.run import BatchEngine, request_models
 from serving.engine.server import EmbeddedServerConfig
 
 
@@ -45,49 +44,27 @@ class RayBatchSettings:
     verbose: bool = False  # the replicas' logs on the driver's stderr
 
 
-class ServeEngine:
-    """An :class:`serving.api.jobs.runner.AnswerEngine` over the LLM deployment's handle."""
+class ServeEngine(BatchEngine):
+    """:class:`serving.batch.run.BatchEngine` over the LLM deployment's handle: the same
+    ``max_tokens`` check (the prompt counted by a replica), request models and answer bodies,
+    with each checked request sent to a replica's ``chat`` / ``completions``."""
 
-    dead = False
+    dead = False  # Serve replaces a replica whose engine died; the run goes on
 
     def __init__(self, handle, policy: ServePolicy) -> None:
         from serving.api.middleware import ContextCheck  # imports torch: not at the CLI's start
-        from serving.cluster.app import replica_tokenize
+        from serving.cluster.app import replica_answer, replica_tokenize
         from serving.engine.tokens import count_prompt
 
-        self.handle = handle.options(stream=True)
-        self.policy = policy
-        # The server's max_tokens check, counting on a replica as `batch` counts in-process.
-        self.context = ContextCheck(counter=partial(count_prompt, partial(replica_tokenize, handle)))
-
-    async def submit(self, route: str, body: dict):
-        return self.answer(route, body)
-
-    async def answer(self, route: str, body: dict) -> Answer:
-        """(status, body, request id) as ``serve --ray``'s ingress answers a checked body."""
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-        from serving.batch.run import answer_of
-        from serving.engine.errors import engine_error
-
-        chat = route == CHAT_ROUTE
-        try:
-            await self.context.check(None, route, body)
-            request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
-            method = self.handle.chat if chat else self.handle.completions
-            first = None
-            async for first in method.remote(request, None):
-                break
-        except ServingError as error:  # the context check's 400
-            return error.status, error.to_dict(), None
-        except Exception as exc:  # a refused request (400) or a replica failure (5xx)
-            return *engine_error(exc), None
-        if isinstance(first, list):  # a batch of stream chunks; not for whole answers
-            first = first[0] if first else None
-        if first is None:
-            return 500, {"error": {"message": "the replica returned no answer"}}, None
-        return answer_of(first, route)
+        stream = handle.options(stream=True)
+        super().__init__(
+            None,
+            handlers={CHAT_ROUTE: partial(replica_answer, stream.chat),
+                      COMPLETIONS_ROUTE: partial(replica_answer, stream.completions)},
+            request_models=request_models(),
+            policy=policy,
+            context=ContextCheck(counter=partial(count_prompt, partial(replica_tokenize, handle))),
+        )
 
 
 ROUTER_THREAD_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"

@@ -169,8 +169,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def request_models() -> dict:
+    """vLLM's request model of each batch route: a checked body becomes one of these."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return {CHAT_ROUTE: ChatCompletionRequest, COMPLETIONS_ROUTE: CompletionRequest}
+
+
 class BatchEngine:
-    """An in-process vLLM engine and the server's OpenAI serving objects over it."""
+    """An in-process vLLM engine and the server's OpenAI serving objects over it. ``handlers``:
+    for each route, an async function from vLLM's request to what its serving class returns
+    (:class:`serving.batch.ray_serve.ServeEngine` gives functions that ask an LLM replica)."""
 
     def __init__(self, client, handlers: dict, request_models: dict, policy: ServePolicy,
                  context=None) -> None:
@@ -227,8 +237,6 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
     from starlette.datastructures import State
     from vllm.entrypoints.launchers.api_server.app_state import init_app_state
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.usage.usage_lib import UsageContext
 
     from serving.api.middleware import ContextCheck  # imports torch: not at the CLI's start
@@ -246,8 +254,7 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
                 client,
                 handlers={CHAT_ROUTE: state.openai_serving_chat.create_chat_completion,
                           COMPLETIONS_ROUTE: state.openai_serving_completion.create_completion},
-                request_models={CHAT_ROUTE: ChatCompletionRequest,
-                                COMPLETIONS_ROUTE: CompletionRequest},
+                request_models=request_models(),
                 policy=config.served_policy(),
                 context=ContextCheck(counter=partial(count_prompt, partial(
                     state.serving_tokenization.create_tokenize, raw_request=None))),

@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -252,9 +251,9 @@ class SkinGPT4Server(LLMServer):
         """vLLM's ``/tokenize`` answer (a prompt's token count and the context length, as the
         embedded server's route gives them) from the engine's own ``ServingTokenization``: Ray
         Serve LLM 2.60 looks that object up under a name vLLM 0.32 no longer gives it, and
-        answers that the model cannot tokenize. The ingress's policy and ``batch --ray`` count
-        prompts with it for the server's ``max_tokens`` check (:func:`replica_tokenize`). Yields
-        vLLM's ``TokenizeResponse`` or ``ErrorResponse``."""
+        answers that the model cannot tokenize. ``batch --ray`` counts a line's prompt with it
+        for the server's ``max_tokens`` check (:func:`replica_tokenize`). Yields vLLM's
+        ``TokenizeResponse`` or ``ErrorResponse``."""
         await self._refuse_when_engine_dead()
         return self._tokenize(request)
 
@@ -537,12 +536,23 @@ def error_response(error: ServingError) -> Response:
                     headers={k.decode(): v.decode() for k, v in error.headers()})
 
 
+async def replica_answer(method, request):
+    """An LLM replica's whole answer to ``request`` through a streaming handle method: the
+    stream's first item (Ray Serve LLM sends a whole answer as its only item, in a list when
+    batched). RuntimeError when the stream holds none."""
+    async for first in method.remote(request, None):
+        if isinstance(first, list):
+            first = first[0] if first else None
+        if first is not None:
+            return first
+        break
+    raise RuntimeError("the replica returned no answer")
+
+
 async def replica_tokenize(handle, request):
     """An LLM deployment's answer to vLLM's ``TokenizeRequest`` (:meth:`SkinGPT4Server.tokenize`):
     vLLM's ``TokenizeResponse`` or an error response."""
-    async for result in handle.options(stream=True).tokenize.remote(request, None):
-        return result
-    return None
+    return await replica_answer(handle.options(stream=True).tokenize, request)
 
 
 def with_image_input(model_cards: dict) -> dict:
@@ -572,19 +582,11 @@ class SkinGPT4Ingress(OpenAiIngress):
         # rather than serving without the policy.
         from serving.api.middleware import RequestPolicyMiddleware
 
-        app.add_middleware(RequestPolicyMiddleware, policy=self._policy, counter=self._count_prompt)
+        app.add_middleware(RequestPolicyMiddleware, policy=self._policy)
         app.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         app.add_api_route("/v1/responses", self.responses, methods=["POST"])
         self._policy_installed = True
         super()._set_asgi_app(app)
-
-    async def _count_prompt(self, request: dict) -> tuple[int, int] | None:
-        """The policy's ``max_tokens`` check counts a prompt on an LLM replica of the request's
-        model (:meth:`SkinGPT4Server.tokenize`); Ray's own ``/tokenize`` route cannot."""
-        from serving.engine.tokens import count_prompt
-
-        handle = self._llm_handles.get(request.get("model")) or next(iter(self._llm_handles.values()))
-        return await count_prompt(partial(replica_tokenize, handle), request)
 
     async def _get_response(self, *, body, call_method: str, raw_request=None):
         """The LLM deployment's answer stream, as ``OpenAiIngress`` gets it, except that a request

@@ -199,7 +199,6 @@ class AppEngine:
     async def submit(self, route: str, body: dict):
         return self.answer(route, body)
 
-
     async def answer(self, route: str, body: dict) -> Answer:
         from serving.api.middleware import call_app, dump_json, error_message
 
