@@ -476,11 +476,13 @@ class ContextCheck:
 
 
 class RequestPolicyMiddleware:
-    def __init__(self, app, policy: ServePolicy | None = None) -> None:
+    def __init__(self, app, policy: ServePolicy | None = None, count_prompts: bool = True) -> None:
+        """``count_prompts``: False where the app's model replicas run the ``max_tokens`` check
+        (:class:`ContextCheck`) themselves, each with its own tokenizer (Ray mode)."""
         self.app = app
         self.policy = policy or policy_from_env()
         self.admission = Admission.from_policy(self.policy)
-        self.context = ContextCheck(app)
+        self.context = ContextCheck(app) if count_prompts else None
         self.live = LiveTraffic(self.policy.batch_max_inflight)
         self.jobs = None
         if self.policy.data_dir:
@@ -544,7 +546,8 @@ class RequestPolicyMiddleware:
             del raw
             route = scope["path"]
             checked = await prepare_request(route, parsed, self.policy, self.admission)
-            await self.context.check(scope, route, checked)
+            if self.context is not None:
+                await self.context.check(scope, route, checked)
             return dump_json(checked)
         finally:
             reservation.release()

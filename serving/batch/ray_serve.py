@@ -9,9 +9,9 @@ own and without an HTTP route, and sends each checked request to its LLM deploym
 deployment handle (``SkinGPT4Server.chat`` / ``completions``, Ray Serve LLM's ``LLMServer`` over
 vLLM's ``OpenAIServingChat`` / ``OpenAIServingCompletion``). So a line's answer is the body the
 server sends for it, ``finish_reason``, ``cached_tokens``, ``n`` above 1 and ``logprobs``
-included, after the server's ``max_tokens`` check (the prompt counted by a replica's
-tokenizer); records are written as lines finish; Ray Serve's router spreads the lines over the
-replicas (at most ``--max-concurrency`` in flight). The application is deleted when the run
+included, after the server's ``max_tokens`` check (which the replica runs with its own
+tokenizer, as for ``serve --ray``); records are written as lines finish; Ray Serve's router
+spreads the lines over the replicas (at most ``--max-concurrency`` in flight). The application is deleted when the run
 ends.
 
 Photos travel from the driver to the replicas inside the requests (Ray's object store, in
@@ -46,24 +46,23 @@ class RayBatchSettings:
 
 class ServeEngine(BatchEngine):
     """:class:`serving.batch.run.BatchEngine` over the LLM deployment's handle: the same
-    ``max_tokens`` check (the prompt counted by a replica), request models and answer bodies,
-    with each checked request sent to a replica's ``chat`` / ``completions``."""
+    request models and answer bodies, with each checked request sent to a replica's ``chat`` /
+    ``completions``, which runs the server's ``max_tokens`` check first."""
 
     dead = False  # Serve replaces a replica whose engine died; the run goes on
 
     def __init__(self, handle, policy: ServePolicy) -> None:
-        from serving.api.middleware import ContextCheck  # imports torch: not at the CLI's start
-        from serving.cluster.app import replica_answer, replica_tokenize
-        from serving.engine.tokens import count_prompt
+        from serving.cluster.app import replica_answer
 
         stream = handle.options(stream=True)
+        # No max_tokens check here: the replica runs it with its own tokenizer, and its refusal
+        # (vLLM's ErrorResponse) becomes the record that `batch` writes (answer_of).
         super().__init__(
             None,
             handlers={CHAT_ROUTE: partial(replica_answer, stream.chat),
                       COMPLETIONS_ROUTE: partial(replica_answer, stream.completions)},
             request_models=request_models(),
             policy=policy,
-            context=ContextCheck(counter=partial(count_prompt, partial(replica_tokenize, handle))),
         )
 
 

@@ -50,8 +50,10 @@ too, by path, for the router and server classes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,7 +70,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from serving import settings
-from serving.api.errors import InternalError, InvalidRequest, ServerBusy, ServingError
+from serving.api.errors import (
+    InternalError,
+    InvalidRequest,
+    ServerBusy,
+    ServingError,
+    error_for_status,
+)
 from serving.api.policy import ServePolicy
 from serving.cluster.routing import ConsultRing
 from serving.cluster.session import cluster_has_gpus, local_num_cpus, ray_session
@@ -96,11 +104,15 @@ PRIVATE_RAY_NAMES = {
     "_normalize_prompt_to_string": "PrefixCacheAffinityRouter's flattening of messages to text: "
     "a Responses request's input is flattened as chat's messages are, so both reach the replica "
     "that holds the same prefix.",
+    "_coerce_to_text": "PrefixCacheAffinityRouter's text of one message part: a photo part "
+    "adds a digest of the photo (Ray's adds nothing), so consults that share a first question "
+    "but not their photo are told apart, as vLLM's prefix cache tells them apart.",
     "_batch_output_stream": "LLMServer's batching of stream events by time: Responses events "
     "are batched as chat's are (one actor message per interval, not per token).",
     "_app_state": "VLLMEngine keeps vLLM's serving objects (OpenAIServingResponses among them) "
     "here; Ray wraps chat and completions, not the Responses API, and looks the tokenize object "
-    "up under a name vLLM 0.32 no longer gives it.",
+    "(which counts prompts for the replica's max_tokens check) up under a name vLLM 0.32 no "
+    "longer gives it.",
     "perform_graceful_shutdown": "the replica actor's stop method (Serve's controller calls "
     "it): a replica whose engine died drains and leaves at once, instead of after three failed "
     "health checks. Without it the replica is killed (ray.kill).",
@@ -122,10 +134,33 @@ LEAVE_TIMEOUT_S = 60.0
 REFUSED_RETRY_DELAYS_S = (1.0, 2.0)
 
 
+def photo_marker(url: str) -> str:
+    """A photo's place in the prefix router's text of a request: a digest of its URL (for a data
+    URL, of the photo's bytes), where the photo stands in the conversation."""
+    return f"<img {hashlib.blake2b(url.encode(), digest_size=12).hexdigest()}>"
+
+
 class PrefixAffinityRouter(PrefixCacheAffinityRouter):
     """Ray Serve LLM's :class:`PrefixCacheAffinityRouter` (the replica that already saw the
     longest prefix of a request's text, else the least loaded), which also reads Responses
-    requests."""
+    requests and sees photos.
+
+    Ray's text of a request holds only its text parts, so consults that open with the same
+    question (an app's canned first question) look alike whatever their photos, while vLLM's
+    prefix cache holds a consult's photo as image positions keyed by the photo's hash: a
+    follow-up turn could be sent to a replica that holds another consult. Here each photo adds
+    :func:`photo_marker` to the text where it stands, so the longest prefix is that of the same
+    photo and the same conversation."""
+
+    def _coerce_to_text(self, value) -> str:
+        # A message part's text for the prefix router (a private hook of
+        # PrefixCacheAffinityRouter; PRIVATE_RAY_NAMES says why): Ray's gives photos none.
+        if isinstance(value, dict) and value.get("type") in ("image_url", "input_image"):
+            url = value.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if isinstance(url, str):
+                return photo_marker(url)
+        return super()._coerce_to_text(value)
 
     def _extract_text_from_request(self, pending_request) -> str:
         # The prefix router's text of a request (a private hook of PrefixCacheAffinityRouter:
@@ -179,8 +214,10 @@ class EngineUnavailable(RuntimeError):
 
 class SkinGPT4Server(LLMServer):
     """The LLM deployment: Ray Serve LLM's ``LLMServer``, which also answers Responses requests
-    (:meth:`responses`) and leaves as soon as its vLLM engine dies instead of waiting for three
-    failed health checks.
+    (:meth:`responses`), runs the request policy's ``max_tokens`` check with its engine's own
+    tokenizer before the engine sees a request (:meth:`_over_context`: the ingress has no
+    tokenizer), and leaves as soon as its vLLM engine dies instead of waiting for three failed
+    health checks.
 
     A dead engine answers every new request with an error at once, and Ray Serve's routers keep
     sending requests to a replica until the controller marks it unhealthy (three failed checks,
@@ -229,13 +266,40 @@ class SkinGPT4Server(LLMServer):
         if not await self._engine_alive():
             raise EngineUnavailable("the vLLM engine of this replica has died; the replica is leaving")
 
+    @cached_property
+    def _context(self):
+        """The policy's ``max_tokens`` check, run on the replica: prompts are counted by this
+        engine's own tokenizer, with no call through a router (the ingress cannot count them)."""
+        from serving.api.middleware import ContextCheck
+        from serving.engine.tokens import count_prompt
+
+        return ContextCheck(counter=partial(count_prompt, self._tokenize_answer))
+
+    async def _over_context(self, route: str, request):
+        """The policy's ``max_tokens`` check (:class:`ContextCheck`) of a request to ``route``:
+        None if it fits, else an answer stream holding vLLM's ``ErrorResponse`` with the
+        embedded server's message and param, which the ingress turns into its 400
+        (:meth:`SkinGPT4Ingress._get_response`)."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+
+        if not request.model_fields_set.intersection(self._context.FIELDS[route]):
+            return None  # no max_tokens: nothing to check
+        try:
+            await self._context.check(None, route, request.model_dump(exclude_unset=True))
+        except ServingError as error:
+            return one_answer(ErrorResponse(error=ErrorInfo(
+                message=error.message, type=error.type, param=error.param, code=error.status)))
+        return None
+
     async def chat(self, request, raw_request_info=None):
         await self._refuse_when_engine_dead()
-        return await super().chat(request, raw_request_info)
+        return (await self._over_context("/v1/chat/completions", request)
+                or await super().chat(request, raw_request_info))
 
     async def completions(self, request, raw_request_info=None):
         await self._refuse_when_engine_dead()
-        return await super().completions(request, raw_request_info)
+        return (await self._over_context("/v1/completions", request)
+                or await super().completions(request, raw_request_info))
 
     async def responses(self, request, raw_request_info=None):
         """``POST /v1/responses`` (vLLM's ``ResponsesRequest``), which Ray Serve LLM's
@@ -245,30 +309,24 @@ class SkinGPT4Server(LLMServer):
         for ``stream: true`` vLLM's server-sent events (``event: TYPE\\ndata: JSON\\n\\n``), those
         of each batching interval in one string, as chat's stream is batched."""
         await self._refuse_when_engine_dead()
-        return self._responses(request, raw_request_info)
+        return (await self._over_context("/v1/responses", request)
+                or self._responses(request, raw_request_info))
 
-    async def tokenize(self, request, raw_request_info=None):
-        """vLLM's ``/tokenize`` answer (a prompt's token count and the context length, as the
-        embedded server's route gives them) from the engine's own ``ServingTokenization``: Ray
-        Serve LLM 2.60 looks that object up under a name vLLM 0.32 no longer gives it, and
-        answers that the model cannot tokenize. ``batch --ray`` counts a line's prompt with it
-        for the server's ``max_tokens`` check (:func:`replica_tokenize`). Yields vLLM's
-        ``TokenizeResponse`` or ``ErrorResponse``."""
-        await self._refuse_when_engine_dead()
-        return self._tokenize(request)
-
-    async def _tokenize(self, request):
+    async def _tokenize_answer(self, request):
+        """vLLM's ``/tokenize`` answer to vLLM's ``TokenizeRequest`` (the prompt's token count and
+        the context length, as the embedded server's route gives them), from the engine's own
+        ``ServingTokenization``: Ray Serve LLM 2.60 looks that object up under a name vLLM 0.32
+        no longer gives it. vLLM's ``TokenizeResponse`` or ``ErrorResponse``."""
         from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
         serving = vllm_serving(self.engine, "serving_tokenization")
         if serving is None:
-            yield ErrorResponse(error=ErrorInfo(message="tokenization is not available here",
-                                                type="NotImplementedError", code=501))
-            return
+            return ErrorResponse(error=ErrorInfo(message="tokenization is not available here",
+                                                 type="NotImplementedError", code=501))
         try:
-            yield await serving.create_tokenize(request, None)
+            return await serving.create_tokenize(request, None)
         except ValueError as exc:  # as vLLM's route: a request it cannot render
-            yield serving.create_error_response(exc)
+            return serving.create_error_response(exc)
 
     async def _responses(self, request, raw_request_info):
         from vllm.entrypoints.openai.responses.protocol import ResponsesResponse
@@ -294,6 +352,11 @@ class SkinGPT4Server(LLMServer):
         else:
             async for events in self._batch_output_stream(server_sent_events(result)):
                 yield "".join(events)
+
+
+async def one_answer(answer):
+    """A replica's answer stream of one item."""
+    yield answer
 
 
 def vllm_serving(engine: Any, name: str):
@@ -549,12 +612,6 @@ async def replica_answer(method, request):
     raise RuntimeError("the replica returned no answer")
 
 
-async def replica_tokenize(handle, request):
-    """An LLM deployment's answer to vLLM's ``TokenizeRequest`` (:meth:`SkinGPT4Server.tokenize`):
-    vLLM's ``TokenizeResponse`` or an error response."""
-    return await replica_answer(handle.options(stream=True).tokenize, request)
-
-
 def with_image_input(model_cards: dict) -> dict:
     """The model cards (``GET /v1/models``) saying ``"input_modality": "image"``: Ray says so
     only for configs it has read a ``vision_config`` from, which happens in the replicas, after
@@ -582,7 +639,8 @@ class SkinGPT4Ingress(OpenAiIngress):
         # rather than serving without the policy.
         from serving.api.middleware import RequestPolicyMiddleware
 
-        app.add_middleware(RequestPolicyMiddleware, policy=self._policy)
+        # The max_tokens check runs on the LLM replicas (SkinGPT4Server._over_context).
+        app.add_middleware(RequestPolicyMiddleware, policy=self._policy, count_prompts=False)
         app.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         app.add_api_route("/v1/responses", self.responses, methods=["POST"])
         self._policy_installed = True
@@ -594,7 +652,11 @@ class SkinGPT4Ingress(OpenAiIngress):
         each pause of ``REFUSED_RETRY_DELAYS_S``, and a replica failure is reported as a JSON error
         without Ray's traceback: before the first output as a :class:`ServingError` (an HTTP
         error, :meth:`_process_llm_request`), after it as the stream's last event. Nothing is sent
-        again once output has arrived."""
+        again once output has arrived. A replica's error response (vLLM's ``ErrorResponse``, the
+        ``max_tokens`` check's among them) becomes the same :class:`ServingError` with its
+        ``param``, which Ray's own conversion drops."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
         delays = iter(REFUSED_RETRY_DELAYS_S)
         while True:
             stream = super()._get_response(body=body, call_method=call_method, raw_request=raw_request)
@@ -618,6 +680,9 @@ class SkinGPT4Ingress(OpenAiIngress):
                 await asyncio.sleep(delay)
                 continue
             break
+        head = first[0] if isinstance(first, list) and first else first
+        if isinstance(head, ErrorResponse):  # the replica's 400s with their param (Ray drops it)
+            raise error_for_status(head.error.code, head.error.message, head.error.param)
         yield first
         try:
             async for item in stream:
@@ -643,7 +708,6 @@ class SkinGPT4Ingress(OpenAiIngress):
         stream."""
         from pydantic import ValidationError
         from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         try:
             body = ResponsesRequest.model_validate_json(await request.body())
@@ -653,11 +717,8 @@ class SkinGPT4Ingress(OpenAiIngress):
         stream = self._get_response(body=body, call_method="responses", raw_request=request)
         try:
             first = await anext(stream)
-        except ServingError as error:
+        except ServingError as error:  # the replica's error responses included
             return error_response(error)
-        if isinstance(first, ErrorResponse):
-            return JSONResponse({"error": first.error.model_dump(mode="json")},
-                                status_code=first.error.code)
         if isinstance(first, dict):
             return JSONResponse(first)
 

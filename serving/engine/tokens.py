@@ -1,7 +1,7 @@
 """Prompt token counts for the server's ``max_tokens`` check
 (:class:`serving.api.middleware.ContextCheck`) where it cannot ask an app's own ``/tokenize``:
-``skingpt4 batch`` counts with the in-process engine's vLLM tokenize serving object, ``batch
---ray`` with an LLM replica's (:meth:`SkinGPT4Server.tokenize`).
+``skingpt4 batch`` counts with the in-process engine's vLLM tokenize serving object, a Ray LLM
+replica (``SkinGPT4Server``, for ``serve --ray`` and ``batch --ray``) with its engine's.
 Both count as the embedded server's ``/tokenize`` route does: the same template, photos as their
 image positions."""
 

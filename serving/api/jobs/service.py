@@ -202,7 +202,8 @@ class AppEngine:
     async def answer(self, route: str, body: dict) -> Answer:
         from serving.api.middleware import call_app, dump_json, error_message
 
-        await self.context.check(sub_scope(self.template, route, b""), route, body)
+        if self.context is not None:  # None: the app's replicas check (Ray mode)
+            await self.context.check(sub_scope(self.template, route, b""), route, body)
         raw = dump_json(dict(body, priority=BATCH_PRIORITY))
         status, out = await call_app(self.app, sub_scope(self.template, route, raw), raw)
         if status == 200:

@@ -234,6 +234,27 @@ def test_ingress_never_resends_a_request_that_ran(ingress):
     assert ingress.calls == 1
 
 
+def test_ingress_answers_a_replica_error_in_the_project_shape_with_its_param(ingress):
+    """A replica's error response (vLLM's ErrorResponse, alone or first in a batched stream)
+    leaves as the project's error with its param, which Ray's own conversion drops."""
+    import asyncio
+
+    from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
+
+    message = ("This model's maximum context length is 1024 tokens. However, you requested "
+               "1060 tokens (60 in the messages, 1000 in the completion): at most 964 tokens "
+               "are left for the completion. Lower max_tokens or shorten the messages.")
+    refusal = ErrorResponse(error=ErrorInfo(message=message, type="BadRequestError",
+                                            param="max_tokens", code=400))
+    for first in (refusal, [refusal]):
+        ingress.calls, ingress.outcomes = 0, [[first]]
+        response = asyncio.run(ingress._process_llm_request(None, call_method="chat"))
+        assert response.status_code == 400
+        assert json.loads(response.body)["error"] == {
+            "message": message, "type": "BadRequestError", "param": "max_tokens",
+            "code": "context_length_exceeded"}
+
+
 def _responses_request(body: dict, headers: list | None = None):
     """A POST /v1/responses as the ingress gets it from the policy middleware."""
     from starlette.requests import Request
@@ -298,43 +319,101 @@ def test_ingress_answers_responses_as_vllm_does(ingress):
 
 
 @pytest.mark.filterwarnings("ignore:coroutine 'LLMServer.__del__' was never awaited")
-def test_replica_tokenizes_with_the_engines_serving_object():
-    """SkinGPT4Server.tokenize answers from the engine's vLLM ServingTokenization (which Ray's
-    own tokenize does not find): the count, vLLM's error for a ValueError, a 501 without it."""
+def test_replica_refuses_max_tokens_beyond_the_context_as_the_embedded_server(monkeypatch):
+    """SkinGPT4Server runs the policy's max_tokens check with its own engine's tokenizer (the
+    ingress cannot count): chat, completions and Responses requests that leave no room get vLLM's
+    ErrorResponse holding the embedded server's message and param, before the engine sees them;
+    requests that fit go on to the engine."""
     import asyncio
     from types import SimpleNamespace
 
+    from ray.serve.llm.deployment import LLMServer
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
     from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
-    from vllm.entrypoints.serve.tokenize.protocol import TokenizeCompletionRequest, TokenizeResponse
+    from vllm.entrypoints.serve.tokenize.protocol import TokenizeResponse
 
+    from serving.api.middleware import ContextCheck
     from serving.cluster.app import RayAppArgs, SkinGPT4Server, llm_config
 
-    class Serving:
+    counted = []
+
+    class Tokenization:  # 20 tokens a text part, 40 a photo; a 1024-token context
         async def create_tokenize(self, request, raw_request):
-            if request.prompt == "fail":
-                raise ValueError("cannot render")
-            return TokenizeResponse(count=3, max_model_len=1024, tokens=[1, 2, 3])
+            messages = getattr(request, "messages", None) or [{"content": request.prompt}]
+            parts = [p for m in messages for p in
+                     (m["content"] if isinstance(m["content"], list) else [m["content"]])]
+            count = sum(40 if isinstance(p, dict) and p.get("type") == "image_url" else 20
+                        for p in parts)
+            counted.append(count)
+            return TokenizeResponse(count=count, max_model_len=1024, tokens=[0] * count)
+
+    async def engine_stream(self, *args):
+        yield "engine"
+
+    async def engine_answer(self, request, raw_request_info=None):
+        return engine_stream(self)
+
+    for method in ("chat", "completions"):
+        monkeypatch.setattr(LLMServer, method, engine_answer)
+    monkeypatch.setattr(SkinGPT4Server, "_responses", engine_stream)
+    monkeypatch.setattr(ContextCheck, "TEMPLATE", 0)  # the bound is below the context: counted
+    config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
+    server = SkinGPT4Server.sync_init(config, engine_cls=None)
+    server._engine_dead = False
+    server.engine = SimpleNamespace(check_health=lambda: asyncio.sleep(0),
+                                    _app_state=SimpleNamespace(serving_tokenization=Tokenization()))
+    photo = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+    def answer(method, request):
+        async def go():
+            return [item async for item in await getattr(server, method)(request)]
+        [item] = asyncio.run(go())
+        return item
+
+    cases = [
+        ("chat", ChatCompletionRequest(model=MODEL, max_tokens=1000, messages=[
+            {"role": "user", "content": [photo, {"type": "text", "text": "Is it eczema?"}]}]),
+         60, "max_tokens", "messages"),
+        ("chat", ChatCompletionRequest(model=MODEL, max_completion_tokens=1010, stream=True,
+                                       messages=[{"role": "user", "content": "Hi"}]),
+         20, "max_completion_tokens", "messages"),
+        ("completions", CompletionRequest(model=MODEL, prompt="Describe eczema.", max_tokens=1005),
+         20, "max_tokens", "prompt"),
+        ("responses", ResponsesRequest(model=MODEL, store=False, max_output_tokens=1000, input=[
+            {"role": "user", "content": [{"type": "input_image", "image_url": photo["image_url"]["url"]},
+                                         {"type": "input_text", "text": "Is it eczema?"}]}]),
+         60, "max_output_tokens", "messages"),
+    ]
+    for method, request, prompt, field, where in cases:
+        refused = answer(method, request)
+        assert isinstance(refused, ErrorResponse), (method, refused)
+        wanted = getattr(request, field)
+        assert (refused.error.code, refused.error.param) == (400, field)
+        assert refused.error.message.startswith(
+            f"This model's maximum context length is 1024 tokens. However, you requested "
+            f"{prompt + wanted} tokens ({prompt} in the {where}, {wanted} in the completion): "
+            f"at most {1024 - prompt} tokens are left"), refused.error.message
+        assert answer(method, request.model_copy(update={field: 1024 - prompt})) == "engine"
+    assert counted[:2] == [60, 60]
+
+    # A prompt the engine cannot count (vLLM's tokenizer refuses it, or the engine has no
+    # tokenize serving object): the engine gets the request and answers it itself.
+    request = cases[0][1]
+
+    class Refusing:
+        async def create_tokenize(self, request, raw_request):
+            raise ValueError("cannot render")
 
         def create_error_response(self, exc):
             return ErrorResponse(error=ErrorInfo(message=str(exc), type="BadRequestError", code=400))
 
-    config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
-    server = SkinGPT4Server.sync_init(config, engine_cls=None)
-    server._engine_dead = False
-
-    def answer(prompt, serving):
-        server.engine = SimpleNamespace(check_health=lambda: asyncio.sleep(0),
-                                        _app_state=SimpleNamespace(serving_tokenization=serving))
-
-        async def go():
-            return [r async for r in await server.tokenize(TokenizeCompletionRequest(prompt=prompt))]
-        [result] = asyncio.run(go())
-        return result
-
-    counted = answer("Describe eczema.", Serving())
-    assert (counted.count, counted.max_model_len) == (3, 1024)
-    assert answer("fail", Serving()).error.message == "cannot render"
-    assert answer("x", None).error.code == 501
+    for tokenization in (Refusing(), None):
+        server.engine = SimpleNamespace(check_health=lambda: asyncio.sleep(0), _app_state=
+                                        SimpleNamespace(serving_tokenization=tokenization))
+        server.__dict__.pop("_context", None)  # nothing learned from the counts above
+        assert answer("chat", request) == "engine"
 
 
 @pytest.mark.filterwarnings("ignore:coroutine 'LLMServer.__del__' was never awaited")
@@ -520,13 +599,14 @@ def test_session_router_uses_the_ring_for_sessions_and_prefixes_otherwise():
 def test_prefix_routing_reads_a_responses_request_as_chat():
     """Without a session, the prefix router's text of a Responses request (vLLM's
     ResponsesRequest: no messages, a stored-prompt field that is None) is chat's text for the same
-    conversation: instructions as the system message, then the messages' text parts."""
+    conversation: instructions as the system message, then the messages' parts, a photo as a
+    digest of it."""
     from types import SimpleNamespace
 
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
-    from serving.cluster.app import PrefixAffinityRouter, SessionAffinityRouter
+    from serving.cluster.app import PrefixAffinityRouter, SessionAffinityRouter, photo_marker
 
     photo = "data:image/png;base64,AAAA"
     responses = ResponsesRequest(model=MODEL, instructions="Answer briefly.", input=[
@@ -541,8 +621,14 @@ def test_prefix_routing_reads_a_responses_request_as_chat():
         def text(request):
             return router._extract_text_from_request(SimpleNamespace(args=[request, None]))
 
-        assert text(responses) == text(chat) == "Answer briefly.What's wrong with my skin?"
+        assert text(responses) == text(chat) == (
+            f"Answer briefly.{photo_marker(photo)}What's wrong with my skin?")
         assert text(ResponsesRequest(model=MODEL, input="Hello")) == "Hello"
+        # The same question about another photo is another prefix from the photo on.
+        other = ChatCompletionRequest(model=MODEL, messages=[
+            {"role": "system", "content": "Answer briefly."},
+            image_message(["data:image/png;base64,BBBB"])])
+        assert text(other).startswith("Answer briefly.<img ") and text(other) != text(chat)
 
 
 def test_ingress_takes_the_key_from_its_environment(monkeypatch):
@@ -664,14 +750,17 @@ def test_streaming(client, photo_url):
 
 def test_the_batch_api_answers_as_live_chat_does(client, ray_server, photo_url):
     """The Files and Batch API in Ray mode: the ingress keeps the store and sends the lines to
-    the LLM replicas; each answer equals the live answer to the same request (greedy)."""
+    the LLM replicas; each answer equals the live answer to the same request (greedy), and a line
+    whose max_tokens leaves no room gets the live 400."""
     bodies = {
         "photo": {"model": MODEL, "messages": [image_message([photo_url])], **GREEDY},
         "text": {"model": MODEL, "messages": [{"role": "user", "content": "Is it eczema?"}],
                  **GREEDY},
     }
+    too_long = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1000}
     lines = "".join(json.dumps({"custom_id": k, "method": "POST", "url": "/v1/chat/completions",
-                                "body": b}) + "\n" for k, b in bodies.items())
+                                "body": b}) + "\n"
+                    for k, b in [*bodies.items(), ("too-long", too_long)])
     upload = client.files.create(file=("cases.jsonl", lines.encode()), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
@@ -680,7 +769,11 @@ def test_the_batch_api_answers_as_live_chat_does(client, ray_server, photo_url):
         assert time.monotonic() < deadline, batch
         time.sleep(0.5)
         batch = client.batches.retrieve(batch.id)
-    assert batch.status == "completed" and batch.request_counts.completed == 2, batch
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 1), batch
+    [refused] = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
+    assert refused["custom_id"] == "too-long" and refused["response"]["status_code"] == 400
+    assert refused["response"]["body"]["error"]["code"] == "context_length_exceeded"
     records = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
     assert sorted(r["custom_id"] for r in records) == ["photo", "text"]
     for record in records:
@@ -708,6 +801,36 @@ def test_api_key_required_except_health(ray_server):
     assert models.json()["data"][0]["metadata"]["input_modality"] == "image"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{base}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_max_tokens_beyond_the_context_is_refused_as_in_embedded_mode(client, photo_url):
+    """An LLM replica counts the prompt with its own tokenizer: the embedded server's 400, naming
+    the field, the prompt's tokens and the tokens left, where vLLM would shorten the answer
+    silently. Chat (whole or streamed), completions and Responses alike."""
+    question = "Is it eczema?"
+    messages = [image_message([photo_url], question)]
+    prompt = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY).usage.prompt_tokens
+    refusals = {
+        "max_tokens": lambda: client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=1000),
+        "max_completion_tokens": lambda: client.chat.completions.create(
+            model=MODEL, messages=messages, max_completion_tokens=1000, stream=True),
+        "max_output_tokens": lambda: client.responses.create(
+            model=MODEL, max_output_tokens=1000, input=[{"role": "user", "content": [
+                {"type": "input_image", "image_url": photo_url},
+                {"type": "input_text", "text": question}]}]),
+    }
+    for field, call in refusals.items():
+        with pytest.raises(openai.BadRequestError) as refused:
+            call()
+        error = refused.value.body
+        assert (error["code"], error["param"]) == ("context_length_exceeded", field), error
+        assert (f"({prompt} in the messages, 1000 in the completion): at most {1024 - prompt} "
+                "tokens are left") in error["message"], error
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt="Describe eczema.", max_tokens=1020)
+    assert refused.value.body["param"] == "max_tokens"
+    assert "in the prompt" in refused.value.body["message"]
 
 
 def test_bad_image_is_refused_and_server_stays_up(client, photo_url):
