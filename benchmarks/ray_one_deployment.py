@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(args.port),
                            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(args.port + 1)})
-    from serving.cluster.session import serve_environment
+    from serving.cluster.session import local_environment
 
-    os.environ.update(serve_environment())  # Ray Serve's settings as `serve --ray` runs it
+    os.environ.update(local_environment())  # Ray's settings as `serve --ray` runs it
     import ray
     from ray import serve
 

@@ -17,6 +17,9 @@ from serving import settings
 # replica listen on a port of its own, and clients keep the one address of Serve's proxy.
 # docs/benchmarks.md measures it; on a cluster, `ray start` runs with these on every node.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# A local instance also sends no usage reports to Ray's stats server: the server connects to
+# nothing but its clients (a cluster's nodes take it from `ray start`, docs/ray-cluster.md).
+LOCAL_ENV = {**SERVE_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
 
 # Logical CPUs a local instance has at least: an ingress, a proxy and Ray Data's own tasks need
 # slots besides the engines', whatever the physical core count (vLLM-CPU threads share it).
@@ -30,24 +33,24 @@ def local_num_cpus(tensor_parallel_size: int, engines: int, extra: int = 2) -> i
     return max(os.cpu_count() or 1, MIN_LOCAL_CPUS, per_engine * engines + extra)
 
 
-def serve_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """The Ray Serve settings of :data:`SERVE_ENV` that ``environ`` does not set itself: a user's
-    own value wins."""
-    return {k: v for k, v in SERVE_ENV.items() if k not in environ}
+def local_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The settings of :data:`LOCAL_ENV` that ``environ`` does not set itself: a user's own
+    value wins."""
+    return {k: v for k, v in LOCAL_ENV.items() if k not in environ}
 
 
 @contextlib.contextmanager
 def ray_session(local_num_cpus: int, log_to_driver: bool = True) -> Iterator[bool]:
     """Ray initialised for the block: the cluster in ``RAY_ADDRESS`` if set (started with its
     own settings), else a local instance with ``local_num_cpus`` logical CPUs whose processes
-    start with :func:`serve_environment`. Yields True when it joined a cluster."""
+    start with :func:`local_environment`. Yields True when it joined a cluster."""
     import ray
 
     address = settings.ray_address()
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        os.environ.update(serve_environment())  # inherited by the instance's processes
+        os.environ.update(local_environment())  # inherited by the instance's processes
         ray.init(address="local", num_cpus=local_num_cpus, log_to_driver=log_to_driver)
     try:
         yield bool(address)

@@ -184,6 +184,8 @@ class EmbeddedServerConfig(BaseModel):
         env["VLLM_MAX_IMAGE_PIXELS"] = str(self.policy.max_image_pixels)
         env["VLLM_MEDIA_URL_ALLOW_REDIRECTS"] = "0"
         env["VLLM_MEDIA_CACHE"] = ""  # vLLM's opt-in media download cache writes to disk
+        if "VLLM_NO_USAGE_STATS" not in environ:  # no usage reports to vLLM's stats server
+            env["VLLM_NO_USAGE_STATS"] = "1"
         if not on_gpu:
             env[settings.KVCACHE_ENV] = settings.cpu_kvcache_gib(environ)
             if bind_threads:

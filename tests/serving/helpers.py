@@ -81,12 +81,12 @@ def ray_test_cluster(worker_cpus: int = 3, workers: int = 2) -> Iterator:
     import pytest
     from ray.cluster_utils import Cluster
 
-    from serving.cluster.session import serve_environment
+    from serving.cluster.session import local_environment
 
     with pytest.MonkeyPatch.context() as mp:
         # Inherited by every Ray process: no telemetry, a small KV cache, no model hub, and Ray
         # Serve as `serve --ray` runs it on a local instance (and docs/ray-cluster.md on a cluster).
-        for key, value in serve_environment().items():
+        for key, value in local_environment().items():
             mp.setenv(key, value)
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")

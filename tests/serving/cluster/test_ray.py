@@ -489,19 +489,23 @@ def test_replica_answers_responses_with_the_engines_serving_object():
 
 def test_a_local_instance_runs_serve_throughput_optimized_behind_its_proxy():
     """``serve --ray`` and ``batch --ray`` start a local instance in Ray Serve's throughput-optimized
-    mode without its direct ingress; a user's own setting wins; the installed Ray reads both."""
+    mode without its direct ingress, and without usage reports; a user's own setting wins; the
+    installed Ray reads them all."""
     import inspect
 
+    import ray._common.usage.usage_constants as usage_constants
     import ray.serve._private.constants as serve_constants
 
-    from serving.cluster.session import SERVE_ENV, serve_environment
+    from serving.cluster.session import LOCAL_ENV, SERVE_ENV, local_environment
 
-    assert serve_environment({}) == SERVE_ENV == {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
-    assert serve_environment({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) == {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    assert local_environment({}) == LOCAL_ENV == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+        "RAY_USAGE_STATS_ENABLED": "0"}
+    assert local_environment({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}) == {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     source = inspect.getsource(serve_constants)
     assert all(f'"{name}"' in source for name in SERVE_ENV)
+    assert '"RAY_USAGE_STATS_ENABLED"' in inspect.getsource(usage_constants)
 
 
 def test_replica_settings():

@@ -84,7 +84,10 @@ def test_one_environment_for_every_engine():
     # Ray replicas (serving.cluster.app.engine_environment): no thread binding, no loopback.
     replica = config.environment(on_gpu=True, environ={}, bind_threads=False, policy=False)
     assert set(replica) == {"VLLM_MAX_IMAGE_PIXELS", "VLLM_MEDIA_URL_ALLOW_REDIRECTS",
-                            "VLLM_MEDIA_CACHE"}
+                            "VLLM_MEDIA_CACHE", "VLLM_NO_USAGE_STATS"}
+    # No engine sends usage reports, unless its user asks for them.
+    assert served["VLLM_NO_USAGE_STATS"] == replica["VLLM_NO_USAGE_STATS"] == "1"
+    assert "VLLM_NO_USAGE_STATS" not in config.environment(environ={"VLLM_NO_USAGE_STATS": "0"})
 
 
 def test_cli_args_forms():
