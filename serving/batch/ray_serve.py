@@ -11,8 +11,8 @@ vLLM's ``OpenAIServingChat`` / ``OpenAIServingCompletion``). So a line's answer 
 server sends for it, ``finish_reason``, ``cached_tokens``, ``n`` above 1 and ``logprobs``
 included, after the server's ``max_tokens`` check (which the replica runs with its own
 tokenizer, as for ``serve --ray``); records are written as lines finish; Ray Serve's router
-spreads the lines over the replicas (at most ``--max-concurrency`` in flight). The application is deleted when the run
-ends.
+spreads the lines over the replicas (at most ``--max-concurrency`` in flight). The application
+is deleted when the run ends.
 
 Photos travel from the driver to the replicas inside the requests (Ray's object store, in
 memory), never through a file of this module.

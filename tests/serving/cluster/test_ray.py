@@ -382,8 +382,9 @@ def test_replica_refuses_max_tokens_beyond_the_context_as_the_embedded_server(mo
         ("completions", CompletionRequest(model=MODEL, prompt="Describe eczema.", max_tokens=1005),
          20, "max_tokens", "prompt"),
         ("responses", ResponsesRequest(model=MODEL, store=False, max_output_tokens=1000, input=[
-            {"role": "user", "content": [{"type": "input_image", "image_url": photo["image_url"]["url"]},
-                                         {"type": "input_text", "text": "Is it eczema?"}]}]),
+            {"role": "user", "content": [
+                {"type": "input_image", "image_url": photo["image_url"]["url"]},
+                {"type": "input_text", "text": "Is it eczema?"}]}]),
          60, "max_output_tokens", "messages"),
     ]
     for method, request, prompt, field, where in cases:
@@ -407,7 +408,8 @@ def test_replica_refuses_max_tokens_beyond_the_context_as_the_embedded_server(mo
             raise ValueError("cannot render")
 
         def create_error_response(self, exc):
-            return ErrorResponse(error=ErrorInfo(message=str(exc), type="BadRequestError", code=400))
+            return ErrorResponse(error=ErrorInfo(message=str(exc), type="BadRequestError",
+                                                 code=400))
 
     for tokenization in (Refusing(), None):
         server.engine = SimpleNamespace(check_health=lambda: asyncio.sleep(0), _app_state=
@@ -813,7 +815,8 @@ def test_max_tokens_beyond_the_context_is_refused_as_in_embedded_mode(client, ph
     silently. Chat (whole or streamed), completions and Responses alike."""
     question = "Is it eczema?"
     messages = [image_message([photo_url], question)]
-    prompt = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY).usage.prompt_tokens
+    answer = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
+    prompt = answer.usage.prompt_tokens
     refusals = {
         "max_tokens": lambda: client.chat.completions.create(
             model=MODEL, messages=messages, max_tokens=1000),
