@@ -291,15 +291,20 @@ class SkinGPT4Server(LLMServer):
                 message=error.message, type=error.type, param=error.param, code=error.status)))
         return None
 
+    # Each route runs the max_tokens check first, then refuses the request if the engine has
+    # died meanwhile: a request counted while its engine died is sent again, not failed.
+
     async def chat(self, request, raw_request_info=None):
+        if refusal := await self._over_context("/v1/chat/completions", request):
+            return refusal
         await self._refuse_when_engine_dead()
-        return (await self._over_context("/v1/chat/completions", request)
-                or await super().chat(request, raw_request_info))
+        return await super().chat(request, raw_request_info)
 
     async def completions(self, request, raw_request_info=None):
+        if refusal := await self._over_context("/v1/completions", request):
+            return refusal
         await self._refuse_when_engine_dead()
-        return (await self._over_context("/v1/completions", request)
-                or await super().completions(request, raw_request_info))
+        return await super().completions(request, raw_request_info)
 
     async def responses(self, request, raw_request_info=None):
         """``POST /v1/responses`` (vLLM's ``ResponsesRequest``), which Ray Serve LLM's
@@ -308,9 +313,10 @@ class SkinGPT4Server(LLMServer):
         mode. The stream holds vLLM's ``ErrorResponse``, or the whole response as a JSON dict, or
         for ``stream: true`` vLLM's server-sent events (``event: TYPE\\ndata: JSON\\n\\n``), those
         of each batching interval in one string, as chat's stream is batched."""
+        if refusal := await self._over_context("/v1/responses", request):
+            return refusal
         await self._refuse_when_engine_dead()
-        return (await self._over_context("/v1/responses", request)
-                or self._responses(request, raw_request_info))
+        return self._responses(request, raw_request_info)
 
     async def _tokenize_answer(self, request):
         """vLLM's ``/tokenize`` answer to vLLM's ``TokenizeRequest`` (the prompt's token count and

@@ -65,6 +65,10 @@ def test_replicas_leave_when_their_engine_dies():
     import asyncio
     from concurrent.futures import Future
 
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
     from serving.cluster import app as ray_app
     from serving.cluster.app import EngineUnavailable, RayAppArgs, SkinGPT4Server, llm_config
 
@@ -102,12 +106,13 @@ def test_replicas_leave_when_their_engine_dies():
             await asyncio.sleep(0.05)
             assert not watch.done() and not steps
             server.engine.alive = False
+            with pytest.raises(EngineUnavailable):  # counted (no count here), then refused
+                await server.chat(ChatCompletionRequest(
+                    model=MODEL, max_tokens=1000, messages=[{"role": "user", "content": "Hi"}]))
             with pytest.raises(EngineUnavailable):
-                await server.chat(None)
+                await server.completions(CompletionRequest(model=MODEL, prompt="Hi"))
             with pytest.raises(EngineUnavailable):
-                await server.completions(None)
-            with pytest.raises(EngineUnavailable):
-                await server.responses(None)
+                await server.responses(ResponsesRequest(model=MODEL, input="Hi", store=False))
             await asyncio.wait_for(watch, 5)
 
     asyncio.run(scenario())

@@ -1,5 +1,6 @@
-"""Ray Serve mode with one LLM replica whose engine dies: the requests in flight on it fail with a
-JSON 5xx, and those sent after the death wait for Ray Serve's replacement instead of failing.
+"""Ray Serve mode with one LLM replica whose engine dies: the requests in flight on it fail (a
+streamed answer with a JSON error event, one without output yet with a JSON 500), and those
+sent after the death wait for Ray Serve's replacement instead of failing.
 
 ``skingpt4 serve MODEL --ray --replicas 1`` on a local Ray instance of its own (no ``RAY_ADDRESS``),
 as a user runs it on one machine. Its own module, so that it starts after test_ray.py's cluster
@@ -25,11 +26,12 @@ from tests.serving.helpers import data_url, image_message
 REPO_ROOT = Path(__file__).resolve().parents[3]
 API_KEY = "ray-single-key-0123456789"
 START_TIMEOUT_S = 480
-# In flight when the engine dies: streamed answers (the tiny model ends them at about 450 tokens,
-# some seconds of decoding for 8 at once), cut off by a kill as soon as the first of them has
-# begun. Those the kill finds on the engine end with an error; any that had not reached it yet
-# are answered by the new replica.
-IN_FLIGHT, IN_FLIGHT_TOKENS = 8, 1500
+# In flight when the engine dies: streamed answers of IN_FLIGHT_TOKENS each (min_tokens: the
+# `###` stop cannot end them early; about a second each here), of which the engine runs
+# MAX_NUM_SEQS at a time, so that it is still busy for seconds when the kill comes, as soon as
+# the first answer has begun. Those the kill finds decoding end with an error event; those waiting in the engine get
+# a JSON 500 before any output; any that had not reached it yet are answered by the new replica.
+IN_FLIGHT, IN_FLIGHT_TOKENS, MAX_NUM_SEQS = 8, 1500, 2
 # Sent after the death: each must wait for the replacement (a new engine: about a minute here).
 AFTER, WAIT_BOUND_S = 4, 360
 
@@ -42,7 +44,7 @@ def single_replica(tiny_checkpoints, tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, "-m", "serving.cli", "serve", str(tiny_checkpoints["llama"]), "--ray",
            "--replicas", "1", "--accelerator", "cpu", "--dtype", "float32",
-           "--max-model-len", "2048", "--max-num-seqs", "8", "--port", str(port), "--api-key", API_KEY]
+           "--max-model-len", "2048", "--max-num-seqs", str(MAX_NUM_SEQS), "--port", str(port), "--api-key", API_KEY]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(VLLM_CPU_KVCACHE_SPACE="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
     server = ServerProcess(cmd, root_url=f"http://127.0.0.1:{port}", log_path=root / "serve.log",
@@ -75,7 +77,8 @@ def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, p
 
     def body(tokens: int, stream: bool = False) -> dict:
         return {"model": "skingpt4", "messages": [image_message([photo])], "temperature": 0,
-                "max_tokens": tokens, "ignore_eos": True, "stream": stream}
+                "max_tokens": tokens, "min_tokens": tokens if stream else 0, "ignore_eos": True,
+                "stream": stream}
 
     def chat(tokens: int, session: str, timeout: float) -> tuple[int, str, float]:
         started = time.monotonic()
@@ -88,19 +91,21 @@ def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, p
 
     streaming = threading.Semaphore(0)
 
-    def in_flight(session: str) -> list[str]:
-        """A streamed answer's data events; the semaphore is released at its first one. An answer
-    cut off by the engine's death ends as vLLM ends it: an error event, then ``[DONE]``."""
+    def in_flight(session: str) -> tuple[int, list[str]]:
+        """A streamed answer's status and data events (for a status other than 200, its body);
+        the semaphore is released at its first event. An answer cut off by the engine's death
+        ends as vLLM ends it: an error event, then ``[DONE]``."""
         events = []
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body(IN_FLIGHT_TOKENS, True),
                           headers={**headers, "x-session-id": session}, timeout=120) as r:
-            assert r.status_code == 200, r.read()
+            if r.status_code != 200:
+                return r.status_code, [r.read().decode()]
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
                     if len(events) == 1:
                         streaming.release()
-        return events
+        return 200, events
 
     assert chat(4, "warm", 120)[0] == 200
     engines = _engines(single_replica.pid)
@@ -124,22 +129,27 @@ def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, p
         t.join(WAIT_BOUND_S + 30)
     waited = time.monotonic() - killed_at
     after = {k: v for k, v in results.items() if k.startswith("after-")}
+    flights = {k: v for k, v in sorted(results.items()) if k.startswith("in-flight")}
     print(f"single replica: after the kill {[(s, round(t, 1)) for s, _, t in after.values()]}; "
-          f"in flight: {[len(v) for k, v in sorted(results.items()) if k.startswith('in-flight')]} "
-          f"events each; all done {waited:.0f} s after the kill")
+          f"in flight: {[(s, len(v)) for s, v in flights.values()]} (status, events); "
+          f"all done {waited:.0f} s after the kill")
 
     assert len(results) == IN_FLIGHT + AFTER, sorted(results)
     for name, (status, text, _) in after.items():  # they waited for the new replica
         assert status == 200, (name, status, text[:300])
-    cut = []
-    for name in (k for k in results if k.startswith("in-flight")):
-        events = results[name]
+    cut, failed = [], []
+    for name, (status, events) in flights.items():
+        if status != 200:  # waiting in the engine, no output yet: a JSON 500 that says retry
+            error = json.loads(events[0])["error"]
+            assert status == 500 and "send the request again" in error["message"], (name, events)
+            failed.append(name)
+            continue
         assert events[-1] == "[DONE]", (name, events[-2:])  # every stream ends, none hangs
         errors = [e for e in events[:-1] if '"error"' in e]
         if errors:  # cut off: one JSON error, the last event before [DONE], no traceback
             assert errors == [events[-2]], (name, errors)
             assert json.loads(errors[0])["error"]["message"] and "Traceback" not in errors[0]
             cut.append(name)
-    assert cut, "no streamed answer was cut off by the engine's death"
+    assert cut, f"no streamed answer was cut off by the engine's death ({len(failed)} failed)"
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200
     assert chat(4, "later", 120)[0] == 200
