@@ -29,8 +29,9 @@ START_TIMEOUT_S = 480
 # In flight when the engine dies: streamed answers of IN_FLIGHT_TOKENS each (min_tokens: the
 # `###` stop cannot end them early; about a second each here), of which the engine runs
 # MAX_NUM_SEQS at a time, so that it is still busy for seconds when the kill comes, as soon as
-# the first answer has begun. Those the kill finds decoding end with an error event; those waiting in the engine get
-# a JSON 500 before any output; any that had not reached it yet are answered by the new replica.
+# the first answer has begun. Those the kill finds decoding end with an error event; one waiting
+# in the engine may get a JSON 500 before any output; any that had not reached the engine are
+# answered by the new replica.
 IN_FLIGHT, IN_FLIGHT_TOKENS, MAX_NUM_SEQS = 8, 1500, 2
 # Sent after the death: each must wait for the replacement (a new engine: about a minute here).
 AFTER, WAIT_BOUND_S = 4, 360
@@ -44,7 +45,8 @@ def single_replica(tiny_checkpoints, tmp_path_factory):
     port = free_port()
     cmd = [sys.executable, "-m", "serving.cli", "serve", str(tiny_checkpoints["llama"]), "--ray",
            "--replicas", "1", "--accelerator", "cpu", "--dtype", "float32",
-           "--max-model-len", "2048", "--max-num-seqs", str(MAX_NUM_SEQS), "--port", str(port), "--api-key", API_KEY]
+           "--max-model-len", "2048", "--max-num-seqs", str(MAX_NUM_SEQS), "--port", str(port),
+           "--api-key", API_KEY]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(VLLM_CPU_KVCACHE_SPACE="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
     server = ServerProcess(cmd, root_url=f"http://127.0.0.1:{port}", log_path=root / "serve.log",
