@@ -396,8 +396,8 @@ class ContextCheck:
     def __init__(self, app=None, counter=None) -> None:
         """``app``: the app whose ``/tokenize`` counts a prompt; or ``counter``, an async
         function from a ``/tokenize`` request body to ``(count, max_model_len)`` or None
-        (``skingpt4 batch``, which has vLLM's serving objects but no app, and ``batch --ray``:
-        :mod:`serving.engine.tokens`)."""
+        (``skingpt4 batch``, which has vLLM's serving objects but no app, and a Ray LLM
+        replica, ``SkinGPT4Server``, which has its engine's: :mod:`serving.engine.tokens`)."""
         self.app = app
         self.counter = counter
         self.max_model_len: int | None = None  # learned from the first count
