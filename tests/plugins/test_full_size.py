@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.full_size]
 LAYERS = 2
 NEW_TOKENS = 8
 GIB = 2**30
+FILES_GIB = 7  # the fabricated release and its converted folder, both on disk at once
 
 
 def _peak_rss(pid: int | str = "self") -> int:
@@ -62,6 +63,10 @@ def _report(capsys, line: str) -> None:
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     root = tmp_path_factory.mktemp("full-size")
+    free = shutil.disk_usage(root).free
+    assert free >= FILES_GIB * GIB, (
+        f"the full-size files need about {FILES_GIB} GiB free under {root}; "
+        f"{free / GIB:.1f} GiB are free (deselect them with -m 'not full_size')")
     started = time.monotonic()
     files = make_full_size_release(root / "release", train_llama2_sentencepiece(32000),
                                    layers=LAYERS)
