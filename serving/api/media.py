@@ -143,7 +143,10 @@ def decode_photo(data: bytes, policy: ServePolicy, where: str) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise PayloadTooLarge(f"{where}: image has too many pixels") from None
+        raise PayloadTooLarge(  # PIL's own bound: twice Image.MAX_IMAGE_PIXELS
+            f"{where}: image is over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; the limit "
+            f"is {policy.max_image_pixels / 1e6:.0f} megapixels"
+        ) from None
     except Exception:
         raise InvalidImage(f"{where}: the data is not an image PIL can read (JPEG, PNG, WebP...)") from None
     w, h = image.size
