@@ -31,9 +31,9 @@ START_TIMEOUT_S = 480
 # MAX_NUM_SEQS at a time, so that it is likely still busy when the kill comes, as soon as
 # the first answer has begun. IN_FLIGHT_TOKENS is within what the max_tokens check's cheap bound
 # admits, so the replica does not count these prompts: counting photos on the replica's event
-# loop holds back the first answers' events, and the kill would come later. Those the kill finds decoding end with an error event; one waiting
-# in the engine may get a JSON 500 before any output; any that had not reached the engine are
-# answered by the new replica.
+# loop holds back the first answers' events, and the kill would come later. Those the kill
+# finds decoding end with an error event; one waiting in the engine may get a JSON 500 before
+# any output; any that had not reached the engine are answered by the new replica.
 IN_FLIGHT, IN_FLIGHT_TOKENS, MAX_NUM_SEQS = 8, 800, 2
 # Sent after the death: each must wait for the replacement (a new engine: about a minute here).
 AFTER, WAIT_BOUND_S = 4, 360
