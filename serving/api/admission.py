@@ -4,8 +4,9 @@ Two bounds, both in :class:`serving.api.policy.ServePolicy`:
 
 - ``max_inflight_bytes``: a byte budget for the request bodies being read, parsed and checked.
   A body costs ``BODY_COST_FACTOR`` times its size while it is read and parsed (the raw bytes,
-  their decoded text and the parsed strings). It is reserved as the bytes arrive
-  (:class:`BodyReservation`), so a declared ``Content-Length`` holds nothing until it is sent.
+  their decoded text and the parsed strings). It is reserved as the bytes arrive, a step at a
+  time (:class:`BodyReservation`), so a declared ``Content-Length`` holds nothing until it is
+  sent and a stalled upload holds only what it sent.
 - ``max_concurrent_decodes``: photos decoded at once (decoding is CPU-bound: more at once only
   adds memory). Each decode holds one full-size photo in memory for a moment, in a worker
   process (:attr:`Admission.photo_workers`) that is stopped when it runs past its time.
@@ -17,7 +18,14 @@ Two bounds, both in :class:`serving.api.policy.ServePolicy`:
 A request that does not fit waits in a bounded queue (``admission_queue_size`` waiters, at most
 ``admission_timeout_s``); past that it gets a 503 with ``Retry-After``. Waiters are served in
 arrival order among those that fit: one that fits the free budget is never held behind a larger
-one that does not. The policy makes sure the largest body allowed fits the budget on its own.
+one that does not, except behind a body that already holds part of the budget (it frees memory
+only once it is whole, so it goes first). The policy makes sure the largest body allowed fits
+the budget on its own.
+
+Growing reservations could deadlock: many large bodies arriving at once each hold part of the
+budget and wait for more (hold-and-wait). :meth:`Admission._break_deadlock` breaks that circle
+the moment it closes, when every byte held belongs to a waiting body: the newest of them gives
+way (a 503, its bytes back), so the oldest always finishes.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -33,7 +42,22 @@ from serving.api.policy import BODY_COST_FACTOR, ServePolicy
 from serving.api.workers import WorkerPool
 
 SCHEMA_WORKERS = 1
+# A body reserves its cost in steps of this many bytes (fewer waits than one per network chunk).
+BODY_STEP = 2**20
 SCHEMA_WORKER_NICE = 10
+
+
+class _Wait:
+    """One request waiting for bytes of the budget: ``body`` is the growing body it belongs to,
+    or None for a fixed reservation (a Batch API line)."""
+
+    __slots__ = ("amount", "future", "body")
+
+    def __init__(self, amount: int, future: asyncio.Future, body: BodyReservation | None) -> None:
+        self.amount, self.future, self.body = amount, future, body
+
+    def holds(self) -> int:
+        return self.body.held if self.body is not None else 0
 
 
 class Admission:
@@ -48,8 +72,10 @@ class Admission:
         self.timeout_s = timeout_s
         self.free_bytes = max_bytes
         self.free_decodes = max_decodes
-        self._byte_waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+        self.gave_way = 0  # bodies refused to break a hold-and-wait (see _break_deadlock)
+        self._byte_waiters: collections.deque[_Wait] = collections.deque()
         self._decode_waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
+        self._arrivals = itertools.count()  # the age of each body, for "the newest gives way"
         policy = policy or ServePolicy.model_construct()  # the defaults of its timeouts
         self.photo_workers = WorkerPool("photo", max_decodes, policy.decode_timeout_s)
         self.schema_workers = WorkerPool(
@@ -67,12 +93,17 @@ class Admission:
         return cls(policy.max_inflight_bytes, policy.max_concurrent_decodes,
                    policy.admission_queue_size, policy.admission_timeout_s, policy)
 
+    def body(self, declared: int | None = None, limit: int | None = None) -> BodyReservation:
+        """The reservation of one request body, grown as its bytes arrive."""
+        return BodyReservation(self, declared, limit)
+
     async def reserve(self, nbytes: int, deadline: float) -> None:
         """Take ``nbytes`` of the budget, waiting until ``deadline`` (then 503)."""
-        await self._acquire("bytes", nbytes, deadline)
+        await self._acquire_bytes(nbytes, deadline, None)
 
     def release(self, nbytes: int) -> None:
-        self._release("bytes", nbytes)
+        self.free_bytes += nbytes
+        self._wake_bytes()
 
     @contextlib.asynccontextmanager
     async def bytes(self, nbytes: int, deadline: float) -> AsyncIterator[None]:
@@ -84,11 +115,12 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def decode_slot(self, deadline: float) -> AsyncIterator[None]:
-        await self._acquire("decodes", 1, deadline)
+        await self._acquire_decode(deadline)
         try:
             yield
         finally:
-            self._release("decodes", 1)
+            self.free_decodes += 1
+            self._wake_decodes()
 
     async def close(self) -> None:
         """Stop the worker processes (a server's last for its lifetime; their stdin closing
@@ -99,52 +131,112 @@ class Admission:
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- the byte budget ---------------------------------------------------------------------
 
-    def _pool(self, kind: str):
-        waiters = self._byte_waiters if kind == "bytes" else self._decode_waiters
-        return waiters, "free_" + kind
+    def _holder_waiting(self) -> bool:
+        return any(w.holds() for w in self._byte_waiters)
 
-    async def _acquire(self, kind: str, amount: int, deadline: float) -> None:
-        waiters, attr = self._pool(kind)
-        if getattr(self, attr) >= amount:
-            setattr(self, attr, getattr(self, attr) - amount)
+    async def _acquire_bytes(self, amount: int, deadline: float, body: BodyReservation | None) -> None:
+        # A body that already holds part of the budget may take what is free at once; anything
+        # else queues behind a waiting holder, whose body is half read and only frees memory
+        # once it is whole.
+        if self.free_bytes >= amount and ((body is not None and body.held) or not self._holder_waiting()):
+            self.free_bytes -= amount
+            return
+        if self.waiting >= self.queue_size:
+            raise self._busy("its admission queue is full")
+        wait = _Wait(amount, asyncio.get_running_loop().create_future(), body)
+        self._byte_waiters.append(wait)
+        self._wake_bytes()  # this wait may close a hold-and-wait circle: break it now
+        try:
+            await asyncio.wait_for(asyncio.shield(wait.future), max(0.0, deadline - time.monotonic()))
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if wait.future.done() and not wait.future.cancelled() and wait.future.exception() is None:
+                self.release(amount)  # granted just as we gave up: hand it back
+            elif not wait.future.done():
+                wait.future.cancel()
+                with contextlib.suppress(ValueError):
+                    self._byte_waiters.remove(wait)
+                self._wake_bytes()  # a smaller request behind this one may fit now
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise self._busy("the request waited too long for memory to be free") from None
+
+    def _grant(self, wait: _Wait) -> None:
+        self._byte_waiters.remove(wait)
+        self.free_bytes -= wait.amount
+        wait.future.set_result(None)
+
+    def _wake_bytes(self) -> None:
+        """Grant every waiter that fits what is free now: first the bodies that already hold part
+        of the budget, oldest first; then, if none of those is left waiting, the others in
+        arrival order. Then break a hold-and-wait if one has formed."""
+        for wait in [w for w in self._byte_waiters if w.future.done()]:
+            self._byte_waiters.remove(wait)
+        holders = sorted((w for w in self._byte_waiters if w.holds()), key=lambda w: w.body.arrival)
+        for wait in holders:
+            if self.free_bytes >= wait.amount:
+                self._grant(wait)
+        if not self._holder_waiting():
+            for wait in list(self._byte_waiters):
+                if self.free_bytes >= wait.amount:
+                    self._grant(wait)
+        self._break_deadlock()
+
+    def _break_deadlock(self) -> None:
+        """When every byte held belongs to a body that is waiting for more, nobody will free
+        any: the newest of those bodies gives way (a 503 and its bytes back), until the others
+        can go on. The oldest never gives way, and it fits the budget alone (the policy makes
+        sure the largest body does), so some body always makes progress."""
+        while True:
+            holders = [w for w in self._byte_waiters if w.holds()]
+            held = self.max_bytes - self.free_bytes
+            if not holders or held != sum(w.holds() for w in holders):
+                return  # some holder is reading, checking or answering: it will free its bytes
+            victim = max(holders, key=lambda w: w.body.arrival)
+            self._byte_waiters.remove(victim)
+            self.free_bytes += victim.body.held
+            victim.body.held = 0
+            self.gave_way += 1
+            victim.future.set_exception(self._busy(
+                "its memory was needed to finish earlier uploads that arrived at the same time"))
+            for wait in sorted((w for w in self._byte_waiters if w.holds()),
+                               key=lambda w: w.body.arrival):
+                if self.free_bytes >= wait.amount:
+                    self._grant(wait)
+
+    # -- decode slots ------------------------------------------------------------------------
+
+    async def _acquire_decode(self, deadline: float) -> None:
+        if self.free_decodes >= 1:
+            self.free_decodes -= 1
             return
         if self.waiting >= self.queue_size:
             raise self._busy("its admission queue is full")
         future = asyncio.get_running_loop().create_future()
-        entry = (amount, future)
-        waiters.append(entry)
+        self._decode_waiters.append((1, future))
         try:
             await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
         except (TimeoutError, asyncio.CancelledError) as exc:
             if future.done() and not future.cancelled():
-                self._release(kind, amount)  # granted just as we gave up: hand it back
+                self.free_decodes += 1  # granted just as we gave up: hand it back
+                self._wake_decodes()
             else:
                 future.cancel()
                 with contextlib.suppress(ValueError):
-                    waiters.remove(entry)
-                self._wake(kind)  # a smaller request behind this one may fit now
+                    self._decode_waiters.remove((1, future))
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            waited_for = "memory to be free" if kind == "bytes" else "a photo decoder"
-            raise self._busy(f"the request waited too long for {waited_for}") from None
+            raise self._busy("the request waited too long for a photo decoder") from None
 
-    def _release(self, kind: str, amount: int) -> None:
-        _, attr = self._pool(kind)
-        setattr(self, attr, getattr(self, attr) + amount)
-        self._wake(kind)
-
-    def _wake(self, kind: str) -> None:
-        """Grant, in arrival order, every waiter that fits what is free now."""
-        waiters, attr = self._pool(kind)
-        for entry in list(waiters):
-            amount, future = entry
+    def _wake_decodes(self) -> None:
+        for entry in list(self._decode_waiters):
+            _, future = entry
             if future.done():
-                waiters.remove(entry)
-            elif getattr(self, attr) >= amount:
-                waiters.remove(entry)
-                setattr(self, attr, getattr(self, attr) - amount)
+                self._decode_waiters.remove(entry)
+            elif self.free_decodes >= 1:
+                self._decode_waiters.remove(entry)
+                self.free_decodes -= 1
                 future.set_result(None)
 
     def _busy(self, why: str) -> ServerBusy:
@@ -153,26 +245,40 @@ class Admission:
 
 
 class BodyReservation:
-    """The budget a request body holds: ``BODY_COST_FACTOR`` times the bytes received so far,
-    grown as they arrive (a declared length holds nothing until it is sent), released once,
-    whole, by :meth:`release`."""
+    """The budget a request body holds: ``BODY_COST_FACTOR`` times its bytes, reserved as they
+    arrive up to the next multiple of :data:`BODY_STEP` (never past a declared ``Content-Length`` or the body
+    limit), so a stalled upload holds no more than it sent. Its waits for budget add up to at
+    most the admission timeout. Released once, whole, by :meth:`release`; taken back early, with
+    a 503, when it must give way (:meth:`Admission._break_deadlock`)."""
 
-    def __init__(self, admission: Admission, deadline: float) -> None:
+    def __init__(self, admission: Admission, declared: int | None = None,
+                 limit: int | None = None) -> None:
         self.admission = admission
-        self.deadline = deadline
+        self.arrival = next(admission._arrivals)
         self.held = 0
+        largest = admission.max_bytes // BODY_COST_FACTOR
+        self.limit = min(limit or largest, largest)
+        if declared is not None:
+            self.limit = min(self.limit, declared)
+        self.wait_left_s = admission.timeout_s
 
     async def cover(self, body_bytes: int) -> None:
         """Hold the cost of the ``body_bytes`` received so far (waiting for budget if need be)."""
-        need = BODY_COST_FACTOR * body_bytes - self.held
-        if need > 0:
-            await self.admission.reserve(need, self.deadline)
-            self.held += need
+        if BODY_COST_FACTOR * body_bytes <= self.held:
+            return
+        steps = -(-body_bytes // BODY_STEP)  # up to the next step boundary
+        target = BODY_COST_FACTOR * max(body_bytes, min(steps * BODY_STEP, self.limit))
+        started = time.monotonic()
+        try:
+            await self.admission._acquire_bytes(target - self.held, started + self.wait_left_s, self)
+        finally:
+            self.wait_left_s -= time.monotonic() - started
+        self.held = target
 
     def release(self) -> None:
         if self.held:
-            self.admission.release(self.held)
-            self.held = 0
+            held, self.held = self.held, 0
+            self.admission.release(held)
 
 
 class LiveTraffic:

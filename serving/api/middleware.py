@@ -149,7 +149,9 @@ class UploadClock:
         self.policy = policy
         self.declared = declared
         self.start = self.last = time.monotonic()
-        self.complete = False
+        self.received = 0
+        self.complete = False  # the last byte is in
+        self.stopped = False  # the client stopped sending (or left) before the last byte
 
     def wait_s(self, received: int) -> float:
         now = time.monotonic()
@@ -186,26 +188,22 @@ async def read_body(receive, limit: int, clock: UploadClock,
                     reservation: BodyReservation) -> bytearray:
     """The whole body in one buffer (no list of chunks joined into a second copy), within the
     ``clock``'s deadlines and with its memory reserved as it arrives. The clock's
-    ``complete`` is set once the last byte is in."""
+    ``received`` counts the bytes in; ``complete`` is set once the last one is."""
     declared = clock.declared
     check_declared_size(declared, limit)
     body = bytearray()
     while True:
-        try:
-            async with asyncio.timeout(clock.wait_s(len(body))):
-                message = await receive()
-        except TimeoutError:
-            raise clock.late(len(body)) from None
-        clock.arrived()
-        if message["type"] == "http.disconnect":
-            raise InvalidRequest("client disconnected before sending the whole body")
+        message = await next_message(receive, clock)
         chunk = message.get("body", b"")
         if len(body) + len(chunk) > limit:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         waited = time.monotonic()
-        await reservation.cover(len(body) + len(chunk))
-        clock.pause(time.monotonic() - waited)  # time the server made the client wait
+        try:
+            await reservation.cover(len(body) + len(chunk))
+        finally:
+            clock.pause(time.monotonic() - waited)  # time the server made the client wait
         body += chunk
+        clock.received = len(body)
         if not message.get("more_body", False):
             clock.complete = True
             if declared is not None and len(body) != declared:
@@ -213,6 +211,64 @@ async def read_body(receive, limit: int, clock: UploadClock,
                     f"the request body has {len(body)} bytes; its Content-Length declares {declared}"
                 )
             return body
+
+
+async def next_message(receive, clock: UploadClock) -> dict:
+    """The body's next ``http.request`` message, within the clock's deadlines."""
+    try:
+        async with asyncio.timeout(clock.wait_s(clock.received)):
+            message = await receive()
+    except TimeoutError:
+        clock.stopped = True
+        raise clock.late(clock.received) from None
+    clock.arrived()
+    if message["type"] == "http.disconnect":
+        clock.stopped = True
+        raise InvalidRequest("client disconnected before sending the whole body")
+    return message
+
+
+async def drain(receive, clock: UploadClock, limit: int) -> bool:
+    """Read the rest of a refused request's body and drop it (at most ``limit`` more bytes,
+    within the clock's deadlines, none of it kept); True once the body has ended."""
+    if clock.declared is not None and clock.declared - clock.received > limit:
+        return False
+    left = limit
+    while left >= 0:
+        try:
+            message = await next_message(receive, clock)
+        except ServingError:
+            return False
+        size = len(message.get("body", b""))
+        clock.received += size
+        left -= size
+        if not message.get("more_body", False):
+            clock.complete = True
+            return True
+    return False
+
+
+async def refuse(scope, receive, send, error: ServingError, clock: UploadClock | None,
+                 drain_limit: int) -> None:
+    """Answer ``error`` so that the client can read it, whatever became of its body.
+
+    A client still sending its body reads no answer until it has sent it: closing the connection
+    under it resets it, and its library reports a connection error instead of the status (a 503
+    it would have retried). So the rest of the body is read and dropped first, up to
+    ``drain_limit`` bytes and within the upload clock, as web servers do for an early response;
+    past those bounds, or once the client stopped sending, the answer goes out at once and the
+    connection is closed after it."""
+    complete = clock is None or clock.complete
+    if not complete and not clock.stopped and not expects_continue(scope, clock):
+        complete = await drain(receive, clock, drain_limit)
+    await send_error(send, error, close=not complete)
+
+
+def expects_continue(scope, clock: UploadClock) -> bool:
+    """The client waits for ``100 Continue`` before it sends the body: asking for the body
+    only to drop it would send that."""
+    expect = (_header(scope, b"expect") or "").strip().lower()
+    return expect == "100-continue" and not clock.received
 
 
 def _refuse_constant(name: str):
@@ -501,32 +557,39 @@ class RequestPolicyMiddleware:
             return await self.jobs.lifespan(scope, receive, send, self.app)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        clock = None
         try:
+            if scope.get("method") == "POST":
+                clock = UploadClock(self.policy, _content_length(scope))
             check_header_size(scope, self.policy.max_header_bytes)
             key = check_api_key(scope, self.policy.api_keys)
             if is_jobs_path(scope.get("path", "")):
                 if self.jobs is None:
                     raise NotFound("the Files and Batch API is off on this server; it is served "
                                    "when the server is started with --data-dir")
-                return await self.jobs.handle(scope, receive, send, key)
+                return await self.jobs.handle(scope, receive, send, key, clock)
             check_route(scope)
-            if scope.get("method") != "POST":
+            if clock is None:
                 return await self.app(scope, receive, shaped_errors(send))
             check_content_type(scope)
-            clock = UploadClock(self.policy, _content_length(scope))
         except ServingError as error:
-            return await send_error(send, error, close=scope.get("method") == "POST")
+            return await self._refuse(scope, receive, send, error, clock)
         self.live.live_started()  # Batch API requests yield to this one until it ends
         try:
             try:
                 body = await self._admit(scope, receive, clock)
             except ServingError as error:
-                return await send_error(send, error, close=not clock.complete)
+                return await self._refuse(scope, receive, send, error, clock)
             headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
             scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
             return await self.app(scope, _replay(body, receive), shaped_errors(send))
         finally:
             self.live.live_ended()
+
+    async def _refuse(self, scope, receive, send, error: ServingError, clock) -> None:
+        if clock is None and scope.get("method") == "POST":  # no clock: the length was unreadable
+            return await send_error(send, error, close=True)
+        await refuse(scope, receive, send, error, clock, 2 * self.policy.max_body_bytes)
 
     async def _websocket(self, scope, receive, send):
         try:
@@ -539,7 +602,7 @@ class RequestPolicyMiddleware:
     async def _admit(self, scope, receive, clock: UploadClock) -> bytes:
         """Read the body as it arrives (its memory reserved as it comes, within the upload
         deadlines), check it; return the small body vLLM gets."""
-        reservation = BodyReservation(self.admission, self.admission.deadline())
+        reservation = self.admission.body(clock.declared, self.policy.max_body_bytes)
         try:
             raw = await read_body(receive, self.policy.max_body_bytes, clock, reservation)
             parsed = parse_json(raw)

@@ -39,7 +39,7 @@ class Server:
     def client(self, **kw):
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, **kw)
+        return OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key, **{"max_retries": 0, **kw})
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"}

@@ -304,29 +304,30 @@ class BatchService:
 
     # --- HTTP ------------------------------------------------------------------------------------
 
-    async def handle(self, scope, receive, send, key: str | None) -> None:
-        """One request to ``/v1/files...`` or ``/v1/batches...`` (the API key already checked)."""
-        from serving.api.middleware import send_error
+    async def handle(self, scope, receive, send, key: str | None, clock=None) -> None:
+        """One request to ``/v1/files...`` or ``/v1/batches...`` (the API key already checked);
+        ``clock``: the upload clock of a POST's body (:class:`serving.api.middleware.UploadClock`)."""
+        from serving.api.middleware import refuse
 
         tenant = tenant_of(key)
         method, parts = scope.get("method"), scope["path"].rstrip("/").split("/")[2:]
-        reading = method == "POST"  # on an error the body may be unread: close the connection
         try:
             await self.start(scope)
             if parts[0] == "files":
-                return await self._files(scope, receive, send, tenant, method, parts[1:])
-            return await self._batches(scope, receive, send, tenant, method, parts[1:])
+                return await self._files(scope, receive, send, tenant, method, parts[1:], clock)
+            return await self._batches(scope, receive, send, tenant, method, parts[1:], clock)
         except ServingError as error:
-            await send_error(send, error, close=reading)
+            error_out = error
         except Exception:
             logger.exception("the Batch API failed on %s %s", method, "/".join(parts[:1]))
-            await send_error(send, InternalError("the Batch API failed; see the server log"),
-                             close=reading)
+            error_out = InternalError("the Batch API failed; see the server log")
+        # the body may be unread: read the rest (bounded) so that the client reads the answer
+        await refuse(scope, receive, send, error_out, clock, 2 * self.policy.max_body_bytes)
 
-    async def _files(self, scope, receive, send, tenant, method, rest) -> None:
+    async def _files(self, scope, receive, send, tenant, method, rest, clock) -> None:
         if not rest:
             if method == "POST":
-                return await send_json(send, 200, await self._upload(scope, receive, tenant))
+                return await send_json(send, 200, await self._upload(scope, receive, tenant, clock))
             if method == "GET":
                 return await send_json(send, 200, await self._list_files(scope, tenant))
         elif len(rest) == 1 and method == "GET":
@@ -337,10 +338,10 @@ class BatchService:
             return await self._content(send, await self._file(rest[0], tenant))
         raise _no_route(method, scope["path"])
 
-    async def _batches(self, scope, receive, send, tenant, method, rest) -> None:
+    async def _batches(self, scope, receive, send, tenant, method, rest, clock) -> None:
         if not rest:
             if method == "POST":
-                return await send_json(send, 200, await self._create(scope, receive, tenant))
+                return await send_json(send, 200, await self._create(scope, receive, tenant, clock))
             if method == "GET":
                 return await send_json(send, 200, await self._list_batches(scope, tenant))
         elif len(rest) == 1 and method == "GET":
@@ -389,10 +390,10 @@ class BatchService:
         finally:
             reader.close()
 
-    async def _upload(self, scope, receive, tenant: str) -> dict:
+    async def _upload(self, scope, receive, tenant: str, clock) -> dict:
         from python_multipart.multipart import parse_options_header
 
-        from serving.api.middleware import UploadClock, _content_length, _header, check_declared_size
+        from serving.api.middleware import _header, check_declared_size
 
         kind, params = parse_options_header(_header(scope, b"content-type") or "")
         if kind != b"multipart/form-data" or not params.get(b"boundary"):
@@ -400,7 +401,7 @@ class BatchService:
                 "upload a file as multipart/form-data with the fields purpose (batch) and file"
             )
         p = self.policy
-        declared = _content_length(scope)
+        declared = clock.declared
         check_declared_size(declared, p.max_file_bytes + MULTIPART_OVERHEAD)
         count, used = await self._db(self.store.tenant_usage, tenant)
         if count >= p.max_files_per_tenant:
@@ -420,7 +421,7 @@ class BatchService:
             if declared is not None and free - declared < p.min_free_disk_bytes:
                 raise QuotaExceeded("the server's disk is too full to take this file; try a "
                                     "smaller file later")
-            await _read_form(receive, params[b"boundary"], UploadClock(p, declared), form)
+            await _read_form(receive, params[b"boundary"], clock, form)
             purpose, filename, expires_s = form.result(p.file_retention_hours * 3600)
             await self._db(form.writer.sync)
             form.writer.close()
@@ -451,19 +452,11 @@ class BatchService:
                                        _limit(query, LIST_LIMIT, 20))
         return _page(batches, more)
 
-    async def _create(self, scope, receive, tenant: str) -> dict:
-        from serving.api.admission import BodyReservation
-        from serving.api.middleware import (
-            UploadClock,
-            _content_length,
-            check_content_type,
-            parse_json,
-            read_body,
-        )
+    async def _create(self, scope, receive, tenant: str, clock) -> dict:
+        from serving.api.middleware import check_content_type, parse_json, read_body
 
         check_content_type(scope)
-        clock = UploadClock(self.policy, _content_length(scope))
-        reservation = BodyReservation(self.server_admission, self.server_admission.deadline())
+        reservation = self.server_admission.body(clock.declared, MAX_CREATE_BODY)
         try:
             body = parse_json(await read_body(receive, MAX_CREATE_BODY, clock, reservation))
         finally:
@@ -921,19 +914,14 @@ async def _read_form(receive, boundary: bytes, clock, form: _Form) -> None:
     clock's deadlines."""
     from python_multipart.multipart import MultipartParser
 
+    from serving.api.middleware import next_message
+
     parser = MultipartParser(boundary, form.callbacks())
-    received = 0
     while True:
-        try:
-            async with asyncio.timeout(clock.wait_s(received)):
-                message = await receive()
-        except TimeoutError:
-            raise clock.late(received) from None
-        clock.arrived()
-        if message["type"] == "http.disconnect":
-            raise InvalidRequest("client disconnected before sending the whole file")
+        message = await next_message(receive, clock)
         chunk = message.get("body", b"")
-        received += len(chunk)
+        clock.received += len(chunk)
+        received = clock.received
         try:
             parser.write(chunk)
         except ServingError:

@@ -48,22 +48,95 @@ def test_a_request_that_fits_is_not_held_behind_a_larger_one_and_nothing_is_lost
     run(scenario())
 
 
-def test_a_body_reservation_grows_with_the_bytes_received_and_is_released_whole():
-    from serving.api.admission import BodyReservation
+def test_a_body_reservation_grows_in_steps_with_the_bytes_received_and_is_released_whole():
+    from serving.api.admission import BODY_STEP, BodyReservation
 
     async def scenario():
-        adm = Admission(max_bytes=BODY_COST_FACTOR * 100, max_decodes=1, queue_size=8, timeout_s=5)
-        held = BodyReservation(adm, adm.deadline())
+        adm = Admission(max_bytes=BODY_COST_FACTOR * 4 * BODY_STEP, max_decodes=1, queue_size=8,
+                        timeout_s=5)
+        chunked = BodyReservation(adm)
         assert adm.free_bytes == adm.max_bytes  # nothing held before a byte arrives
-        await held.cover(10)
-        assert held.held == BODY_COST_FACTOR * 10
-        await held.cover(10)
-        await held.cover(60)
-        assert held.held == BODY_COST_FACTOR * 60
-        assert adm.free_bytes == BODY_COST_FACTOR * 40
-        held.release()
-        held.release()  # once only
+        await chunked.cover(10)
+        assert chunked.held == BODY_COST_FACTOR * BODY_STEP  # up to the step's end
+        await chunked.cover(BODY_STEP)
+        assert chunked.held == BODY_COST_FACTOR * BODY_STEP  # still inside the step
+        await chunked.cover(BODY_STEP + 20)
+        assert chunked.held == BODY_COST_FACTOR * 2 * BODY_STEP
+        declared = BodyReservation(adm, declared=BODY_STEP // 2)
+        await declared.cover(10)
+        assert declared.held == BODY_COST_FACTOR * (BODY_STEP // 2)  # never past the declared size
+        assert adm.free_bytes == adm.max_bytes - chunked.held - declared.held
+        chunked.release()
+        chunked.release()  # once only
+        declared.release()
         assert adm.free_bytes == adm.max_bytes
+
+    run(scenario())
+
+
+def test_bodies_that_all_hold_part_of_the_budget_and_wait_for_more_do_not_deadlock():
+    """Hold-and-wait: three bodies of three steps arrive together and each holds a step of a
+    budget that fits four. The moment all of them wait for more, the newest gives way (503,
+    its bytes back) and the two older ones finish; nobody waits for the timeout."""
+    from serving.api.admission import BODY_STEP, BodyReservation
+
+    async def scenario():
+        adm = Admission(max_bytes=BODY_COST_FACTOR * 4 * BODY_STEP, max_decodes=1, queue_size=8,
+                        timeout_s=30)
+        size = 3 * BODY_STEP
+        bodies = [BodyReservation(adm, declared=size) for _ in range(3)]
+        results = {}
+
+        async def upload(i, body):
+            try:
+                for received in (1, BODY_STEP + 1, 2 * BODY_STEP + 1, size):
+                    await body.cover(received)
+                    await asyncio.sleep(0)  # the next chunk comes later: the others run
+                results[i] = "whole"
+            except ServerBusy as busy:
+                results[i] = str(busy)
+            finally:
+                await asyncio.sleep(0.01)
+                body.release()
+
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(*(upload(i, b) for i, b in enumerate(bodies)))
+        assert asyncio.get_running_loop().time() - started < 1
+        assert results[0] == "whole" and results[1] == "whole", results
+        assert "busy" in results[2] and "earlier uploads" in results[2], results
+        assert adm.free_bytes == adm.max_bytes and adm.waiting == 0 and adm.gave_way == 1
+
+    run(scenario())
+
+
+def test_bodies_waiting_behind_a_slow_upload_wait_instead_of_giving_way():
+    """A body that holds budget and is not waiting (still receiving, or being checked) will free
+    it: the others wait for it (here until the admission timeout, a 503) rather than being
+    refused at once; a new request does not take budget ahead of a waiting body that already
+    holds some."""
+    from serving.api.admission import BODY_STEP, BodyReservation
+
+    async def scenario():
+        step = BODY_COST_FACTOR * BODY_STEP
+        adm = Admission(max_bytes=4 * step, max_decodes=1, queue_size=8, timeout_s=0.5)
+        slow = BodyReservation(adm, declared=3 * BODY_STEP)
+        await slow.cover(3 * BODY_STEP)  # whole: 3 of the 4 steps
+        waiting = BodyReservation(adm, declared=2 * BODY_STEP)
+        await waiting.cover(1)  # the last step
+        grow = asyncio.create_task(waiting.cover(BODY_STEP + 1))
+        await asyncio.sleep(0.01)
+        assert adm.waiting == 1 and adm.gave_way == 0
+        adm.release(step // 2)  # half a step freed elsewhere: fits a newcomer, not the holder
+        newcomer = asyncio.create_task(adm.reserve(step // 4, adm.deadline()))
+        await asyncio.sleep(0.01)
+        assert not newcomer.done()  # it fits, but a body that holds budget waits first
+        slow.release()
+        await grow
+        await newcomer
+        assert waiting.held == 2 * step
+        with pytest.raises(ServerBusy, match="waited too long"):
+            await BodyReservation(adm, declared=4 * BODY_STEP).cover(4 * BODY_STEP)
+        assert adm.gave_way == 0
 
     run(scenario())
 

@@ -99,3 +99,94 @@ def test_phone_photos_at_high_concurrency(server):
     assert growth < bound
     health = httpx.get(f"{server.base_url}/health", timeout=10)
     assert health.status_code == 200
+
+
+BURST = 48
+BURST_SIDE = 3000  # 5 MB JPEGs: 28 MB of JSON with four, 84 MB of the budget: six at once
+STALLED_IN_BURST = 4
+
+
+def burst_body(model: str) -> bytes:
+    photos = [phone_photo_jpeg(seed=10 + s, size=(BURST_SIDE, BURST_SIDE))
+              for s in range(PHOTOS_PER_REQUEST)]
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"
+                                                 + base64.b64encode(p).decode()}} for p in photos]
+    return json.dumps({"model": model, "max_tokens": 4, "temperature": 0, "messages": [
+        {"role": "user", "content": [*parts, {"type": "text", "text": "What is it?"}]}]}).encode()
+
+
+def in_chunks(body: bytes, size: int = 256 * 1024):
+    for i in range(0, len(body), size):
+        yield body[i:i + size]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_burst_of_large_bodies_is_answered_or_refused_readably_never_reset(server, framing):
+    """48 requests with four large photos each arrive at once (with a few stalled uploads
+    among them): the budget holds six, so most must wait. Each gets an HTTP answer: 200, or a
+    503 with Retry-After (the burst's tail, or a body that gave way so that earlier ones could
+    finish), never a reset connection; the budget is free again afterwards."""
+    from tests.serving.api.test_starvation_server import stalled_upload
+
+    body = burst_body(server.model)
+    cost = 3 * len(body)
+    assert SERVER_INFLIGHT_BYTES // cost < BURST // 4  # most of the burst must wait
+
+    def send(_):
+        content = body if framing == "content-length" else in_chunks(body)
+        try:
+            with httpx.Client(timeout=180) as client:
+                r = client.post(f"{server.base_url}/v1/chat/completions", content=content,
+                                headers={**server.headers(), "content-type": "application/json"})
+        except httpx.TransportError as exc:
+            return "connection error", type(exc).__name__, None
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    idle = tree_rss(server.process.popen.pid)
+    sampler = PeakSampler(server.process.popen.pid)
+    sampler.start()
+    start = time.monotonic()
+    with ThreadPoolExecutor(BURST + STALLED_IN_BURST) as pool:
+        stalled = [pool.submit(stalled_upload, server, False) for _ in range(STALLED_IN_BURST)]
+        results = list(pool.map(send, range(BURST)))
+        stalled = [f.result() for f in stalled]
+    took = time.monotonic() - start
+    sampler.stop.set()
+    sampler.join()
+
+    statuses = [status for status, _, _ in results]
+    assert "connection error" not in statuses, results
+    assert set(statuses) <= {200, 503}, statuses
+    answered = statuses.count(200)
+    assert answered >= SERVER_INFLIGHT_BYTES // cost, statuses
+    for status, retry_after, payload in results:
+        if status == 503:
+            assert retry_after and int(retry_after) >= 1
+            assert payload["error"]["code"] == "server_busy"
+    assert all(line.split(b" ")[1:2] == [b"400"] for line, _ in stalled), stalled
+    growth = sampler.peak - idle
+    print(f"\n{framing}: answered {answered}/{BURST}, refused {statuses.count(503)} in {took:.0f} s; "
+          f"tree RSS growth {growth / 2**20:.0f} MiB")
+    assert growth < 6 * 2**30
+    health = httpx.get(f"{server.base_url}/health", timeout=10)
+    assert health.status_code == 200
+
+
+def test_a_burst_through_the_sdk_is_all_answered_by_its_own_retries(server):
+    """The same burst through the ``openai`` SDK, whose retries honour Retry-After: every
+    request is answered in the end."""
+    import openai
+
+    body = json.loads(burst_body(server.model))
+    client = server.client(max_retries=10, timeout=300)
+
+    def ask(_):
+        try:
+            answer = client.chat.completions.create(**body)
+        except openai.APIConnectionError as exc:
+            return f"connection error: {exc}"
+        return answer.usage.prompt_tokens
+
+    with ThreadPoolExecutor(BURST) as pool:
+        results = list(pool.map(ask, range(BURST)))
+    assert all(isinstance(r, int) and r > 4 * 32 for r in results), results

@@ -124,8 +124,8 @@ def test_time_spent_waiting_for_memory_is_not_counted_against_the_upload():
     body = json.dumps(chat({"type": "text", "text": "x" * 1000})).encode()
 
     async def halves(first_sent: asyncio.Event):
-        yield body[:500], True
         first_sent.set()
+        yield body[:500], True  # its step is the whole body: it waits for memory here
         yield body[500:], False
 
     async def scenario():
@@ -144,6 +144,69 @@ def test_time_spent_waiting_for_memory_is_not_counted_against_the_upload():
     assert asyncio.run(scenario())[0] == 200
 
 
+def test_a_request_refused_while_its_body_arrives_is_answered_after_the_rest_is_dropped():
+    """A 503 decided while the client is still sending: the rest of the body is read and
+    dropped before the answer (closing under a sending client resets it, and it never reads the
+    503), and the connection stays usable; nothing of the body stays in the budget."""
+    body = json.dumps(chat({"type": "text", "text": "x" * 3000})).encode()
+    read = []
+
+    async def slowly():
+        for i in range(0, len(body), 1000):
+            read.append(i)
+            await asyncio.sleep(0.05)
+            yield body[i:i + 1000], i + 1000 < len(body)
+
+    async def scenario():
+        policy = fast_policy(max_body_bytes=len(body), max_inflight_bytes=3 * len(body),
+                             admission_timeout_s=0.2)
+        mw = RequestPolicyMiddleware(RecordingApp(), policy)
+        await mw.admission.reserve(3 * len(body), mw.admission.deadline())  # all of it
+        headers = (JSON, (b"content-length", str(len(body)).encode()))
+        result = await drive(mw, slowly(), headers)
+        mw.admission.release(3 * len(body))
+        return result, mw.admission.free_bytes == mw.admission.max_bytes
+
+    (status, headers, error, _), free = asyncio.run(scenario())
+    assert status == 503 and headers[b"retry-after"] and error["error"]["code"] == "server_busy"
+    assert len(read) == -(-len(body) // 1000)  # every chunk was read before the answer
+    assert headers.get(b"connection") != b"close" and free
+
+
+def test_a_refusal_for_a_client_that_stopped_sending_is_not_held_to_drain_it():
+    """A client that stops mid-body gets its 400 at the idle timeout and the connection is
+    closed: there is nothing to drain, so the server waits no longer."""
+    body = json.dumps(chat({"type": "text", "text": "hello"})).encode()
+
+    async def stops():
+        yield body[:10], True
+
+    async def scenario():
+        mw = RequestPolicyMiddleware(RecordingApp(), fast_policy())
+        return await drive(mw, stops(), (JSON, (b"content-length", str(len(body)).encode())))
+
+    status, headers, _, took = asyncio.run(scenario())
+    assert status == 400 and headers[b"connection"] == b"close" and took < 1.5
+
+
+def test_a_refused_body_far_larger_than_the_drain_bound_is_closed_at_once():
+    """Bounded drain: a body declared beyond twice the body limit is refused (413) without
+    reading any of it, and the connection is closed."""
+    read = []
+
+    async def huge():
+        read.append(True)
+        yield b"x" * 1000, True
+
+    async def scenario():
+        policy = fast_policy(max_body_bytes=1000, max_inflight_bytes=3000)
+        mw = RequestPolicyMiddleware(RecordingApp(), policy)
+        return await drive(mw, huge(), (JSON, (b"content-length", b"5000")))
+
+    status, headers, _, took = asyncio.run(scenario())
+    assert status == 413 and headers[b"connection"] == b"close" and not read and took < 1
+
+
 def test_a_body_that_stops_short_of_its_content_length_gets_400():
     body = json.dumps(chat({"type": "text", "text": "hello"})).encode()
 
@@ -160,20 +223,28 @@ def test_a_body_that_stops_short_of_its_content_length_gets_400():
     assert took < 2
 
 
-def test_a_body_that_is_not_declared_json_gets_415_before_it_is_read():
+def test_a_body_that_is_not_declared_json_gets_415_before_it_is_parsed():
+    """Refused on its headers; the body is then read to its end and dropped (so the client,
+    still sending it, reads the 415), never parsed, held in the budget or passed on."""
     read = []
 
     async def watched():
         read.append(True)
-        yield b"{}", False
+        yield b"{", True
+        read.append(True)
+        yield b"}", False
 
     async def scenario():
-        mw = RequestPolicyMiddleware(RecordingApp(), ServePolicy())
-        return await drive(mw, watched(), ((b"content-type", b"text/plain"),))
+        app = RecordingApp()
+        mw = RequestPolicyMiddleware(app, ServePolicy())
+        free = mw.admission.free_bytes
+        result = await drive(mw, watched(), ((b"content-type", b"text/plain"),))
+        return result, app, mw.admission.free_bytes == free
 
-    status, _, error, _ = asyncio.run(scenario())
+    (status, headers, error, _), app, budget_untouched = asyncio.run(scenario())
     assert status == 415 and error["error"]["code"] == "unsupported_media_type"
-    assert "application/json" in error["error"]["message"] and not read
+    assert "application/json" in error["error"]["message"] and not app.bodies
+    assert read == [True, True] and headers.get(b"connection") != b"close" and budget_untouched
 
 
 # ------------------------------------------------------------------------------- photos
