@@ -1,9 +1,9 @@
 """Checks and SkinGPT-4 defaults applied to an OpenAI request before vLLM sees it.
 
 - the top-level fields follow the route's contract (:mod:`serving.api.contract`);
-- ``messages``: roles ``system``, ``user``, ``assistant``; ``text`` and ``image_url`` parts,
-  photos in user messages only; text is valid Unicode without the reserved image tokens, and
-  bounded in size;
+- ``messages``: roles ``system`` (or ``developer``, OpenAI's newer name for it, forwarded as
+  ``system``), ``user``, ``assistant``; ``text`` and ``image_url`` parts, photos in user messages
+  only; text is valid Unicode without the reserved image tokens, and bounded in size;
 - every photo: a data URL, or an allowed remote URL fetched from a public address, decoded once
   and forwarded to vLLM as a small lossless image (:func:`serving.api.media.forward_photo`); at most
   ``max_images_per_request``;
@@ -42,7 +42,10 @@ def report_schema() -> dict[str, Any]:
 
 
 MESSAGE_KEYS = {"role", "content", "name"}
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")
+# OpenAI's current name for the instructions message is ``developer``; the SkinGPT-4 template (and
+# vLLM's Responses conversion) know ``system``, so a developer message is forwarded as one.
+ROLE_AS = {"developer": "system"}
 PART_KEYS = {"text": {"type", "text"}, "image_url": {"type", "image_url"}}
 IMAGE_URL_KEYS = {"url", "detail"}
 IMAGE_DETAILS = ("auto", "low", "high")
@@ -317,6 +320,8 @@ async def prepare_chat_request(
         raise InvalidRequest("messages must be a non-empty list of chat messages", param="messages")
     check_fields(CHAT_ROUTE, body)
     images = _image_parts(body["messages"], policy)
+    for message in body["messages"]:
+        message["role"] = ROLE_AS.get(message["role"], message["role"])
     if len(images) > policy.max_images_per_request:
         raise InvalidRequest(
             f"the request has {len(images)} images; the limit is {policy.max_images_per_request}",

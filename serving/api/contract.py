@@ -1,17 +1,24 @@
 """The request contract: which fields each route accepts, with their types and ranges.
 
 Every field a request may carry on ``/v1/chat/completions`` and ``/v1/completions`` is listed
-here; any other field is refused with a 400 that names it (and says why, for the fields vLLM
-would otherwise act on). Values are checked strictly (no ``"1"`` for ``1``, no ``true`` for
-``1``, no ``NaN``) before vLLM sees the request. Messages, content parts and photos are checked
-by :mod:`serving.api.chat`; this module checks the top level of a body.
+here; any other field is refused with a 400 that names it (and says why, for the fields vLLM or
+OpenAI know). A refused field sent with a value that asks for nothing (``null``, an empty list,
+``false``, vLLM's own default: :class:`Refused`'s ``neutral`` values) is accepted and dropped
+before vLLM sees the request, so clients that send defaults get the answer they would get
+without the field. Values are checked strictly (no ``"1"`` for ``1``, no ``true`` for ``1``, no
+``NaN``) before vLLM sees the request. Messages, content parts and photos are checked by
+:mod:`serving.api.chat`; this module checks the top level of a body (:func:`check_body` serves
+the Responses route too, with its own tables).
 
-``MODELS`` and ``EXCLUDED`` are what the README's contract table lists (a test holds them equal).
+``MODELS`` and ``EXCLUDED`` are what docs/api.md's contract tables list (a test holds them equal).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -118,84 +125,201 @@ class CompletionRequest(_Common):
 
 
 MODELS = {CHAT_ROUTE: ChatRequest, COMPLETIONS_ROUTE: CompletionRequest}
+ROUTE_NAMES = {CHAT_ROUTE: "chat", COMPLETIONS_ROUTE: "completions"}
 
-# Fields that vLLM's OpenAI routes know and this product refuses, with the reason given to the
-# client (and in the README). Any other unknown field is refused without a specific reason.
-EXCLUDED: dict[str, str] = {
-    "echo": "it returns the prompt with its logprobs, which are not served",
-    "prompt_logprobs": "logprobs over the prompt (photo positions included) are not served",
-    "logit_bias": "token ids are internal to the model; not served",
-    "allowed_token_ids": "token ids are internal to the model; not served",
-    "bad_words": "not served; use the response schema to constrain answers",
-    "structured_outputs": "use response_format with json_schema or json_object",
-    "guided_json": "use response_format with json_schema",
-    "guided_regex": "regex-constrained output is not served; use response_format",
-    "guided_choice": "choice-constrained output is not served; use response_format",
-    "guided_grammar": "grammar-constrained output is not served; use response_format",
-    "tools": "the model does not call tools",
-    "tool_choice": "the model does not call tools",
-    "functions": "the model does not call tools",
-    "function_call": "the model does not call tools",
-    "parallel_tool_calls": "the model does not call tools",
-    "chat_template": "the model folder's SkinGPT-4 template is always used",
-    "chat_template_kwargs": "the model folder's SkinGPT-4 template is always used",
-    "add_generation_prompt": "the SkinGPT-4 template always asks for the answer",
-    "continue_final_message": "the SkinGPT-4 template always asks for a new answer",
-    "add_special_tokens": "the SkinGPT-4 template places special tokens itself",
-    "documents": "not served",
-    "truncate_prompt_tokens": "truncating the prompt could cut a photo apart; send a shorter "
-    "conversation",
-    "mm_processor_kwargs": "photos are preprocessed exactly as the model was trained",
-    "media_io_kwargs": "photos are decoded by the server's own checks",
-    "best_of": "not served; use n",
-    "use_beam_search": "not served",
-    "length_penalty": "not served",
-    "include_stop_str_in_output": "answers end before SkinGPT-4's turn separator",
-    "skip_special_tokens": "not served",
-    "spaces_between_special_tokens": "not served",
-    "return_tokens_as_token_ids": "token ids are internal to the model; not served",
-    "return_token_ids": "token ids are internal to the model; not served",
-    "prompt_embeds": "not served",
-    "suffix": "not served",
-    "priority": "scheduling priority is set by the server",
-    "request_id": "the server assigns request ids",
-    "cache_salt": "not served",
-    "kv_transfer_params": "not served",
-    "vllm_xargs": "not served",
-    "logits_processors": "not served",
-    "reasoning_effort": "the model has no reasoning mode",
-    "include_reasoning": "the model has no reasoning mode",
-    "modalities": "the model answers in text only",
-    "audio": "the model answers in text only",
-    "prediction": "not served",
-    "service_tier": "not served",
-    "store": "conversations are not stored",
-    "metadata": "conversations are not stored",
-    "web_search_options": "not served",
-    "return_logprobs": "not served",
+
+@dataclass(frozen=True)
+class Refused:
+    """A field a route refuses, with the reason given to the client, and the values that ask for
+    nothing: ``null``, an empty list or object, ``false`` where ``true`` asks for something, or
+    the value vLLM and OpenAI take when the field is left out. A neutral value is accepted and
+    the field dropped before vLLM sees the request (the answer is the one without it); any other
+    value gets the 400 with the reason. ``neutral_on``: more neutral values on one route only
+    (a field whose default differs between routes)."""
+
+    reason: str
+    neutral: tuple[Any, ...] = (None,)
+    neutral_on: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def neutral_values(self, route: str) -> tuple[Any, ...]:
+        return (*self.neutral, *self.neutral_on.get(route, ()))
+
+    def is_neutral(self, value: Any, route: str) -> bool:
+        return any(same_json(value, neutral) for neutral in self.neutral_values(route))
+
+    def accepted_as(self) -> str:
+        """The values this field is accepted as, as docs/api.md and docs/responses.md list them:
+        ``null``, ``false``; with a route's own values after its name."""
+        def listed(values: tuple[Any, ...]) -> str:
+            return ", ".join(f"`{json.dumps(v)}`" for v in values)
+
+        on_routes = [f"{ROUTE_NAMES.get(route, route)}: {listed(values)}"
+                     for route, values in self.neutral_on.items()]
+        return "; ".join([listed(self.neutral), *on_routes])
+
+
+def same_json(value: Any, neutral: Any) -> bool:
+    """``value`` is ``neutral`` as JSON, strictly: ``0`` is not ``false``, ``1.0`` is not the
+    integer ``1`` (a float is matched by an integer of the same value, as pydantic's strict
+    floats accept integers)."""
+    if neutral is None or isinstance(neutral, bool) or isinstance(value, bool):
+        return value is neutral
+    if isinstance(neutral, int):
+        return type(value) is int and value == neutral
+    if isinstance(neutral, float):
+        return type(value) in (int, float) and value == neutral
+    if isinstance(neutral, str):
+        return isinstance(value, str) and value == neutral
+    if isinstance(neutral, list):
+        return (isinstance(value, list) and len(value) == len(neutral)
+                and all(same_json(v, n) for v, n in zip(value, neutral)))
+    if isinstance(neutral, dict):
+        return (isinstance(value, dict) and value.keys() == neutral.keys()
+                and all(same_json(value[k], neutral[k]) for k in neutral))
+    raise TypeError(f"not a JSON value: {neutral!r}")
+
+
+NULL = (None,)
+NO_TOOLS = "the model does not call tools"
+NOT_SERVED = "not served"
+TOKEN_IDS = "token ids are internal to the model; not served"
+TEMPLATE = "the model folder's SkinGPT-4 template is always used"
+NO_REASONING = "the model has no reasoning mode"
+TEXT_ONLY = "the model answers in text only"
+NOT_STORED_CHAT = "conversations are not stored"
+CACHED = "prefix caching is automatic"
+
+# Fields that vLLM's or OpenAI's chat and completions APIs know and this product refuses, with
+# the reason given to the client and the values that ask for nothing (docs/api.md lists both).
+# No tool can be given (tools only empty), so tool_choice "auto" and any parallel_tool_calls ask
+# for nothing. Any other unknown field is refused without a specific reason.
+EXCLUDED: dict[str, Refused] = {
+    "echo": Refused("it returns the prompt with its logprobs, which are not served", (None, False)),
+    "prompt_logprobs": Refused("logprobs over the prompt (photo positions included) are not "
+                               "served"),
+    "logit_bias": Refused(TOKEN_IDS, (None, {})),
+    "allowed_token_ids": Refused(TOKEN_IDS),
+    "bad_words": Refused("not served; use the response schema to constrain answers", (None, [])),
+    "structured_outputs": Refused("use response_format with json_schema or json_object"),
+    "guided_json": Refused("use response_format with json_schema"),
+    "guided_regex": Refused("regex-constrained output is not served; use response_format"),
+    "guided_choice": Refused("choice-constrained output is not served; use response_format"),
+    "guided_grammar": Refused("grammar-constrained output is not served; use response_format"),
+    "tools": Refused(NO_TOOLS, (None, [])),
+    "tool_choice": Refused(NO_TOOLS, (None, "none", "auto")),
+    "functions": Refused(NO_TOOLS, (None, [])),
+    "function_call": Refused(NO_TOOLS, (None, "none", "auto")),
+    "parallel_tool_calls": Refused(NO_TOOLS, (None, False, True)),
+    "chat_template": Refused(TEMPLATE),
+    "chat_template_kwargs": Refused(TEMPLATE, (None, {})),
+    "add_generation_prompt": Refused("the SkinGPT-4 template always asks for the answer",
+                                     (None, True)),
+    "continue_final_message": Refused("the SkinGPT-4 template always asks for a new answer",
+                                      (None, False)),
+    "add_special_tokens": Refused("the SkinGPT-4 template places special tokens itself", NULL,
+                                  {CHAT_ROUTE: (False,), COMPLETIONS_ROUTE: (True,)}),
+    "documents": Refused(NOT_SERVED, (None, [])),
+    "truncate_prompt_tokens": Refused("truncating the prompt could cut a photo apart; send a "
+                                      "shorter conversation"),
+    "mm_processor_kwargs": Refused("photos are preprocessed exactly as the model was trained",
+                                   (None, {})),
+    "media_io_kwargs": Refused("photos are decoded by the server's own checks", (None, {})),
+    "best_of": Refused("not served; use n", (None, 1)),
+    "use_beam_search": Refused(NOT_SERVED, (None, False)),
+    "length_penalty": Refused(NOT_SERVED, (None, 1.0)),
+    "include_stop_str_in_output": Refused("answers end before SkinGPT-4's turn separator",
+                                          (None, False)),
+    "skip_special_tokens": Refused(NOT_SERVED, (None, True)),
+    "spaces_between_special_tokens": Refused(NOT_SERVED, (None, True)),
+    "return_tokens_as_token_ids": Refused(TOKEN_IDS, (None, False)),
+    "return_token_ids": Refused(TOKEN_IDS, (None, False)),
+    "prompt_embeds": Refused(NOT_SERVED),
+    "suffix": Refused(NOT_SERVED),
+    "priority": Refused("scheduling priority is set by the server", (None, 0)),
+    "request_id": Refused("the server assigns request ids"),
+    "cache_salt": Refused(NOT_SERVED),
+    "kv_transfer_params": Refused(NOT_SERVED, (None, {})),
+    "vllm_xargs": Refused(NOT_SERVED, (None, {})),
+    "logits_processors": Refused(NOT_SERVED, (None, [])),
+    "reasoning_effort": Refused(NO_REASONING, (None, "none")),
+    "include_reasoning": Refused(NO_REASONING, (None, False, True)),
+    "verbosity": Refused("not served; max_tokens bounds the answer's length"),
+    "modalities": Refused(TEXT_ONLY, (None, ["text"])),
+    "audio": Refused(TEXT_ONLY),
+    "prediction": Refused(NOT_SERVED),
+    "service_tier": Refused(NOT_SERVED, (None, "auto", "default")),
+    "store": Refused(NOT_STORED_CHAT, (None, False)),
+    "metadata": Refused(NOT_STORED_CHAT, (None, {})),
+    "prompt_cache_key": Refused(CACHED),
+    "prompt_cache_retention": Refused(f"{CACHED}, in memory", (None, "in_memory")),
+    "prompt_cache_options": Refused(CACHED),
+    "safety_identifier": Refused("not served; use user"),
+    "web_search_options": Refused(NOT_SERVED),
+    "return_logprobs": Refused(NOT_SERVED, (None, False)),
+    "stop_token_ids": Refused(TOKEN_IDS, (None, [])),
+    "logprob_token_ids": Refused(TOKEN_IDS, (None, [])),
+    "truncation_side": Refused("the prompt is never truncated (that could cut a photo apart)"),
+    "thinking_token_budget": Refused(NO_REASONING),
+    "repetition_detection": Refused(NOT_SERVED),
+    "stream_interval": Refused("the server sets how answers stream"),
+    "return_prompt_text": Refused("the rendered prompt is internal; not served", (None, False)),
+    "return_token_offsets": Refused(NOT_SERVED, (None, False)),
+    "routed_experts_prompt_start": Refused(NOT_SERVED, (None, 0)),
+    "mm_payload": Refused(NOT_SERVED, (None, "tensors")),
+    "return_mm_kwargs": Refused(NOT_SERVED),
+    "watermarking": Refused(NOT_SERVED, (None, False)),
+    "session_id": Refused("send the x-session-id header instead"),
+    "ec_transfer_params": Refused(NOT_SERVED, (None, {})),
 }
 
 
-def check_fields(route: str, body: dict) -> None:
-    """Refuse fields outside ``route``'s contract and values of the wrong type or range."""
-    model = MODELS[route]
+Checked = TypeVar("Checked", bound=BaseModel)
+
+
+def check_body(route: str, body: dict, model: type[Checked],
+               refused: Mapping[str, Refused]) -> Checked:
+    """Drop from ``body`` the refused fields sent with a neutral value; refuse the others and
+    every field outside ``model``, then values of the wrong type or range. Returns the body as
+    ``model`` reads it."""
     known = {info.alias or name for name, info in model.model_fields.items()}
-    for field in body:
-        if field not in known:
-            reason = EXCLUDED.get(field, "it is not part of this API")
-            raise InvalidRequest(
-                f"unknown or unsupported field {field!r} on {route}: {reason}", param=str(field)
-            )
+    for name in [name for name in body if name not in known]:
+        rule = refused.get(name)
+        if rule is not None and rule.is_neutral(body[name], route):
+            del body[name]
+            continue
+        reason = rule.reason if rule is not None else "it is not part of this API"
+        raise InvalidRequest(f"unknown or unsupported field {name!r} on {route}: {reason}"
+                             + _neutral_hint(rule, route), param=str(name))
     try:
-        model.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as exc:
         raise InvalidRequest(_message(exc), param=_param(exc)) from None
+
+
+def _neutral_hint(rule: Refused | None, route: str) -> str:
+    """What the field is accepted as on ``route``, when that is more than ``null``."""
+    values = () if rule is None else rule.neutral_values(route)
+    if values in ((), NULL):
+        return ""
+    return f" (accepted only as {_either(values)}, which ask for nothing)"
+
+
+def _either(values: tuple[Any, ...]) -> str:
+    words = [json.dumps(v) for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def check_fields(route: str, body: dict) -> None:
+    """Refuse fields outside ``route``'s contract and values of the wrong type or range; drop
+    the refused fields sent with a neutral value."""
+    check_body(route, body, MODELS[route], EXCLUDED)
 
 
 # Fields whose type is a union: pydantic reports each alternative; the client gets one line.
 UNION_HINTS = {
     "stop": "a string or a list of strings",
     "prompt": "a string or a list of strings; token-id prompts are not accepted",
+    "input": "a string or a list of messages",
 }
 BOUND_WORDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "greater than"),
                "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}

@@ -17,11 +17,13 @@ limits, admission and strict JSON:
 
 - the top-level fields follow :class:`ResponsesRequest` (strict: no ``"1"`` for ``1``); any
   other field is refused with a 400 that names it, with the reason from :data:`EXCLUDED` for
-  the fields vLLM or OpenAI know;
-- ``input``: a string, or messages ``{role, content, type?}`` with roles ``system``, ``user``,
-  ``assistant``; user content holds ``input_text`` and ``input_image`` parts (photos in user
-  messages only), system content ``input_text``, an assistant's earlier answer a string or
-  ``output_text`` / ``input_text`` parts (the shape of a previous response's ``output``). Text is
+  the fields vLLM or OpenAI know, unless its value asks for nothing (``include: []``,
+  ``tools: []``...: dropped, as :func:`serving.api.contract.check_body` does on chat);
+- ``input``: a string, or messages ``{role, content, type?}`` with roles ``system`` (or
+  ``developer``, forwarded as ``system``), ``user``, ``assistant``; user content holds
+  ``input_text`` and ``input_image`` parts (photos in user messages only), system and developer
+  content ``input_text``, an assistant's earlier answer a string or ``output_text`` /
+  ``input_text`` parts (the shape of a previous response's ``output``). Text is
   checked as on chat (valid Unicode, no reserved image tokens, bounded in size);
 - every photo goes through :func:`serving.api.chat.forward_image_url`, as on chat (decoded once
   under the admission's bounds, forwarded small and lossless), at most
@@ -42,11 +44,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from serving.api.admission import Admission
 from serving.api.chat import (
     IMAGE_DETAILS,
+    ROLE_AS,
     ROLES,
     _apply_stop,
     _check_keys,
@@ -55,7 +58,19 @@ from serving.api.chat import (
     check_json_schema,
     forward_image_url,
 )
-from serving.api.contract import MAX_NEW_TOKENS, _message, _param, _Strict
+from serving.api.contract import (
+    CACHED,
+    MAX_NEW_TOKENS,
+    NO_REASONING,
+    NO_TOOLS,
+    NOT_SERVED,
+    TEMPLATE,
+    TEXT_ONLY,
+    TOKEN_IDS,
+    Refused,
+    _Strict,
+    check_body,
+)
 from serving.api.errors import InvalidRequest
 from serving.api.policy import ServePolicy
 
@@ -135,71 +150,72 @@ class ResponsesRequest(_Strict):
 
 
 # Fields that vLLM's ResponsesRequest or OpenAI's Responses API know and this route refuses, with
-# the reason given to the client (and in docs/responses.md). Any other unknown field is refused
-# without a specific reason.
-EXCLUDED: dict[str, str] = {
-    "previous_response_id": NOT_STORED,
-    "previous_input_messages": NOT_STORED,
-    "conversation": NOT_STORED,
-    "background": "answers are produced while the request is open; nothing is stored to fetch "
-    "later",
-    "background_options": "answers are produced while the request is open; nothing is stored to "
-    "fetch later",
-    "include": "extra output (logprobs, image URLs, encrypted reasoning) is not served",
-    "top_logprobs": "logprobs are not served",
-    "logit_bias": "token ids are internal to the model; not served",
-    "stop_token_ids": "token ids are internal to the model; not served",
-    "tools": "the model does not call tools",
-    "tool_choice": "the model does not call tools",
-    "parallel_tool_calls": "the model does not call tools",
-    "max_tool_calls": "the model does not call tools",
-    "prompt": "stored prompt templates are not served; send instructions and input",
-    "reasoning": "the model has no reasoning mode",
-    "include_reasoning": "the model has no reasoning mode",
-    "service_tier": "not served",
-    "truncation": "the conversation is never truncated (that could cut a photo apart); send a "
-    "shorter conversation",
-    "prompt_cache_key": "prefix caching is automatic",
-    "prompt_cache_retention": "prefix caching is automatic",
-    "prompt_cache_options": "prefix caching is automatic",
-    "stream_options": "not served",
-    "safety_identifier": "not served; use user",
-    "context_management": "not served",
-    "moderation": "not served",
-    "image": "the model answers in text only",
-    "access_programs": "not served",
-    "top_k": "not part of the Responses API; /v1/chat/completions serves vLLM's extra sampling "
-    "fields",
-    "min_p": "not part of the Responses API; /v1/chat/completions serves vLLM's extra sampling "
-    "fields",
-    "seed": "not part of the Responses API; /v1/chat/completions serves vLLM's extra sampling "
-    "fields",
-    "presence_penalty": "not part of the Responses API; /v1/chat/completions serves vLLM's "
-    "extra sampling fields",
-    "frequency_penalty": "not part of the Responses API; /v1/chat/completions serves vLLM's "
-    "extra sampling fields",
-    "repetition_penalty": "not part of the Responses API; /v1/chat/completions serves vLLM's "
-    "extra sampling fields",
-    "stop": "answers end at SkinGPT-4's turn separator; /v1/chat/completions takes more stop "
-    "strings",
-    "ignore_eos": "not served",
-    "skip_special_tokens": "not served",
-    "include_stop_str_in_output": "answers end before SkinGPT-4's turn separator",
-    "structured_outputs": "use text.format with json_schema or json_object",
-    "chat_template_kwargs": "the model folder's SkinGPT-4 template is always used",
-    "enable_response_messages": "the rendered prompt and its token ids are internal; not served",
-    "mm_processor_kwargs": "photos are preprocessed exactly as the model was trained",
-    "media_io_kwargs": "photos are decoded by the server's own checks",
-    "mm_payload": "not served",
-    "return_mm_kwargs": "not served",
-    "watermarking": "not served",
-    "request_id": "the server assigns request ids",
-    "session_id": "send the x-session-id header instead",
-    "priority": "scheduling priority is set by the server",
-    "cache_salt": "not served",
-    "vllm_xargs": "not served",
-    "kv_transfer_params": "not served",
-    "ec_transfer_params": "not served",
+# the reason given to the client and the values that ask for nothing (docs/responses.md lists
+# both; :class:`serving.api.contract.Refused` says how they are handled). What the OpenAI Agents
+# SDK and LangChain send by default (include: [], tools: [], tool_choice, truncation: "disabled",
+# top_logprobs: 0...) is among them. Any other unknown field is refused without a specific reason.
+SAMPLING_ON_CHAT = ("not part of the Responses API; /v1/chat/completions serves vLLM's extra "
+                    "sampling fields")
+LATER = "answers are produced while the request is open; nothing is stored to fetch later"
+EXCLUDED: dict[str, Refused] = {
+    "previous_response_id": Refused(NOT_STORED),
+    "previous_input_messages": Refused(NOT_STORED, (None, [])),
+    "conversation": Refused(NOT_STORED),
+    "background": Refused(LATER, (None, False)),
+    "background_options": Refused(LATER),
+    "include": Refused("extra output (logprobs, image URLs, encrypted reasoning) is not served",
+                       (None, [])),
+    "top_logprobs": Refused("logprobs are not served", (None, 0)),
+    "logit_bias": Refused(TOKEN_IDS, (None, {})),
+    "stop_token_ids": Refused(TOKEN_IDS, (None, [])),
+    "tools": Refused(NO_TOOLS, (None, [])),
+    "tool_choice": Refused(NO_TOOLS, (None, "none", "auto")),
+    "parallel_tool_calls": Refused(NO_TOOLS, (None, False, True)),
+    "max_tool_calls": Refused(NO_TOOLS),
+    "prompt": Refused("stored prompt templates are not served; send instructions and input"),
+    "reasoning": Refused(NO_REASONING, (None, {}, {"effort": "none"})),
+    "include_reasoning": Refused(NO_REASONING, (None, False, True)),
+    "service_tier": Refused(NOT_SERVED, (None, "auto", "default")),
+    "truncation": Refused("the conversation is never truncated (that could cut a photo apart); "
+                          "send a shorter conversation", (None, "disabled")),
+    "prompt_cache_key": Refused(CACHED),
+    "prompt_cache_retention": Refused(f"{CACHED}, in memory", (None, "in_memory")),
+    "prompt_cache_options": Refused(CACHED),
+    "stream_options": Refused(NOT_SERVED, (None, {}, {"include_obfuscation": False})),
+    "safety_identifier": Refused("not served; use user"),
+    "context_management": Refused(NOT_SERVED, (None, [])),
+    "moderation": Refused(NOT_SERVED),
+    "image": Refused(TEXT_ONLY),
+    "access_programs": Refused(NOT_SERVED, (None, {})),
+    "top_k": Refused(SAMPLING_ON_CHAT),
+    "min_p": Refused(SAMPLING_ON_CHAT),
+    "seed": Refused(SAMPLING_ON_CHAT),
+    "presence_penalty": Refused(SAMPLING_ON_CHAT),
+    "frequency_penalty": Refused(SAMPLING_ON_CHAT),
+    "repetition_penalty": Refused(SAMPLING_ON_CHAT),
+    "stop": Refused("answers end at SkinGPT-4's turn separator; /v1/chat/completions takes more "
+                    "stop strings", (None, [])),
+    "ignore_eos": Refused(NOT_SERVED, (None, False)),
+    "skip_special_tokens": Refused(NOT_SERVED, (None, True)),
+    "include_stop_str_in_output": Refused("answers end before SkinGPT-4's turn separator",
+                                          (None, False)),
+    "structured_outputs": Refused("use text.format with json_schema or json_object"),
+    "chat_template_kwargs": Refused(TEMPLATE, (None, {})),
+    "enable_response_messages": Refused("the rendered prompt and its token ids are internal; not "
+                                        "served", (None, False)),
+    "mm_processor_kwargs": Refused("photos are preprocessed exactly as the model was trained",
+                                   (None, {})),
+    "media_io_kwargs": Refused("photos are decoded by the server's own checks", (None, {})),
+    "mm_payload": Refused(NOT_SERVED, (None, "tensors")),
+    "return_mm_kwargs": Refused(NOT_SERVED),
+    "watermarking": Refused(NOT_SERVED, (None, False)),
+    "request_id": Refused("the server assigns request ids"),
+    "session_id": Refused("send the x-session-id header instead"),
+    "priority": Refused("scheduling priority is set by the server", (None, 0)),
+    "cache_salt": Refused(NOT_SERVED),
+    "vllm_xargs": Refused(NOT_SERVED, (None, {})),
+    "kv_transfer_params": Refused(NOT_SERVED, (None, {})),
+    "ec_transfer_params": Refused(NOT_SERVED, (None, {})),
 }
 
 MESSAGE_KEYS = {"type", "role", "content"}
@@ -215,26 +231,15 @@ PART_KEYS = {
 PARTS_BY_ROLE = {
     "user": ("input_text", "input_image"),
     "system": ("input_text",),
+    "developer": ("input_text",),
     "assistant": ("output_text", "input_text"),
 }
 
 
 def check_fields(body: dict) -> ResponsesRequest:
-    """Refuse fields outside the route's contract and values of the wrong type or range."""
-    known = {info.alias or name for name, info in ResponsesRequest.model_fields.items()}
-    for field in body:
-        if field not in known:
-            reason = EXCLUDED.get(field, "it is not part of this API")
-            raise InvalidRequest(
-                f"unknown or unsupported field {field!r} on {RESPONSES_ROUTE}: {reason}",
-                param=str(field),
-            )
-    if "input" in body and not isinstance(body["input"], (str, list)):
-        raise InvalidRequest("input must be a string or a list of messages", param="input")
-    try:
-        return ResponsesRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(_message(exc), param=_param(exc)) from None
+    """Refuse fields outside the route's contract and values of the wrong type or range; drop
+    the refused fields sent with a neutral value."""
+    return check_body(RESPONSES_ROUTE, body, ResponsesRequest, EXCLUDED)
 
 
 def _check_part(part: Any, role: str, where: str) -> int:
@@ -298,8 +303,10 @@ def _message_item(item: Any, where: str) -> tuple[dict, int, list[tuple[str, dic
         raise InvalidRequest(f"{where}.phase must be null, 'final_answer' or 'commentary'",
                              param=f"{where}.phase")
     content = item.get("content")
+    forwarded_role = ROLE_AS.get(role, role)
     if isinstance(content, str):
-        return {"role": role, "content": content}, _check_text(content, f"{where}.content"), []
+        message = {"role": forwarded_role, "content": content}
+        return message, _check_text(content, f"{where}.content"), []
     if not isinstance(content, list):
         raise InvalidRequest(f"{where}.content must be a string or a list of parts",
                              param=f"{where}.content")
@@ -309,7 +316,7 @@ def _message_item(item: Any, where: str) -> tuple[dict, int, list[tuple[str, dic
         # vLLM keeps only the first part of an answer; the answer as one text keeps all of it.
         return {"role": role, "content": " ".join(p["text"].strip() for p in parts)}, chars, []
     photos = [(f"{where}.content[{j}]", p) for j, p in enumerate(parts) if p["type"] == "input_image"]
-    return {"role": role, "content": parts}, chars, photos
+    return {"role": forwarded_role, "content": parts}, chars, photos
 
 
 def _input_messages(body: dict, policy: ServePolicy) -> tuple[str | list[dict], list[tuple[str, dict]]]:

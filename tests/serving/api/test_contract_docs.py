@@ -1,4 +1,4 @@
-"""The contract tables in docs/api.md list exactly the fields the contract accepts and refuses."""
+"""The contract tables in docs/api.md list exactly the fields the contract accepts and refuses,\nwith the reason and the values each refused field is accepted as."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def test_accepted_fields_are_documented():
     assert documented == accepted
 
 
-def test_refused_fields_and_reasons_are_documented():
-    rows = table_after("Fields vLLM knows that are refused")
-    assert {row[0].strip("`"): row[1] for row in rows} == EXCLUDED
+def test_refused_fields_reasons_and_neutral_values_are_documented():
+    rows = table_after("Fields vLLM or OpenAI know that are refused")
+    documented = {row[0].strip("`"): (row[1], row[2]) for row in rows}
+    assert documented == {name: (rule.reason, rule.accepted_as()) for name, rule in EXCLUDED.items()}
 

@@ -21,9 +21,17 @@ every failure class and its shortest example. If the engine dies the run stops t
 would be meaningless), naming the requests just before; the session's shared server is then
 gone for the tests after this one too.
 
+Refused fields (``REFUSED``: the server's own tables) are also sent with the values they are
+accepted as. Two tests look at those values alone: every mix of neutral values is accepted and
+changes no greedy answer (text, prompt and answer lengths) on any route, the OpenAI Agents SDK's
+default request among them; and a refused field with any other value (typed from vLLM's models,
+or junk) gets a 400 naming the field, with its reason.
+
 Bounded for CI on 2 cores: ``SKINGPT4_FUZZ_EXAMPLES`` generated bodies (default 300) within
 ``SKINGPT4_FUZZ_BUDGET_S`` seconds (default 420), 60 s per request. The seed is printed and
 settable: ``SKINGPT4_FUZZ_SEED=1234``. ``SKINGPT4_FUZZ_REPORT=path.json`` writes the report.
+The neutral-value tests send ``SKINGPT4_FUZZ_NEUTRAL_EXAMPLES`` (default 60) and
+``SKINGPT4_FUZZ_REFUSAL_EXAMPLES`` (default 200) generated requests.
 
     .venv/bin/python -m pytest -q -s tests/serving/api/test_fuzz.py
 """
@@ -48,12 +56,13 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from PIL import Image
 
 from encoders.samples import encode_image, synthetic_skin_photo
+from serving.api import contract, responses
 from tests.serving.helpers import data_url, image_message
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
@@ -69,6 +78,8 @@ REQUEST_TIMEOUT_S = 60.0
 HEALTH_EVERY = 25  # a summary line per batch; health itself is checked after every request
 MODEL = "skingpt4"
 CHAT, COMPLETIONS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/responses"
+# The fields each route refuses, with the values they are accepted as (neutral: they ask for nothing).
+REFUSED = {CHAT: contract.EXCLUDED, COMPLETIONS: contract.EXCLUDED, RESPONSES: responses.EXCLUDED}
 
 
 # --------------------------------------------------------------------------- field lists
@@ -345,9 +356,16 @@ def typed(annotation: Any, depth: int = 0) -> st.SearchStrategy:
     return junk
 
 
-def field_value(name: str, annotation: Any) -> st.SearchStrategy:
+def neutral_value(path: str, name: str) -> st.SearchStrategy | None:
+    """The values the refused field ``name`` is accepted as on ``path`` (None: not refused there)."""
+    rule = REFUSED[path].get(name)
+    return st.sampled_from(rule.neutral_values(path)) if rule is not None else None
+
+
+def field_value(path: str, name: str, annotation: Any) -> st.SearchStrategy:
     right = OVERRIDES[name] if name in OVERRIDES else typed(annotation)
-    return st.one_of(right, right, right, junk)
+    neutral = neutral_value(path, name)
+    return st.one_of(right, right, right, junk, *([neutral] if neutral is not None else []))
 
 
 # --------------------------------------------------------------------------- messages
@@ -517,13 +535,15 @@ def fuzz_requests(draw, fields: dict[str, dict[str, Any]]):
     names = sorted(n for n in known if n not in ("messages", "prompt", "input") and n not in EXCLUDED)
     if draw(st.booleans()):  # wild: any fields, any values
         for name in draw(st.lists(st.sampled_from(names), unique=True, max_size=6)):
-            body[name] = draw(field_value(name, known[name]))
+            body[name] = draw(field_value(path, name, known[name]))
     else:  # gentle: one or two fields, mostly the core sampling ones, values of the right type,
         # so that one bad field does not stop every request before the engine
         core = [n for n in (RESPONSES_CORE_FIELDS if path == RESPONSES else CORE_FIELDS) if n in names]
         for name in draw(st.lists(st.one_of(*[st.sampled_from(core)] * 3, st.sampled_from(names)),
                                   unique=True, max_size=2)):
-            body[name] = draw(OVERRIDES[name] if name in OVERRIDES else typed(known[name]))
+            right = OVERRIDES[name] if name in OVERRIDES else typed(known[name])
+            neutral = neutral_value(path, name)
+            body[name] = draw(right if neutral is None else st.one_of(right, neutral))
         return path, body
     if draw(st.integers(0, 9)) == 9:
         body[draw(st.sampled_from(UNKNOWN_FIELDS))] = draw(junk)
@@ -1008,3 +1028,115 @@ def test_fuzz_http_api(server, capsys):
     if state.failures:
         pytest.fail(f"{len(state.failures)} failures (seed {SEED}); the [fuzz] report above lists "
                     f"each class with its shortest request", pytrace=False)
+
+
+# --------------------------------------------------------------------------- neutral values
+# A refused field sent with a value that asks for nothing (its "accepted as" values in
+# docs/api.md and docs/responses.md) is accepted and dropped: the greedy answer, its prompt and
+# its length are the ones without it. Any other value is refused with a 400 that names the field.
+
+NEUTRAL_EXAMPLES = int(os.environ.get("SKINGPT4_FUZZ_NEUTRAL_EXAMPLES", "60"))
+REFUSAL_EXAMPLES = int(os.environ.get("SKINGPT4_FUZZ_REFUSAL_EXAMPLES", "200"))
+GREEDY = {
+    CHAT: {"model": MODEL, "messages": [image_message([PHOTO])], "temperature": 0, "max_tokens": 6},
+    COMPLETIONS: {"model": MODEL, "prompt": "What's wrong with my skin?", "temperature": 0,
+                  "max_tokens": 6},
+    RESPONSES: {"model": MODEL, "temperature": 0, "max_output_tokens": 6, "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": PHOTO},
+                                     {"type": "input_text", "text": "What's wrong with my skin?"}]}]},
+}
+# What openai-agents 0.24's OpenAIResponsesModel sends with default model settings and no tools,
+# then with settings an agent may set that ask for nothing here.
+AGENTS_SDK_DEFAULT = {"include": [], "tools": []}
+AGENTS_SDK_SETTINGS = {**AGENTS_SDK_DEFAULT, "tool_choice": "auto", "parallel_tool_calls": True,
+                       "store": False, "truncation": "disabled", "top_logprobs": 0, "prompt": None,
+                       "reasoning": {"effort": "none"}, "service_tier": "auto",
+                       "prompt_cache_retention": "in_memory", "context_management": []}
+SETTINGS = dict(deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                print_blob=False, suppress_health_check=[HealthCheck.too_slow,
+                                                         HealthCheck.function_scoped_fixture])
+
+
+@st.composite
+def neutral_requests(draw) -> tuple[str, dict]:
+    """(path, fields): refused fields of the route, each with one of its neutral values."""
+    path = draw(st.sampled_from([CHAT, COMPLETIONS, RESPONSES]))
+    names = draw(st.lists(st.sampled_from(sorted(REFUSED[path])), min_size=1, max_size=8, unique=True))
+    return path, {name: draw(neutral_value(path, name)) for name in names}
+
+
+def post_json(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.base_url + path, content=json.dumps(body, ensure_ascii=True).encode(),
+                      headers={**server.headers(), "content-type": "application/json"},
+                      timeout=REQUEST_TIMEOUT_S)
+
+
+def greedy_answer(server, path: str, fields: dict) -> tuple[str, int, int]:
+    """(text, prompt tokens, answer tokens) of the route's greedy consult with ``fields``."""
+    r = post_json(server, path, {**GREEDY[path], **fields})
+    assert r.status_code == 200, f"{path} {summarize(path, fields)}: {r.status_code} {r.text[:300]}"
+    out = r.json()
+    if path == RESPONSES:
+        text_ = "".join(part["text"] for item in out["output"] for part in item.get("content", [])
+                        if part.get("type") == "output_text")
+        return text_, out["usage"]["input_tokens"], out["usage"]["output_tokens"]
+    choice = out["choices"][0]
+    text_ = choice["message"]["content"] if path == CHAT else choice["text"]
+    return text_, out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"]
+
+
+def test_neutral_values_are_accepted_and_change_no_answer(server):
+    plain: dict[str, tuple] = {}
+
+    @hypothesis_seed(SEED)
+    @settings(max_examples=NEUTRAL_EXAMPLES, **SETTINGS)
+    @given(req=neutral_requests())
+    @example(req=(RESPONSES, AGENTS_SDK_DEFAULT))
+    @example(req=(RESPONSES, AGENTS_SDK_SETTINGS))
+    @example(req=(CHAT, {"tools": [], "tool_choice": "none", "store": False, "metadata": {},
+                         "add_special_tokens": False, "skip_special_tokens": True}))
+    @example(req=(COMPLETIONS, {"add_special_tokens": True, "echo": False, "best_of": 1}))
+    def run(req):
+        path, fields = req
+        if path not in plain:
+            plain[path] = greedy_answer(server, path, {})
+        assert greedy_answer(server, path, fields) == plain[path], summarize(path, fields)
+
+    run()
+
+
+@st.composite
+def refused_requests(draw, fields: dict[str, dict[str, Any]]) -> tuple[str, str, Any]:
+    """(path, field, value): a refused field of the route with a value that asks for something."""
+    path = draw(st.sampled_from([CHAT, COMPLETIONS, RESPONSES]))
+    name = draw(st.sampled_from(sorted(REFUSED[path])))
+    right = OVERRIDES[name] if name in OVERRIDES else typed(fields[path].get(name, Any))
+    value = draw(st.one_of(right, junk))
+    assume(not REFUSED[path][name].is_neutral(value, path))
+    return path, name, value
+
+
+def test_values_that_ask_for_something_are_refused_naming_the_field(server):
+    fields = vllm_request_fields()
+
+    @hypothesis_seed(SEED)
+    @settings(max_examples=REFUSAL_EXAMPLES, **SETTINGS)
+    @given(req=refused_requests(fields))
+    @example(req=(RESPONSES, "include", ["message.output_text.logprobs"]))
+    @example(req=(RESPONSES, "tools", [{"type": "function", "name": "f", "parameters": OK_SCHEMA}]))
+    @example(req=(RESPONSES, "truncation", "auto"))
+    @example(req=(CHAT, "tool_choice", "required"))
+    @example(req=(CHAT, "store", True))
+    @example(req=(CHAT, "echo", 0))
+    @example(req=(COMPLETIONS, "add_special_tokens", False))
+    def run(req):
+        path, name, value = req
+        body = {**GREEDY[path], name: value}
+        r = post_json(server, path, body)
+        assert r.status_code == 400, f"{summarize(path, body)}: {r.status_code} {r.text[:300]}"
+        error = r.json()["error"]
+        assert error["param"] == name, error
+        assert f"unknown or unsupported field {name!r} on {path}: {REFUSED[path][name].reason}" \
+            in error["message"], error
+
+    run()

@@ -102,15 +102,18 @@ def test_every_vllm_field_is_accepted_or_refused_with_a_reason():
     assert ours & set(EXCLUDED) == set()
 
 
-@pytest.mark.parametrize("field", ["foo", "previous_response_id", "tools", "seed", "stop",
-                                   "truncation", "include", "chat_template_kwargs",
-                                   "mm_processor_kwargs", "structured_outputs", "conversation"])
-def test_fields_outside_the_contract_are_named(field):
-    error = refusal(body_with(**{field: None}))
+@pytest.mark.parametrize("field, value", [
+    ("foo", None), ("previous_response_id", "resp_1"), ("tools", [{"type": "web_search"}]),
+    ("seed", 1), ("stop", ["x"]), ("truncation", "auto"), ("include", ["message.output_text.logprobs"]),
+    ("chat_template_kwargs", {"tokenize": False}), ("mm_processor_kwargs", {"size": 1}),
+    ("structured_outputs", {"regex": "a"}), ("conversation", "conv_1"),
+])
+def test_fields_outside_the_contract_are_named(field, value):
+    error = refusal(body_with(**{field: value}))
     assert isinstance(error, InvalidRequest) and error.status == 400
     assert error.param == field
-    assert f"unknown or unsupported field {field!r} on {RESPONSES_ROUTE}" in error.message
-    assert error.message.endswith(EXCLUDED.get(field, "it is not part of this API"))
+    reason = EXCLUDED[field].reason if field in EXCLUDED else "it is not part of this API"
+    assert f"unknown or unsupported field {field!r} on {RESPONSES_ROUTE}: {reason}" in error.message
 
 
 def test_previous_response_id_says_to_send_the_conversation():
@@ -165,7 +168,7 @@ def test_input_is_required():
     ({"type": "function_call_output", "call_id": "c", "output": "x"}, "input[0].type",
      "item type 'function_call_output' is not accepted"),
     ({"type": "item_reference", "id": "msg_1"}, "input[0].type", "is not accepted"),
-    ({"role": "developer", "content": "x"}, "input[0].role", "accepted roles"),
+    ({"role": "tool", "content": "x"}, "input[0].role", "accepted roles"),
     ({"role": "user", "content": "x", "name": "n"}, "input[0].name", "unknown field 'name'"),
     ({"role": "user", "content": 5}, "input[0].content", "a string or a list of parts"),
     ({"role": "user", "content": [{"type": "text", "text": "chat-style"}]}, "input[0].content[0]",
@@ -370,9 +373,10 @@ def test_docs_list_the_accepted_fields():
     assert documented == {info.alias or name for name, info in ResponsesRequest.model_fields.items()}
 
 
-def test_docs_list_the_refused_fields_with_their_reasons():
+def test_docs_list_the_refused_fields_with_their_reasons_and_neutral_values():
     rows = table_after("Fields vLLM or OpenAI know that are refused")
-    assert {row[0].strip("`"): row[1] for row in rows} == EXCLUDED
+    documented = {row[0].strip("`"): (row[1], row[2]) for row in rows}
+    assert documented == {name: (rule.reason, rule.accepted_as()) for name, rule in EXCLUDED.items()}
 
 
 # --------------------------------------------------------------------------- the server
@@ -444,6 +448,48 @@ def test_a_consult_with_instructions_answers_like_chat(server, photo_urls):
                                        {"role": "user", "content": "Is it serious?"}])
     assert second.output_text == chat_second.choices[0].message.content
     assert second.usage.input_tokens == chat_second.usage.prompt_tokens > first.usage.input_tokens
+
+
+def test_a_developer_message_answers_like_a_system_message(server, photo_urls):
+    """OpenAI's SDKs send the instructions as a developer message: on both routes it is the
+    system message (the same greedy answer and prompt), not dropped (the default system prompt
+    would give another prompt length)."""
+    client = server.client()
+    consult = image_message(photo_urls[:1], QUESTION)
+
+    def chat(role):
+        return chat_answer(server, [{"role": role, "content": "Answer briefly."}, consult])
+
+    def responses(role):
+        return client.responses.create(
+            model=server.model, temperature=0, max_output_tokens=GREEDY_TOKENS,
+            input=[{"role": role, "content": "Answer briefly."}, *photo_input(photo_urls[0])])
+
+    system, developer = chat("system"), chat("developer")
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+    assert system.usage.prompt_tokens != chat_answer(server, [consult]).usage.prompt_tokens
+    r_system, r_developer = responses("system"), responses("developer")
+    assert r_developer.output_text == r_system.output_text == system.choices[0].message.content
+    assert r_developer.usage.input_tokens == r_system.usage.input_tokens == system.usage.prompt_tokens
+
+
+def test_the_agents_sdk_request_shape_answers_as_without_its_empty_fields(server, photo_urls):
+    """The OpenAI Agents SDK sends include: [] and tools: [] on every call (and the model
+    settings it is given, here ones that ask for nothing): the same greedy answer as without."""
+    client = server.client()
+    kw = dict(model=server.model, instructions="Answer briefly.", input=photo_input(photo_urls[0]),
+              temperature=0, max_output_tokens=GREEDY_TOKENS)
+    plain = client.responses.create(**kw)
+    agents = client.responses.create(**kw, include=[], tools=[], tool_choice="auto",
+                                     parallel_tool_calls=False, truncation="disabled", store=False,
+                                     reasoning={"effort": "none"}, top_logprobs=0)
+    assert agents.output_text == plain.output_text
+    assert agents.usage.input_tokens == plain.usage.input_tokens
+    assert agents.usage.output_tokens == plain.usage.output_tokens
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(**kw, include=["message.output_text.logprobs"])
+    assert info.value.body["param"] == "include"
 
 
 def test_usage_reports_cached_tokens(server, photo_urls):
