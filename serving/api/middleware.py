@@ -25,9 +25,12 @@
    (:class:`ContextCheck`). The checked body goes on to vLLM, and the large buffers of the
    original are dropped before it does.
 7. One error shape: every error response, vLLM's and Starlette's included, leaves with OpenAI's
-   shape, a string ``code`` and the project's ``type`` (:func:`serving.api.errors.error_for_status`).
+   shape, a string ``code`` and the project's ``type`` (:func:`serving.api.errors.error_for_status`);
+   so do errors inside event streams, and a stream that fails after it started ends with its
+   error events instead of a dropped connection (:mod:`serving.api.streams`).
 
-Pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses pass through untouched. Request
+Pure ASGI (no ``BaseHTTPMiddleware``), so streaming responses pass through as they are written
+(only the events named in :mod:`serving.api.streams` are rewritten). Request
 bodies are never logged.
 """
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from http import HTTPStatus
 
@@ -43,6 +47,7 @@ from serving.api.admission import Admission, BodyReservation, LiveTraffic
 from serving.api.errors import (
     ContextLengthExceeded,
     HeadersTooLarge,
+    InternalError,
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
@@ -55,6 +60,9 @@ from serving.api.errors import (
 from serving.api.jobs import is_jobs_path
 from serving.api.policy import ServePolicy, policy_from_env
 from serving.api.pipeline import ROUTES, prepare_request
+from serving.api.streams import EventStream, is_event_stream
+
+logger = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health",)
 GET_ROUTES = ("/health", "/ping", "/v1/models", "/metrics", "/version")
@@ -359,40 +367,88 @@ def error_message(status: int, body: bytes) -> tuple[str, str | None]:
     return (text[:2000] if text and data is None else fallback), None
 
 
-def shaped_errors(send):
-    """``send`` for the app, with every error response (status >= 400) rewritten to the project's
-    error shape; other responses pass through untouched."""
-    start: dict | None = None
-    body = bytearray()
-    done = False
+class ShapedSend:
+    """``send`` for the app: every error response (status >= 400) rewritten to the project's
+    error shape, and an event stream's errors and end as OpenAI's (:mod:`serving.api.streams`);
+    other responses pass through untouched. ``responses``: the request is a Responses one."""
 
-    async def shaped(message):
-        nonlocal start, done
+    def __init__(self, send, responses: bool = False) -> None:
+        self.send = send
+        self.responses = responses
+        self.error_start: dict | None = None
+        self.error_body = bytearray()
+        self.error_done = False
+        self.stream: EventStream | None = None
+        self.stream_done = False
+
+    async def __call__(self, message):
         kind = message["type"]
         if kind == "http.response.start":
-            if message["status"] < 400:
-                return await send(message)
-            start = message
-            return None
-        if start is None or kind != "http.response.body":
-            return await send(message)
-        if done:
+            if message["status"] >= 400:
+                self.error_start = message
+                return None
+            if is_event_stream(message):
+                self.stream = EventStream(self.responses)
+            return await self.send(message)
+        if kind != "http.response.body":
+            return await self.send(message)
+        if self.error_start is not None:
+            return await self._error_body(message)
+        if self.stream is None or self.stream_done:
+            return await self.send(message)
+        more = message.get("more_body", False)
+        out = self.stream.feed(message.get("body", b""))
+        if not more:
+            out += self.stream.close()
+            self.stream_done = True
+        if out or not more:
+            return await self.send({"type": "http.response.body", "body": out, "more_body": more})
+        return None
+
+    async def fail(self, exc: BaseException) -> bool:
+        """The app raised after its event stream started: end the stream with its error events
+        (True), so that the client reads what happened instead of a dropped connection. False
+        where no stream is open (the caller re-raises)."""
+        if self.stream is None or self.stream_done:
+            return False
+        self.stream_done = True
+        failure = exc if isinstance(exc, ServingError) else InternalError(
+            "the answer failed while it was being written; send the request again")
+        logger.warning("a streamed answer failed: %s", type(exc).__name__)
+        try:
+            await self.send({"type": "http.response.body", "body": self.stream.close(failure),
+                             "more_body": False})
+        except OSError:
+            pass  # the client has gone
+        return True
+
+    async def _error_body(self, message):
+        if self.error_done:
             return None  # the rest of an oversized error body
-        body.extend(message.get("body", b"")[:MAX_ERROR_BODY])
-        if message.get("more_body", False) and len(body) < MAX_ERROR_BODY:
+        self.error_body.extend(message.get("body", b"")[:MAX_ERROR_BODY])
+        if message.get("more_body", False) and len(self.error_body) < MAX_ERROR_BODY:
             return None
-        done = True
-        status = start["status"]
-        error = error_for_status(status, *error_message(status, bytes(body)))
+        self.error_done = True
+        status = self.error_start["status"]
+        error = error_for_status(status, *error_message(status, bytes(self.error_body)))
         payload = error.body()
         drop = {b"content-length", b"content-type"} | {k for k, _ in error.headers()}
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in drop]
+        headers = [(k, v) for k, v in self.error_start.get("headers", []) if k.lower() not in drop]
         headers += [(b"content-type", b"application/json"),
                     (b"content-length", str(len(payload)).encode()), *error.headers()]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        return await send({"type": "http.response.body", "body": payload})
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        return await self.send({"type": "http.response.body", "body": payload})
 
-    return shaped
+
+async def call_shaped(app, scope, receive, send) -> None:
+    """``app`` with its answer shaped by :class:`ShapedSend`; a failure after an event stream
+    started ends that stream with its error events instead of dropping the connection."""
+    shaped = ShapedSend(send, responses=scope.get("path") == "/v1/responses")
+    try:
+        await app(scope, receive, shaped)
+    except Exception as exc:
+        if not await shaped.fail(exc):
+            raise
 
 
 async def call_app(app, scope, body: bytes) -> tuple[int, bytes]:
@@ -570,7 +626,7 @@ class RequestPolicyMiddleware:
                 return await self.jobs.handle(scope, receive, send, key, clock)
             check_route(scope)
             if clock is None:
-                return await self.app(scope, receive, shaped_errors(send))
+                return await call_shaped(self.app, scope, receive, send)
             check_content_type(scope)
         except ServingError as error:
             return await self._refuse(scope, receive, send, error, clock)
@@ -582,7 +638,7 @@ class RequestPolicyMiddleware:
                 return await self._refuse(scope, receive, send, error, clock)
             headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
             scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
-            return await self.app(scope, _replay(body, receive), shaped_errors(send))
+            return await call_shaped(self.app, scope, _replay(body, receive), send)
         finally:
             self.live.live_ended()
 

@@ -13,8 +13,8 @@ reasoning, references) and ``text.format`` of every kind, and a few non-standard
 For every request: the status is below 500; a 4xx has the project's error body
 ``{"error": {"message", "type", "param", "code"}}`` with a string ``code`` (vLLM's own refusals
 included); a 200 stream carries no server-error event and ends as its
-route's streams end (``data: [DONE]``; ``response.completed`` on the Responses route); and
-``GET /health``
+route's streams end (``data: [DONE]``; ``response.completed`` or ``response.incomplete`` on the
+Responses route); and ``GET /health``
 answers 200 afterwards (checked after every request, so the request that killed the engine is
 named). Failures are collected, not raised one by one: the test asserts once at the end, with
 every failure class and its shortest example. If the engine dies the run stops there (the rest
@@ -705,7 +705,8 @@ RESPONSE_STREAM_ERRORS = ("error", "response.failed")
 
 def check_stream(path: str, text_: str, fail) -> None:
     """A 200 stream: every event JSON, none an error, and the route's end (chat and
-    completions: ``data: [DONE]``; Responses: a last event ``response.completed``)."""
+    completions: ``data: [DONE]``; Responses: a last event ``response.completed``, or
+    ``response.incomplete`` for an answer that reached ``max_output_tokens``)."""
     last = None
     for line in text_.splitlines():
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -721,8 +722,8 @@ def check_stream(path: str, text_: str, fail) -> None:
             if event.get("type") in RESPONSE_STREAM_ERRORS:
                 return fail(json.dumps(event)[:300], event.get("code"))
             last = event.get("type")
-    if path == RESPONSES and last != "response.completed":
-        fail(f"stream ended after {last!r}, not response.completed")
+    if path == RESPONSES and last not in ("response.completed", "response.incomplete"):
+        fail(f"stream ended after {last!r}, not response.completed or response.incomplete")
     elif path != RESPONSES and "data: [DONE]" not in text_:
         fail("stream ended without data: [DONE]")
 

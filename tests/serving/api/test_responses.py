@@ -410,13 +410,17 @@ def test_stream_answers_like_create(server, photo_urls):
     client = server.client()
     whole = client.responses.create(model=server.model, input=photo_input(photo_urls[0]),
                                     temperature=0, max_output_tokens=GREEDY_TOKENS)
+    assert whole.status == "incomplete"  # the greedy answer is longer than GREEDY_TOKENS
     with client.responses.stream(model=server.model, input=photo_input(photo_urls[0]),
                                  temperature=0, max_output_tokens=GREEDY_TOKENS) as stream:
         events = list(stream)
-        final = stream.get_final_response()
     kinds = [e.type for e in events]
-    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
-    assert "response.output_text.done" in kinds
+    # As OpenAI's stream ends an answer cut at max_output_tokens (the SDK's get_final_response
+    # waits for response.completed, so the last event carries the response here).
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+    assert "response.output_text.done" in kinds and "response.completed" not in kinds
+    final = events[-1].response
+    assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert len(deltas) > 1
     assert "".join(deltas) == final.output_text == whole.output_text
@@ -426,7 +430,12 @@ def test_stream_answers_like_create(server, photo_urls):
     raw = list(client.responses.create(model=server.model, input=photo_input(photo_urls[0]),
                                        temperature=0, max_output_tokens=GREEDY_TOKENS, stream=True))
     assert "".join(e.delta for e in raw if e.type == "response.output_text.delta") == whole.output_text
-    assert raw[-1].type == "response.completed" and raw[-1].response.usage.output_tokens > 0
+    assert raw[-1].type == "response.incomplete" and raw[-1].response.usage.output_tokens > 0
+    # An answer that ends at SkinGPT-4's ### stop ends with response.completed.
+    with client.responses.stream(model=server.model, input=photo_input(photo_urls[0]),
+                                 temperature=0, max_output_tokens=600) as stream:
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text.startswith(whole.output_text)
 
 
 def test_a_consult_with_instructions_answers_like_chat(server, photo_urls):
