@@ -4,7 +4,10 @@ Decoding a photo and compiling a JSON schema are CPU-bound C code that a thread 
 interrupt: a crafted file (a JPEG with 100,000 scans) or schema (nested pattern repetition)
 holds a core for minutes. Here each such job runs in a worker process of a :class:`WorkerPool`;
 past ``timeout_s`` the worker is killed (its CPU and memory come back at once), the job's caller
-gets :class:`JobTimeout`, and a fresh worker takes its place. Workers whose modules take
+gets :class:`JobTimeout`, and a fresh worker takes its place. A worker that dies during a job
+for a reason of the server's (killed from outside, by the OOM killer, or it could not start)
+gives :class:`WorkerLost`, a 503 the caller may retry; one that crashes on the job's input
+(a fault signal in a decoder) gives :class:`JobFailed`. Workers whose modules take
 seconds to load (:data:`FORK_PER_JOB`) instead fork a child per job and kill the child. A job
 can also run under a memory bound (``RLIMIT_AS`` above what the process holds) and at a lower
 CPU priority.
@@ -21,11 +24,14 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+
+from serving.api.errors import ServerBusy
 
 FRAME = struct.Struct(">IQ")  # header length, data length
 READY = b"ready\n"  # a worker's first output, once its modules are loaded
@@ -37,7 +43,22 @@ class JobTimeout(Exception):
 
 
 class JobFailed(Exception):
-    """The worker died during the job (e.g. over its memory bound); a fresh one replaces it."""
+    """The job crashed its worker (a fault signal: the input broke the decoder); a fresh worker
+    replaces it. The job's fault: the same job would crash the next worker too."""
+
+
+class WorkerLost(ServerBusy):
+    """The worker stopped during the job for a reason of the server's, not the job's: killed by
+    a signal from outside (an operator, the OOM killer), gone without a word, or it could not
+    start. A 503: the same job may well succeed on the fresh worker that replaces it, so a
+    live client retries and the Batch API runs the line again on a later pass."""
+
+
+# How a worker that crashed on its input ends: the signals of a fault in native code. Any
+# other end during a job (SIGKILL, SIGTERM, an exit) is the server's.
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
+                           signal.SIGABRT})
+EXIT_WAIT_S = 1.0  # how long to wait for a worker whose pipe closed to report how it ended
 
 
 class JobError(Exception):
@@ -125,7 +146,7 @@ class WorkerPool:
 
     async def run(self, header: dict, data: bytes = b"") -> tuple[dict, bytes]:
         """Run one job; its reply header and data. Raises :class:`JobTimeout`,
-        :class:`JobFailed` or :class:`JobError`."""
+        :class:`JobFailed`, :class:`WorkerLost` or :class:`JobError`."""
         worker = await self._take()
         if self.kind in FORK_PER_JOB:
             header = dict(header, timeout_s=self.timeout_s, memory_mb=self.memory_mb or 0)
@@ -138,8 +159,12 @@ class WorkerPool:
             await self._replace(worker)
             raise JobTimeout(f"the job took longer than {self.timeout_s:g} s") from None
         except (asyncio.IncompleteReadError, ConnectionError, BrokenPipeError):
+            code = await _exit_code(worker.proc)
             await self._replace(worker)
-            raise JobFailed("the worker stopped during the job") from None
+            if code is not None and code < 0 and -code in CRASH_SIGNALS:
+                raise JobFailed(
+                    f"the job crashed its worker ({signal.Signals(-code).name})") from None
+            raise WorkerLost(self._lost(code)) from None
         except BaseException:  # cancelled mid-job: the pipe is mid-frame, so the worker goes
             await self._replace(worker)
             raise
@@ -163,12 +188,20 @@ class WorkerPool:
             await asyncio.wait(set(self._starting), return_when=asyncio.FIRST_COMPLETED)
             await asyncio.sleep(0)  # let the finished starts' callbacks run
             if not self._idle and self._start_error is not None:
-                raise JobFailed(f"a {self.kind} worker did not start") from self._start_error
+                raise WorkerLost(f"the server's {self.kind} worker did not start; retry in "
+                                 "1 s") from self._start_error
         worker = self._idle.pop()
         if worker.proc.poll() is not None:  # died while idle (e.g. killed from outside)
             worker.stop()
             return await self._take()
         return worker
+
+    def _lost(self, code: int | None) -> str:
+        how = ("its pipe closed" if code is None else
+               f"killed by {signal.Signals(-code).name}" if code < 0 and -code in _SIGNALS else
+               f"exit code {code}")
+        return (f"the server's {self.kind} worker stopped during this request ({how}); that is "
+                "the server's fault, not the request's: retry in 1 s")
 
     def prestart(self) -> None:
         """Start the workers now, in the background, so that the first jobs find them ready."""
@@ -218,6 +251,18 @@ class WorkerPool:
                 self._start_error = task.exception()  # a waiter in _take reports it
 
         task.add_done_callback(finished)
+
+
+_SIGNALS = {int(s) for s in signal.Signals}
+
+
+async def _exit_code(proc: subprocess.Popen) -> int | None:
+    """How a worker whose pipe closed ended (negative: the signal), once it has; None if it
+    has not within :data:`EXIT_WAIT_S`."""
+    deadline = time.monotonic() + EXIT_WAIT_S
+    while (code := proc.poll()) is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return code
 
 
 def _worker_env() -> dict[str, str]:

@@ -8,8 +8,9 @@
     skingpt4 demo
 
 vLLM and Ray are imported only by the subcommands that need them. Problems the user can fix (a
-missing model folder or photo, a folder that is not a SkinGPT-4 one, a port in use) are checked
-before any engine starts and reported on one line of stderr with exit code 2.
+missing model folder or photo, a folder that is not a SkinGPT-4 one, a port in use, a data key
+that does not open the Batch API's store) are checked before any engine starts and reported on
+one line of stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -132,13 +133,28 @@ def _run_generate(args) -> int:
     return 0
 
 
+def check_data_store(data_dir: Path, key_file: Path | None) -> None:
+    """The Batch API's master key (``SKINGPT4_DATA_KEY`` or the key file) must open the store
+    in ``data_dir``; read only, so a refused start changes nothing there."""
+    from serving.api.jobs.store import DataKeyError, check_data_key
+
+    try:
+        check_data_key(data_dir.expanduser().absolute(),
+                       key_file.expanduser().absolute() if key_file else None)
+    except DataKeyError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _check_serve(args) -> None:
     if args.ray and settings.ray_address():
-        # Joining a running cluster: the folder may exist only on its nodes, and its Serve proxy
+        # Joining a running cluster: the folders may exist only on its nodes, and its Serve proxy
         # may already hold the port (a redeploy); Ray reports its own errors.
         return
     check_model_folder(Path(args.model))
     check_port_free(args.host, args.port)
+    if args.data_dir:
+        key_file = Path(args.data_key_file) if args.data_key_file else None
+        check_data_store(Path(args.data_dir), key_file)
 
 
 def build_parser() -> argparse.ArgumentParser:

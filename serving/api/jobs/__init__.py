@@ -1,5 +1,7 @@
-"""The OpenAI Batch and Files API (:mod:`serving.api.jobs.service`) and the batch-file pass it
-shares with ``skingpt4 batch`` (:mod:`serving.api.jobs.runner`)."""
+"""The OpenAI Batch and Files API (:mod:`serving.api.jobs.service`, its store in
+:mod:`serving.api.jobs.store`, the tenants' fair share of its places in
+:mod:`serving.api.jobs.share`) and the batch-file pass it shares with ``skingpt4 batch``
+(:mod:`serving.api.jobs.runner`)."""
 
 FILES = "/v1/files"
 BATCHES = "/v1/batches"

@@ -311,6 +311,15 @@ class _Reservation:
             self._admission.release(self._nbytes)
 
 
+class Slots(Protocol):
+    """Places for requests in flight: an ``asyncio.Semaphore``, or the HTTP service's share of
+    a limit that several batches use at once (:class:`serving.api.jobs.share.Share`)."""
+
+    async def acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
 class BatchRun:
     """One pass over INPUT: skip what the log holds, write a record for every other line.
 
@@ -318,12 +327,14 @@ class BatchRun:
     waiting as long as a batch needs). ``report_failures``: name each server error on stderr
     (the command line; the HTTP service keeps request details out of its logs). ``line_gate``:
     an async context manager held while a line is checked and answered (the HTTP service's
-    :meth:`serving.api.admission.LiveTraffic.batch_slot`)."""
+    :meth:`serving.api.admission.LiveTraffic.batch_slot`). ``slots``: where a request to run
+    takes its place (default: ``max_concurrency`` of its own); recorded and refused lines take
+    none, so a resumed batch skips its recorded lines without waiting for one."""
 
     def __init__(self, engine: AnswerEngine, log: RecordLog,
                  max_concurrency: int = DEFAULT_MAX_CONCURRENCY, progress: bool = True, *,
                  admission: Admission | None = None, report_failures: bool = True,
-                 line_gate=contextlib.nullcontext) -> None:
+                 line_gate=contextlib.nullcontext, slots: Slots | None = None) -> None:
         self.line_gate = line_gate
         self.engine = engine
         self.log = log
@@ -334,10 +345,11 @@ class BatchRun:
             queue_size=max_concurrency * self.policy.max_images_per_request + 1,
             timeout_s=ADMISSION_TIMEOUT_S, policy=self.policy,
         )
-        self.slots = asyncio.Semaphore(max_concurrency)
+        self.slots: Slots = slots or asyncio.Semaphore(max_concurrency)
         self.progress = progress
         self.report_failures = report_failures
         self.stopping = False
+        self._stopped = asyncio.Event()
         self.seen: dict[str, int] = {}  # custom_id -> the line that has it
         self.tasks: set[asyncio.Task] = set()
         self.summary = BatchSummary()
@@ -381,6 +393,7 @@ class BatchRun:
         """End the pass now: read no further line and cancel the requests in flight (their
         lines get no record)."""
         self.stopping = True
+        self._stopped.set()
         for task in self.tasks:
             task.cancel()
 
@@ -396,13 +409,12 @@ class BatchRun:
                 f"line {line} is {raw.size} bytes; the limit is {limit} bytes "
                 f"({limit / 2**20:g} MiB)",
             ))
-        await self.slots.acquire()
         reservation = _Reservation(self.admission, BODY_COST_FACTOR * len(raw))
         started = False
         try:
             await reservation.acquire()
             job = self._decide(parse_line(line, raw))
-            if self.stopping:  # stopped while this line waited for its slot
+            if self.stopping:  # stopped while this line waited for memory
                 pass
             elif isinstance(job, LineError):
                 await self._line_error(job)
@@ -411,7 +423,7 @@ class BatchRun:
                 self.bar.update()
             elif job.refusal is not None:
                 await self._write(refusal_record(job.custom_id, job.refusal), refused=True)
-            else:
+            elif await self._take_slot():
                 task = asyncio.create_task(self._serve(job, reservation))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
@@ -419,7 +431,26 @@ class BatchRun:
         finally:
             if not started:
                 await reservation.release()
+
+    async def _take_slot(self) -> bool:
+        """A place for a request (False: the run was stopped while it waited for one)."""
+        if self.stopping:
+            return False
+        taking = asyncio.ensure_future(self.slots.acquire())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        waited = False
+        try:
+            await asyncio.wait((taking, stopped), return_when=asyncio.FIRST_COMPLETED)
+            waited = True
+        finally:
+            stopped.cancel()
+            taking.cancel()  # no effect once it has its place
+            await asyncio.gather(taking, stopped, return_exceptions=True)
+            got = not taking.cancelled() and taking.exception() is None
+            if got and (self.stopping or not waited):  # stopped as the place came: hand it on
                 self.slots.release()
+                got = False
+        return got
 
     def _decide(self, parsed: BatchLine | LineError) -> BatchLine | LineError | None:
         """What to do with a line: run or refuse it, report it, or None to skip it because

@@ -54,17 +54,12 @@ def load_master_key(data_dir: Path, key_file: Path | None = None,
     reason for a key that is not 32 bytes of base64 or a key file others may read."""
     given = environ.get(KEY_ENV)
     if given:
-        return _decode_key(given, KEY_ENV)
+        return decode_key(given, KEY_ENV)
     path = key_file or data_dir / KEY_FILE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise ValueError(
-                f"the data key file {path} may be read by others (mode {mode:o}); "
-                f"chmod 600 it") from None
-        return _decode_key(path.read_text(), str(path))
+        return read_key_file(path)
     try:
         key = os.urandom(KEY_BYTES)
         os.write(fd, base64.b64encode(key) + b"\n")
@@ -74,7 +69,16 @@ def load_master_key(data_dir: Path, key_file: Path | None = None,
     return key
 
 
-def _decode_key(text: str, where: str) -> bytes:
+def read_key_file(path: Path) -> bytes:
+    """The key in an existing key file, which only its owner may read."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ValueError(f"the data key file {path} may be read by others (mode {mode:o}); "
+                         "chmod 600 it")
+    return decode_key(path.read_bytes().decode("ascii", "replace"), str(path))
+
+
+def decode_key(text: str, where: str) -> bytes:
     try:
         key = base64.b64decode(text.strip(), validate=True)
     except ValueError:

@@ -15,11 +15,16 @@ RequestPolicyMiddleware`, on the embedded server and on the Ray ingress alike (d
   answered at once, and only one while live requests are in flight or were a moment ago
   (:class:`serving.api.admission.LiveTraffic`), so a batch's photo decodes do not hold the photo
   workers either; their photos are checked one at a time, within a byte budget of their own.
+- **Tenants side by side.** Batches of different API keys run at once, each tenant's oldest
+  :data:`BATCHES_PER_TENANT`; the ``batch_max_inflight`` places go to the tenants in turn
+  (:class:`serving.api.jobs.share.FairShare`), so one tenant's big batch, or many, do not
+  hold another tenant's small one.
 - **Durable.** Records go to the batch's output and error files as each request finishes,
   one sealed frame each, synced. A server killed mid-batch resumes it on its next start
   (:meth:`BatchService.start`): lines with a record are skipped, so every ``custom_id`` gets
-  exactly one record. Lines that failed with a server error are tried again (at most
-  :data:`MAX_PASSES` passes) before they are recorded as failed.
+  exactly one record. Lines that failed with a server error (a 5xx, a photo worker that
+  died under them) are tried again (at most :data:`MAX_PASSES` passes) before they are
+  recorded as failed; only refusals that belong to the line (4xx) are recorded at once.
 - **Private.** Files are encrypted at rest (:mod:`serving.api.jobs.sealed`); a delete removes
   the bytes and the key; files expire after ``file_retention_hours``; no request content is
   logged. Each API key is a tenant: another key's ids answer 404.
@@ -30,6 +35,7 @@ RequestPolicyMiddleware`, on the embedded server and on the Ray ingress alike (d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -73,7 +79,8 @@ from serving.api.jobs.runner import (
     record_key,
     response_record,
 )
-from serving.api.jobs.store import Store, new_batch_id, new_file_id
+from serving.api.jobs.share import FairShare
+from serving.api.jobs.store import UNFINISHED, Store, new_batch_id, new_file_id
 from serving.api.policy import ServePolicy
 
 logger = logging.getLogger("skingpt4.batches")
@@ -93,6 +100,10 @@ PROGRESS_EVERY_S = 1.0
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 LIST_LIMIT = (1, 100)
 FILE_LIST_LIMIT = (1, 10_000)
+BATCHES_PER_TENANT = 2  # a tenant's batches advanced at once (the next one's validation and
+# start overlap the last lines and the pauses between passes of the one before)
+MAX_BATCHES_RUNNING = 64  # batches advanced at once, all tenants together
+BUG_PAUSE_S = 30.0  # before a batch that could not advance (a bug) is tried again
 
 
 def tenant_of(key: str | None) -> str:
@@ -215,9 +226,24 @@ class AppEngine:
 # --- the service -------------------------------------------------------------------------------
 
 
+class _Running:
+    """A batch being advanced: its task, its current pass, and what wakes it between passes."""
+
+    def __init__(self, batch_id: str, tenant: str) -> None:
+        self.batch_id, self.tenant = batch_id, tenant
+        self.task: asyncio.Task | None = None
+        self.run: BatchRun | None = None
+        self.woken = asyncio.Event()  # a cancel: no more waiting between passes
+
+    def stop(self) -> None:
+        self.woken.set()
+        if self.run is not None:
+            self.run.stop()
+
+
 class BatchService:
     """``/v1/files`` and ``/v1/batches`` over one store, and the worker that runs the batches
-    (one at a time, oldest first)."""
+    (tenants side by side, each tenant's oldest first)."""
 
     def __init__(self, policy: ServePolicy, app, admission: Admission, context,
                  live: LiveTraffic) -> None:
@@ -230,9 +256,12 @@ class BatchService:
         # largest body), so they never take the budget live requests wait for.
         self.admission = Admission(
             max(policy.max_inflight_bytes // 8, 3 * policy.max_body_bytes), 1,
-            queue_size=policy.batch_max_inflight * policy.max_images_per_request + 1,
+            # the lines in flight, and one line read ahead by each running batch
+            queue_size=policy.batch_max_inflight * policy.max_images_per_request
+            + MAX_BATCHES_RUNNING,
             timeout_s=ADMISSION_TIMEOUT_S, policy=policy,
         )
+        self.share = FairShare(policy.batch_max_inflight)
         self.server_admission = admission  # for the API's own small request bodies
         self.admission.photo_workers = admission.photo_workers
         self.admission.schema_workers = admission.schema_workers
@@ -242,8 +271,7 @@ class BatchService:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-store")
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._run: BatchRun | None = None
-        self._running_id: str | None = None
+        self._running: dict[str, _Running] = {}
         self._closing = False
         self._uploads = 0
         self._start_lock = asyncio.Lock()
@@ -286,14 +314,16 @@ class BatchService:
                            asyncio.create_task(self._expire(), name="file-expiry")]
 
     async def stop(self) -> None:
-        """Stop the running batch where it is (nothing more is recorded; the next start
-        resumes it) and close the store."""
+        """Stop the running batches where they are (nothing more is recorded; the next start
+        resumes them) and close the store."""
         self._closing = True
-        if self._run is not None:
-            self._run.stop()
-        for task in self._tasks:
+        running = list(self._running.values())
+        for batch in running:
+            batch.stop()
+        tasks = self._tasks + [b.task for b in running if b.task is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.store is not None:
             await self._db(self.store.close)
         self._executor.shutdown(wait=False)
@@ -492,39 +522,57 @@ class BatchService:
                            "in_progress batch can be cancelled", param="batch_id")
         batch = await self._db(self.store.update_batch, batch_id, status="cancelling",
                                cancelling_at=int(time.time()))
-        if self._running_id == batch_id and self._run is not None:
-            self._run.stop()
+        if batch_id in self._running:
+            self._running[batch_id].stop()
         self._wake.set()
         return batch
 
     # --- the worker ------------------------------------------------------------------------------
 
     async def _work(self) -> None:
+        """Keep the unfinished batches advancing: each in a task of its own, at most
+        :data:`BATCHES_PER_TENANT` per tenant (its oldest) and :data:`MAX_BATCHES_RUNNING` in
+        all, taken a tenant at a time so that no tenant's queue holds another's."""
         while True:
-            pending = await self._db(self.store.unfinished_batches)
-            if not pending:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            self._running_id = pending[0]
+            self._wake.clear()
             try:
-                await self._advance(pending[0])
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug: the batch stays as it is, retried after a pause
-                logger.exception("batch %s could not advance", pending[0])
-                await asyncio.sleep(30)
-            finally:
-                self._running_id = None
+                pending = await self._db(self.store.unfinished_batches)
+            except Exception:  # the store could not be read: tried again after a pause
+                logger.exception("the unfinished batches could not be listed")
+                await asyncio.sleep(BUG_PAUSE_S)
+                continue
+            for batch_id, tenant in _next_to_run(pending, self._running):
+                running = _Running(batch_id, tenant)
+                self._running[batch_id] = running
+                running.task = asyncio.create_task(self._drive(running),
+                                                   name=f"batch-{batch_id[-8:]}")
+            await self._wake.wait()
 
-    async def _advance(self, batch_id: str) -> None:
+    async def _drive(self, running: _Running) -> None:
+        """Advance one batch until it is final (or the service stops)."""
+        try:
+            while not self._closing:
+                batch = await self._db(self.store.batch, running.batch_id)
+                if batch is None or batch["status"] not in UNFINISHED:
+                    return
+                try:
+                    await self._advance(batch, running)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug: the batch stays as it is, retried after a pause
+                    logger.exception("batch %s could not advance", running.batch_id)
+                    await asyncio.sleep(BUG_PAUSE_S)
+        finally:
+            self._running.pop(running.batch_id, None)
+            self._wake.set()  # a place for the next batch
+
+    async def _advance(self, batch: dict, running: _Running) -> None:
         """One step of a batch: validating -> in_progress -> finalizing -> a final status."""
-        batch = await self._db(self.store.batch, batch_id)
         status = batch["status"]
         if status == "validating":
             await self._validate(batch)
         elif status == "in_progress":
-            await self._execute(batch)
+            await self._execute(batch, running)
         elif status == "cancelling":
             await self._finalize(batch, "cancelled")
         elif status == "finalizing":
@@ -573,16 +621,19 @@ class BatchService:
                                           row.data_key, file_id, append=True))
         return SplitLog(*writers)
 
-    async def _execute(self, batch: dict) -> None:
+    async def _execute(self, batch: dict, running: _Running) -> None:
         log = await self._open_log(batch)
         engine = AppEngine(self.app, self.policy, self.context, self.template or {})
         progress = asyncio.create_task(self._report(batch, log))
+        share = self.share.share(running.tenant, (batch["created_at"], batch["id"]))
         outcome = "finalizing"
         try:
             for attempt in range(MAX_PASSES):
                 if attempt:
-                    await asyncio.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S)) - 1])
-                summary = await self._pass(batch, log, engine)
+                    delay = RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S)) - 1]
+                    with contextlib.suppress(TimeoutError):  # woken early by a cancel
+                        await asyncio.wait_for(running.woken.wait(), delay)
+                summary = await self._pass(batch, log, engine, running, share)
                 if summary is None or summary.complete:
                     break
             else:  # still failing after every pass: recorded, so the batch can finish
@@ -613,25 +664,29 @@ class BatchService:
             fields["expired_at"] = now
         await self._db(self.store.update_batch, batch["id"], **fields)
 
-    async def _pass(self, batch: dict, log: SplitLog, engine: AppEngine):
-        """One pass of the runner over the input; None when it was stopped (cancel, expiry,
-        shutdown)."""
+    async def _pass(self, batch: dict, log: SplitLog, engine: AppEngine, running: _Running,
+                    share) -> Any:
+        """One pass of the runner over the input, its requests taking their places from the
+        tenant's ``share``; None when it was stopped (cancel, expiry, shutdown)."""
+        current = await self._db(self.store.batch, batch["id"])
+        if current["status"] != "in_progress" or running.woken.is_set():
+            return None  # cancelled since the last pass
         reader = await self._input(batch)
         if reader is None:
             return None
         run = BatchRun(engine, log, self.policy.batch_max_inflight, progress=False,
                        admission=self.admission, report_failures=False,
-                       line_gate=self.live.batch_slot)
-        self._run = run
+                       line_gate=self.live.batch_slot, slots=share)
+        running.run = run
         expiry = asyncio.get_running_loop().call_later(
             max(0.0, batch["expires_at"] - time.time()), run.stop)
         try:
-            if self._closing:
+            if self._closing or running.woken.is_set():
                 return None
             summary = await run.run_stream(reader)
         finally:
             expiry.cancel()
-            self._run = None
+            running.run = None
             reader.close()
         return None if run.stopping else summary
 
@@ -703,6 +758,24 @@ class BatchService:
                 if not await self._db(self.store.file_in_use, file_id):
                     await self._db(self.store.delete_file, file_id)
             await asyncio.sleep(every)
+
+
+def _next_to_run(pending: list[tuple[str, str]],
+                 running: dict[str, Any]) -> list[tuple[str, str]]:
+    """Which of the ``pending`` batches (``(id, tenant)``, oldest first) to start advancing,
+    beside the ``running`` ones: each tenant's oldest, up to :data:`BATCHES_PER_TENANT` per
+    tenant, taken one tenant at a time (every tenant's first, then every tenant's second)
+    within :data:`MAX_BATCHES_RUNNING` in all."""
+    queues: dict[str, list[str]] = {}
+    for batch_id, tenant in pending:
+        queues.setdefault(tenant, []).append(batch_id)
+    start: list[tuple[str, str]] = []
+    room = MAX_BATCHES_RUNNING - len(running)
+    for depth in range(BATCHES_PER_TENANT):
+        for tenant, queue in queues.items():
+            if depth < len(queue) and queue[depth] not in running and len(start) < room:
+                start.append((queue[depth], tenant))
+    return start
 
 
 def _no_route(method: str, path: str) -> ServingError:
@@ -813,7 +886,9 @@ def record_unrun(reader: io.BufferedReader, log: SplitLog, status: str,
 
 class _Form:
     """The fields of a file upload as a streaming multipart parser finds them: ``purpose``,
-    ``file`` (sealed as it arrives), ``expires_after[anchor]`` and ``expires_after[seconds]``."""
+    ``file`` (sealed as it arrives), ``expires_after[anchor]`` and ``expires_after[seconds]``;
+    and how far the body got (``ended``: its closing boundary was read; ``in_headers``,
+    ``_name``: inside a part's headers, or a part's data)."""
 
     TEXT_FIELDS = ("purpose", "expires_after[anchor]", "expires_after[seconds]")
 
@@ -827,15 +902,23 @@ class _Form:
         self._headers: dict[bytes, bytes] = {}
         self._field = bytearray()
         self._value = bytearray()
+        self.ended = False
+        self.in_headers = False
+        self.parts = 0
 
     def callbacks(self) -> dict:
         return {"on_part_begin": self._begin, "on_header_field": self._header_field,
                 "on_header_value": self._header_value, "on_header_end": self._header_end,
                 "on_headers_finished": self._headers_done, "on_part_data": self._data,
-                "on_part_end": self._end}
+                "on_part_end": self._end, "on_end": self._finished}
 
     def _begin(self) -> None:
         self._headers, self._name = {}, None
+        self.in_headers = True
+        self.parts += 1
+
+    def _finished(self) -> None:
+        self.ended = True
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._field += data[start:end]
@@ -850,6 +933,7 @@ class _Form:
     def _headers_done(self) -> None:
         from python_multipart.multipart import parse_options_header
 
+        self.in_headers = False
         _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = params.get(b"name", b"").decode("utf-8", "replace")
         if name != "file" and name not in self.TEXT_FIELDS:
@@ -889,6 +973,23 @@ class _Form:
             self.writer.write(self._buffer)
             self._buffer = bytearray()
         self._name = None
+
+    def cut_short(self, boundary: bytes) -> InvalidRequest:
+        """Why a body that ended without its closing boundary is refused."""
+        closing = "--" + boundary[:70].decode("latin-1") + "--"
+        if self.in_headers:
+            where = "inside the headers of a form part"
+        elif self._name == "file":
+            where = f"inside the file part, after {self.size} bytes of the file,"
+        elif self._name is not None:
+            where = f"inside the form field {self._name!r}"
+        elif self.parts:
+            where = "between form parts"
+        else:
+            where = "before its first form part"
+        return InvalidRequest(f"the upload ends {where} without the closing boundary "
+                              f"{closing}: it was cut short, and nothing of it was stored; "
+                              "send the whole file again")
 
     def result(self, retention_s: float) -> tuple[str, str, int]:
         """(purpose, filename, seconds until it expires) of a whole upload."""
@@ -931,10 +1032,13 @@ async def _read_form(receive, boundary: bytes, clock, form: _Form) -> None:
         if not message.get("more_body", False):
             clock.complete = True
             break
+    if clock.declared is not None and received != clock.declared:
+        short = ": it was cut short" if received < clock.declared else ""
+        raise InvalidRequest(f"the upload has {received} bytes; its Content-Length declares "
+                             f"{clock.declared}{short}, and nothing of it was stored")
     try:
         parser.finalize()
     except Exception as exc:
         raise InvalidRequest(f"the upload is not valid multipart/form-data ({exc})") from None
-    if clock.declared is not None and received != clock.declared:
-        raise InvalidRequest(f"the upload has {received} bytes; its Content-Length declares "
-                             f"{clock.declared}")
+    if not form.ended:  # the parser takes a body that stops anywhere as a whole one
+        raise form.cut_short(boundary)

@@ -2,7 +2,8 @@
 
 A data directory (``--data-dir``, mode 0700) holds::
 
-    store.db      SQLite (WAL, secure_delete): files, batches
+    store.db      SQLite (WAL, secure_delete): files, batches, and a check value sealed
+                  under the master key
     files/<id>    each file's contents, sealed (serving.api.jobs.sealed)
     data.key      the master key, unless SKINGPT4_DATA_KEY gives it
 
@@ -10,6 +11,10 @@ The database holds no photo, question or answer: a file's name and a batch's met
 sealed under the master key, a file's data key is wrapped by it. Deleting a file removes its
 row (``secure_delete`` overwrites the freed pages) and its sealed bytes. Records belong to a
 tenant (a digest of the API key that created them); lookups by another tenant find nothing.
+
+A master key that does not open the store (another store's key, a malformed one, a key file
+that is missing while the store holds sealed records) is refused before anything in the folder
+changes (:func:`check_data_key`; ``skingpt4 serve`` runs it before its engine starts).
 
 Every method is blocking and must be called from one thread (the service runs them on a
 single-thread executor, off the event loop).
@@ -22,6 +27,7 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +58,105 @@ CREATE TABLE IF NOT EXISTS batches (
     error_file TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_by_tenant ON batches (tenant, created_at, id);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
+DB_FILE = "store.db"
+KEY_CHECK = "key_check"  # meta row: KEY_CHECK_TEXT sealed under the master key
+KEY_CHECK_TEXT = "skingpt4 data key check"
+
+
+class DataKeyError(ValueError):
+    """A master key that cannot serve the store: malformed, missing, or not the key its
+    records were sealed with. The message is one line naming the key's source and the folder."""
+
+
+def check_data_key(data_dir: Path, key_file: Path | None = None,
+                   environ: Mapping[str, str] = os.environ) -> bytes | None:
+    """The master key of the store in ``data_dir`` (``SKINGPT4_DATA_KEY``, else the key file),
+    checked against the store without changing anything in the folder: it must be well formed
+    and open the store's check value (or, in a store written before check values, its first
+    sealed record). None when the key file does not exist yet and the store holds nothing
+    sealed: a first start, which creates the key. Raises :class:`DataKeyError`."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataKeyError(f"the data folder {data_dir} is a file, not a folder")
+    sample = _sealed_sample(data_dir / DB_FILE)
+    given = environ.get(sealed.KEY_ENV)
+    path = Path(key_file) if key_file else data_dir / sealed.KEY_FILE
+    source = sealed.KEY_ENV if given else f"the data key in {path}"
+    try:
+        if given:
+            master = sealed.decode_key(given, sealed.KEY_ENV)
+        elif path.exists():
+            master = sealed.read_key_file(path)
+        elif sample is None:
+            return None
+        else:
+            raise DataKeyError(
+                f"the data key file {path} does not exist, but the store in {data_dir} holds "
+                f"records sealed with a key: give that key ({sealed.KEY_ENV}, or "
+                "--data-key-file); a new key would not open them")
+    except DataKeyError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DataKeyError(f"{exc}; it is the master key of the store in {data_dir}") from None
+    if sample is not None and not _opens(master, sample):
+        raise DataKeyError(
+            f"{source} does not open the store in {data_dir}: its records were sealed with "
+            f"another key; start with the key it was created with ({sealed.KEY_ENV}, or "
+            "--data-key-file), or give another --data-dir")
+    return master
+
+
+_SAMPLES = (  # (table, query of (kind, ...)) in the order they are tried
+    ("meta", f"SELECT name, value FROM meta WHERE name = '{KEY_CHECK}'"),
+    ("files", "SELECT 'file', id, data_key FROM files ORDER BY created_at, id LIMIT 1"),
+    ("batches", "SELECT 'metadata', id, metadata FROM batches WHERE metadata IS NOT NULL "
+                "ORDER BY created_at, id LIMIT 1"),
+)
+
+
+def _sealed_sample(db_path: Path) -> tuple[str, ...] | None:
+    """Something sealed under the store's master key, read without writing: its check value,
+    else its first file's wrapped key, else its first batch's metadata; None if it holds none
+    (or does not exist)."""
+    if not db_path.exists():
+        return None
+    # Without a -wal file the database is whole on disk: read it as immutable, which creates
+    # nothing beside it. With one (a server running, or killed), read-only through the WAL.
+    wal = db_path.with_name(db_path.name + "-wal")
+    uri = db_path.resolve().as_uri() + ("?mode=ro" if wal.exists() else "?immutable=1")
+    try:
+        db = sqlite3.connect(uri, uri=True)
+        try:
+            tables = {r[0] for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            for table, sql in _SAMPLES:
+                if table in tables and (row := db.execute(sql).fetchone()) is not None:
+                    return tuple(row)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise DataKeyError(f"the store {db_path} cannot be read ({exc})") from None
+    return None
+
+
+def _opens(master: bytes, sample: tuple[str, ...]) -> bool:
+    kind = sample[0]
+    try:
+        if kind == KEY_CHECK:
+            return sealed.open_text(master, sample[1], KEY_CHECK) == KEY_CHECK_TEXT
+        if kind == "file":
+            sealed.unwrap_key(master, sample[2], sample[1])
+        else:
+            sealed.open_text(master, sample[2], "metadata:" + sample[1])
+    except (sealed.SealedError, ValueError):
+        return False
+    return True
 
 
 def new_file_id() -> str:
@@ -85,18 +188,23 @@ class FileRow:
 
 class Store:
     def __init__(self, data_dir: Path, key_file: Path | None = None) -> None:
+        """Open (or create) the store; :class:`DataKeyError`, with nothing changed, for a
+        master key that does not fit it."""
         self.data_dir = Path(data_dir)
+        master = check_data_key(self.data_dir, key_file)
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.files_dir = self.data_dir / "files"
         self.files_dir.mkdir(mode=0o700, exist_ok=True)
-        self.master = sealed.load_master_key(self.data_dir, key_file)
-        self.db = sqlite3.connect(self.data_dir / "store.db", check_same_thread=False,
+        self.master = master or sealed.load_master_key(self.data_dir, key_file)
+        self.db = sqlite3.connect(self.data_dir / DB_FILE, check_same_thread=False,
                                   isolation_level=None)
-        os.chmod(self.data_dir / "store.db", 0o600)
+        os.chmod(self.data_dir / DB_FILE, 0o600)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA secure_delete=ON")
         self.db.executescript(SCHEMA)
+        self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)",
+                        (KEY_CHECK, sealed.seal_text(self.master, KEY_CHECK_TEXT, KEY_CHECK)))
         self.remove_orphans()
 
     def close(self) -> None:
@@ -253,9 +361,9 @@ class Store:
                                [*params, limit + 1]).fetchall()
         return [self._batch(r) for r in rows[:limit]], len(rows) > limit
 
-    def unfinished_batches(self) -> list[str]:
-        """Ids of batches not yet in a final status, oldest first."""
+    def unfinished_batches(self) -> list[tuple[str, str]]:
+        """(id, tenant) of the batches not yet in a final status, oldest first."""
         marks = ",".join("?" * len(UNFINISHED))
-        return [r[0] for r in self.db.execute(
-            f"SELECT id FROM batches WHERE status IN ({marks}) ORDER BY created_at, id",
+        return [(r[0], r[1]) for r in self.db.execute(
+            f"SELECT id, tenant FROM batches WHERE status IN ({marks}) ORDER BY created_at, id",
             UNFINISHED)]

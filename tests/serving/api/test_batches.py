@@ -30,13 +30,14 @@ FINAL = ("completed", "failed", "cancelled", "expired")
 class EchoApp:
     """vLLM's routes as far as a batch needs them: chat and completions answer 200 with the last
     text they were given; ``/health`` answers 200; ``gate``, when set, holds each answer until
-    it opens; ``allow``, when set, answers that many requests and holds the rest. Every body it
-    was handed is kept."""
+    it opens; ``allow``, when set, answers that many requests and holds the rest; ``delay_s``:
+    how long each answer takes. Every body it was handed is kept."""
 
-    def __init__(self, allow: int | None = None) -> None:
+    def __init__(self, allow: int | None = None, delay_s: float = 0.0) -> None:
         self.bodies: list[dict] = []
         self.gate: asyncio.Event | None = None
         self.allow = allow
+        self.delay_s = delay_s
         self.lifespan: list[str] = []
 
     async def __call__(self, scope, receive, send):
@@ -57,6 +58,7 @@ class EchoApp:
         self.bodies.append(body)
         if self.gate is not None or (self.allow is not None and len(self.bodies) > self.allow):
             await (self.gate or asyncio.Event()).wait()
+        await asyncio.sleep(self.delay_s)
         if path == "/v1/completions":
             text = body["prompt"]
             answer = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": MODEL,
@@ -516,3 +518,257 @@ def test_batch_requests_yield_to_live_ones():
         return during, after_end, max(most)
 
     assert asyncio.run(go()) == (1, 1, 3)
+
+
+# --- tenants side by side ------------------------------------------------------------------------
+
+
+def test_places_go_to_the_tenants_in_turn():
+    from serving.api.jobs.share import FairShare
+
+    async def go():
+        pool = FairShare(2)
+        a_old, a_new = pool.share("a", (1, "old")), pool.share("a", (2, "new"))
+        b = pool.share("b", (3, "b"))
+        order: list[str] = []
+        holders: list = []  # in the order they got their places
+
+        async def take(share, name):
+            await share.acquire()
+            order.append(name)
+            holders.append(share)
+
+        for share in (a_old, a_old):  # tenant a alone takes every place
+            await take(share, "a-old")
+        waiting = [asyncio.create_task(take(share, name)) for share, name in
+                   ((a_new, "a-new"), (a_old, "a-old"), (a_new, "a-new"), (b, "b"), (b, "b"))]
+        await asyncio.sleep(0)
+        assert pool.free == 0 and pool.waiting() == 5
+        for _ in range(5):  # the longest-running request ends, and its place goes on
+            holders.pop(0).release()
+            await asyncio.sleep(0)
+        await asyncio.gather(*waiting)
+        return order[2:]
+
+    # b, holding fewer places, first; then a's oldest batch before its newer one, in turns
+    assert asyncio.run(go()) == ["b", "a-old", "b", "a-new", "a-new"]
+
+
+def test_a_tenants_small_batch_is_not_held_behind_anothers_big_one(tmp_path):
+    big = [chat_line(f"a{i}", f"big {i}") for i in range(40)]
+    small = [chat_line(f"b{i}", f"small {i}") for i in range(3)]
+
+    async def go():
+        app = EchoApp(delay_s=0.05)
+        async with service(tmp_path / "data", app, batch_max_inflight=2) as (_, mw, client):
+            other = sdk(mw, OTHER)
+            first = await submit(client, big[:20])  # a's batches queue behind each other...
+            second = await submit(client, big[20:])
+            while len(app.bodies) < 4:
+                await asyncio.sleep(0.01)
+            late = await submit(other, small)  # ...but not b's
+            done_b = await finished(other, late.id)
+            a_left = sum(1 for b in app.bodies if b["messages"][0]["content"].startswith("big"))
+            done = [await finished(client, first.id), await finished(client, second.id)]
+            outputs = [await records(client, d.output_file_id) for d in done]
+            return done_b, a_left, done, outputs, await records(other, done_b.output_file_id), app
+
+    done_b, a_sent, done, outputs, output_b, app = asyncio.run(go())
+    assert a_sent < 30  # b finished while most of a's lines were still to run
+    assert done_b.status == "completed" and sorted(r["custom_id"] for r in output_b) == \
+        ["b0", "b1", "b2"]
+    assert all(d.status == "completed" for d in done)
+    ids = [r["custom_id"] for output in outputs for r in output]
+    assert sorted(ids) == sorted(line["custom_id"] for line in big)  # each answered once
+    assert len(app.bodies) == 43
+
+
+def test_batches_of_one_tenant_run_oldest_first():
+    from serving.api.jobs.service import _next_to_run
+
+    pending = [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("a4", "a"), ("c1", "c")]
+    assert _next_to_run(pending, {}) == [("a1", "a"), ("b1", "b"), ("c1", "c"), ("a2", "a")]
+    assert _next_to_run(pending, {"a1": 0, "a2": 0, "b1": 0}) == [("c1", "c")]
+    assert _next_to_run(pending[1:], {"a2": 0}) == [("b1", "b"), ("c1", "c"), ("a3", "a")]
+
+
+# --- uploads cut short ---------------------------------------------------------------------------
+
+
+BOUNDARY = "cases-7f3a9c"
+
+
+def form(content: bytes, *, close: bool = True) -> bytes:
+    """A multipart upload of ``content`` (purpose batch), with or without its closing boundary."""
+    head = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"night.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n").encode()
+    return head + content + (f"\r\n--{BOUNDARY}--\r\n".encode() if close else b"")
+
+
+async def raw_upload(middleware, chunks: list[bytes], declared: int | None,
+                     disconnect: bool = False) -> tuple[int, dict]:
+    """POST /v1/files with the body in ``chunks`` (the last one ends it, or a disconnect
+    follows it), as an ASGI server hands it over; the status and JSON answer."""
+    headers = [(b"authorization", f"Bearer {KEY}".encode()),
+               (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())]
+    if declared is not None:
+        headers.append((b"content-length", str(declared).encode()))
+    scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"",
+             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1 or disconnect}
+                for i, c in enumerate(chunks)]
+    if disconnect:
+        messages.append({"type": "http.disconnect"})
+    inbox = iter(messages)
+    sent: list[dict] = []
+
+    async def receive():
+        message = next(inbox, None)
+        if message is None:  # nothing more: wait, as a server does for a body that stalls
+            await asyncio.Event().wait()
+        return message
+
+    async def send(message):
+        sent.append(message)
+
+    await middleware(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, json.loads(b"".join(m.get("body", b"") for m in sent
+                                       if m["type"] == "http.response.body"))
+
+
+def test_an_upload_cut_short_is_refused_and_nothing_of_it_is_kept(tmp_path):
+    content = jsonl([chat_line(f"case-{i}", f"question {i} " + "x" * 200) for i in range(40)])
+    whole = form(content)
+    no_close = form(content[:5000], close=False)  # cut off mid-file, its length correct
+    shapes = {
+        "no closing boundary": ([no_close[:3000], no_close[3000:]], len(no_close), False),
+        "under its Content-Length": ([whole[:4000]], len(whole), False),
+        "a disconnect": ([whole[:4000]], len(whole), True),
+        "inside a part's headers": ([whole[:whole.index(b"filename")]], None, False),
+        "a torn closing boundary": ([whole[:-4]], len(whole) - 4, False),
+    }
+
+    async def go():
+        async with service(tmp_path / "data") as (_, middleware, client):
+            answers = {name: await raw_upload(middleware, *shape)
+                       for name, shape in shapes.items()}
+            stored = sorted(p.name for p in middleware.jobs.store.files_dir.iterdir())
+            rows = middleware.jobs.store.db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+            listed = [f.id async for f in client.files.list()]
+            good = await raw_upload(middleware, [whole[:3000], whole[3000:]], len(whole))
+            back = (await client.files.content(good[1]["id"])).content
+            return answers, stored, rows, listed, good, back
+
+    answers, stored, rows, listed, good, back = asyncio.run(go())
+    messages = {name: body["error"]["message"] for name, (_, body) in answers.items()}
+    assert {status for status, _ in answers.values()} == {400}, answers
+    assert "inside the file part, after" in messages["no closing boundary"]
+    assert f"--{BOUNDARY}--" in messages["no closing boundary"]
+    assert f"its Content-Length declares {len(whole)}" in messages["under its Content-Length"]
+    assert "disconnected" in messages["a disconnect"]
+    assert "inside the headers of a form part" in messages["inside a part's headers"]
+    assert "without the closing boundary" in messages["a torn closing boundary"]
+    assert all("nothing of it was stored" in messages[name] for name in
+               ("no closing boundary", "under its Content-Length", "inside a part's headers"))
+    assert stored == [] and rows == 0 and listed == []  # nothing of them on disk
+    assert good[0] == 200 and good[1]["bytes"] == len(content) and back == content
+
+
+# --- a photo worker that dies under a line -------------------------------------------------------
+
+
+def kill_photo_workers(monkeypatch, signals: list[int]):
+    """The next photo jobs' workers get ``signals`` (one each) while they hold the job, as the
+    OOM killer or an operator would kill them (SIGKILL), or as a decoder crash ends them
+    (SIGSEGV); the jobs after those run as usual."""
+    from serving.api import workers
+
+    real = workers._Worker.call
+    left = list(signals)
+
+    async def call(self, header, data):
+        if not left:
+            return await real(self, header, data)
+        head = json.dumps(header).encode()
+        self.writer.write(workers.FRAME.pack(len(head), len(data)) + head + data[:-1])
+        await self.writer.drain()  # the worker holds the job, all but its last byte
+        os.kill(self.proc.pid, left.pop(0))
+        await self.reader.readexactly(workers.FRAME.size)  # its pipe closes: IncompleteReadError
+        raise AssertionError("a killed worker answered")
+
+    monkeypatch.setattr(workers._Worker, "call", call)
+    return left
+
+
+def photo_line(custom_id: str, url: str) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": custom_id}]}]}}
+
+
+def test_a_line_whose_photo_worker_died_is_tried_again_and_a_bad_photo_is_refused(
+        tmp_path, monkeypatch):
+    import signal
+
+    from serving.api.jobs import service as jobs_service
+
+    monkeypatch.setattr(jobs_service, "RETRY_DELAYS_S", (0.05, 0.05))
+    photo = base64.b64encode(encode_image(synthetic_skin_photo(seed=5))).decode()
+    lines = [photo_line("killed-once", f"data:image/jpeg;base64,{photo}"),
+             photo_line("not-a-photo", "data:image/jpeg;base64,"
+                        + base64.b64encode(b"no image here" * 10).decode()),
+             chat_line("text", "no photo")]
+
+    async def go():
+        left = kill_photo_workers(monkeypatch, [signal.SIGKILL])
+        async with service(tmp_path / "data", batch_max_inflight=1) as (app, _, client):
+            done = await finished(client, (await submit(client, lines)).id)
+            return (done, left, app, await records(client, done.output_file_id),
+                    await records(client, done.error_file_id))
+
+    done, left, app, output, errors = asyncio.run(go())
+    assert not left  # the worker was killed under the first line
+    assert done.status == "completed"
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
+    assert sorted(r["custom_id"] for r in output) == ["killed-once", "text"]
+    (refused,) = errors
+    assert refused["custom_id"] == "not-a-photo" and refused["response"]["status_code"] == 400
+    assert refused["response"]["body"]["error"]["code"] == "invalid_image"
+    sent = [b["messages"][0]["content"][-1]["text"] if isinstance(b["messages"][0]["content"], list)
+            else b["messages"][0]["content"] for b in app.bodies]
+    assert sorted(sent) == ["killed-once", "no photo"]  # each answered once
+
+
+def test_a_killed_photo_worker_is_a_503_to_retry_and_a_crashed_one_the_photos_400(
+        tmp_path, monkeypatch):
+    import signal
+
+    photo = base64.b64encode(encode_image(synthetic_skin_photo(seed=6))).decode()
+    message = {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{photo}"}},
+        {"type": "text", "text": "what is this?"}]}
+
+    async def go():
+        kill_photo_workers(monkeypatch, [signal.SIGKILL, signal.SIGSEGV])
+        async with service(tmp_path / "data") as (_, _, client):
+            outcomes = []
+            for _ in range(3):
+                try:
+                    answer = await client.chat.completions.with_raw_response.create(
+                        model=MODEL, messages=[message])
+                    outcomes.append((answer.status_code, None, None))
+                except openai.APIStatusError as exc:
+                    outcomes.append((exc.status_code, exc.response.headers.get("retry-after"),
+                                     exc.message))
+            return outcomes
+
+    killed, crashed, fine = asyncio.run(go())
+    status, retry_after, message = killed
+    assert status == 503 and retry_after == "1"
+    assert "server's fault" in message and "SIGKILL" in message
+    assert crashed[0] == 400 and "could not be decoded" in crashed[2]
+    assert fine[0] == 200  # the fresh worker decodes the same photo

@@ -1,6 +1,7 @@
 """The Files and Batch API on the real server: the ``openai`` SDK's whole flow gives the answers
-``skingpt4 batch`` gives for the same file, a SIGKILL mid-batch and a restart lose and repeat
-nothing, and no photo or question reaches the data folder or the log in plain text."""
+``skingpt4 batch`` gives for the same file, a tenant's small batch is not held behind another
+tenant's big one, a SIGKILL mid-batch and a restart lose and repeat nothing, and no photo or
+question reaches the data folder or the log in plain text."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tests.serving.helpers import API_KEY, Server, comparable, data_url, image_m
 MODEL = "skingpt4"
 GREEDY = {"temperature": 0, "max_tokens": 8}
 QUESTION = "a-scaly-patch-behind-the-left-ear-for-three-weeks"
+OTHER_KEY = "test-key-tenant-b-9876"  # a second tenant of the same server
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -36,7 +38,8 @@ class BatchServer:
 
     def start(self) -> Server:
         self.server = start_server(self.folder, self.root, "--api-key", API_KEY,
-                                   "--data-dir", str(self.data_dir), "--batch-max-inflight", "2")
+                                   "--api-key", OTHER_KEY, "--data-dir", str(self.data_dir),
+                                   "--batch-max-inflight", "2")
         return self.server
 
     def kill(self) -> None:
@@ -129,6 +132,44 @@ def test_the_sdk_flow_gives_the_answers_of_skingpt4_batch(batch_server, tmp_path
         for path in batch_server.data_dir.rglob("*"):
             if path.is_file():
                 assert secret.encode() not in path.read_bytes(), path.name
+
+
+def test_a_tenants_small_batch_runs_beside_anothers_big_one(batch_server):
+    from openai import OpenAI
+
+    def lines(prefix: str, count: int) -> bytes:
+        return "".join(json.dumps(
+            {"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": MODEL, "temperature": 0, "max_tokens": 48, "min_tokens": 48,
+                      "messages": [{"role": "user", "content": f"{prefix} case {i}"}]}}) + "\n"
+            for i in range(count)).encode()
+
+    def submit(client, prefix: str, count: int):
+        upload = client.files.create(file=(f"{prefix}.jsonl", lines(prefix, count)),
+                                     purpose="batch")
+        return client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h")
+
+    tenant_a = batch_server.server.client(timeout=120)
+    tenant_b = OpenAI(base_url=f"{batch_server.server.base_url}/v1", api_key=OTHER_KEY,
+                      max_retries=0, timeout=120)
+    big = submit(tenant_a, "big", 30)
+    deadline = time.monotonic() + 120
+    while tenant_a.batches.retrieve(big.id).request_counts.completed < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    small = wait_final(tenant_b, submit(tenant_b, "small", 3).id)
+    big_then = tenant_a.batches.retrieve(big.id)
+    big_done = wait_final(tenant_a, big.id)
+
+    assert small.status == big_done.status == "completed"
+    assert big_then.status == "in_progress" and big_then.request_counts.completed < 30
+    assert small.completed_at <= big_done.completed_at
+    for client, done, prefix, count in ((tenant_b, small, "small", 3),
+                                        (tenant_a, big_done, "big", 30)):
+        ids = [r["custom_id"] for r in download(client, done.output_file_id)]
+        assert sorted(ids) == sorted(f"{prefix}-{i}" for i in range(count))  # each once
+        assert done.error_file_id is None
 
 
 def engine_answers(server: Server) -> int:
