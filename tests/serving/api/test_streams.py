@@ -161,3 +161,24 @@ def test_a_delta_that_says_error_is_text_not_an_error():
     stream = EventStream(responses=False)
     text = b"data: " + json.dumps({"choices": [{"delta": {"content": '"error"'}}]}).encode() + b"\n\n"
     assert stream.feed(text) == text
+
+
+def test_a_ray_replica_failure_mid_stream_ends_both_kinds_of_stream_in_shape():
+    """The Ray ingress reports a replica that failed after output as one event in the project's
+    shape (``serving.cluster.app.replica_failure``), with no [DONE] and no event name: a chat
+    stream gets its [DONE], a Responses stream its error and response.failed."""
+    from serving.api.errors import InternalError
+
+    failure = b"data: " + InternalError("the model replica answering this request failed "
+                                        "before the answer was complete; send the request "
+                                        "again").body() + b"\n\n"
+    chat = events(run_app(stream_app([chunk(0), failure]), "/v1/chat/completions"))
+    assert chat[-1] == (None, "[DONE]") and chat[-2][1]["error"]["code"] == "internal_error"
+    assert "send the request again" in chat[-2][1]["error"]["message"]
+    parts = [responses_event("response.created", 0, response=CREATED),
+             responses_event("response.output_text.delta", 1, delta="It"), failure]
+    out = events(run_app(stream_app(parts), "/v1/responses"))
+    assert [name for name, _ in out] == ["response.created", "response.output_text.delta",
+                                         "error", "response.failed"]
+    assert out[2][1]["code"] == "internal_error" and "send the request again" in out[2][1]["message"]
+    assert out[3][1]["response"]["error"]["code"] == "server_error"

@@ -1,6 +1,7 @@
 """Ray Serve mode with one LLM replica whose engine dies: the requests in flight on it fail (a
-streamed answer with a JSON error event, one without output yet with a JSON 500), and those
-sent after the death wait for Ray Serve's replacement instead of failing.
+streamed chat answer with an error event in the project's shape and ``[DONE]``, a streamed
+Responses answer with ``error`` and ``response.failed``, one without output yet with a JSON
+500), and those sent after the death wait for Ray Serve's replacement instead of failing.
 
 ``skingpt4 serve MODEL --ray --replicas 1`` on a local Ray instance of its own (no ``RAY_ADDRESS``),
 as a user runs it on one machine. Its own module, so that it starts after test_ray.py's cluster
@@ -111,6 +112,25 @@ def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, p
                         streaming.release()
         return 200, events
 
+    def responses_in_flight(session: str) -> tuple[int, list[tuple[str | None, str]]]:
+        """A streamed Responses answer's status and (event, data) pairs; one cut off ends with
+        ``error`` and ``response.failed``, never a dropped connection."""
+        events, name = [], None
+        request = {"model": "skingpt4", "input": "Describe the lesion in detail.",
+                   "max_output_tokens": IN_FLIGHT_TOKENS, "temperature": 1.0, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/responses", json=request,
+                          headers={**headers, "x-session-id": session}, timeout=120) as r:
+            if r.status_code != 200:
+                return r.status_code, [(None, r.read().decode())]
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, line[6:]))
+                    if name == "response.output_text.delta" and len(events) < 6:
+                        streaming.release()
+        return 200, events
+
     assert chat(4, "warm", 120)[0] == 200
     engines = _engines(single_replica.pid)
     assert engines, "no vLLM engine process under the server"
@@ -122,7 +142,8 @@ def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, p
         t.start()
         return t
 
-    threads = [run(f"in-flight-{i}", in_flight, f"in-flight-{i}") for i in range(IN_FLIGHT)]
+    threads = [run(f"responses-{i}", responses_in_flight, f"responses-{i}") for i in range(2)]
+    threads += [run(f"in-flight-{i}", in_flight, f"in-flight-{i}") for i in range(IN_FLIGHT)]
     assert streaming.acquire(timeout=120), "no streamed request started"  # one is decoding
     for engine in engines:
         engine.kill()  # SIGKILL
@@ -138,7 +159,7 @@ def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, p
           f"in flight: {[(s, len(v)) for s, v in flights.values()]} (status, events); "
           f"all done {waited:.0f} s after the kill")
 
-    assert len(results) == IN_FLIGHT + AFTER, sorted(results)
+    assert len(results) == 2 + IN_FLIGHT + AFTER, sorted(results)
     for name, (status, text, _) in after.items():  # they waited for the new replica
         assert status == 200, (name, status, text[:300])
     cut, failed = [], []
@@ -152,12 +173,30 @@ def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, p
         errors = [e for e in events[:-1] if '"error"' in e]
         if errors:  # cut off: one JSON error, the last event before [DONE], no traceback
             assert errors == [events[-2]], (name, errors)
-            assert json.loads(errors[0])["error"]["message"] and "Traceback" not in errors[0]
+            error = json.loads(errors[0])["error"]
+            assert error["message"] and "Traceback" not in errors[0]
+            assert isinstance(error["code"], str) and error["type"] == "InternalServerError"
             cut.append(name)
+    for name, result in sorted(results.items()):
+        if not name.startswith("responses-"):
+            continue
+        status, events = result
+        if status != 200:  # waiting in the engine, no output yet: a JSON 500 that says retry
+            assert status == 500 and json.loads(events[0][1])["error"]["code"], (name, events)
+            failed.append(name)
+            continue
+        last = [kind for kind, _ in events[-2:]]
+        if last[-1] in ("response.completed", "response.incomplete"):
+            continue  # the sampled answer ended before the kill
+        assert last == ["error", "response.failed"], (name, events[-3:])
+        assert isinstance(json.loads(events[-2][1])["code"], str)
+        assert json.loads(events[-1][1])["response"]["status"] == "failed"
+        cut.append(name)
     # Whether the kill finds answers still decoding depends on how far the engine got before the
     # client saw the first event (on a busy 2-core machine, sometimes all of them): the shapes
     # above are checked for every answer it cut, and the ingress's tests check them whatever
     # the timing (test_ray.py, test_ingress_never_resends_a_request_that_ran).
-    print(f"single replica: {len(cut)} answers cut, {len(failed)} failed before any output")
+    print(f"single replica: {len(cut)} answers cut ({cut}), {len(failed)} failed before any "
+          f"output")
     assert httpx.get(f"{base}/health", timeout=30).status_code == 200
     assert chat(4, "later", 120)[0] == 200
