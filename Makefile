@@ -10,6 +10,7 @@ export DO_NOT_TRACK := 1
 
 setup:
 	@./scripts/setup.sh
+	@./scripts/setup-clients.sh
 
 test: setup
 	$(PY) -m pytest -x -q tests

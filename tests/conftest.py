@@ -21,6 +21,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "server": ("engine",),  # tests/serving/conftest.py: the shared embedded server
     "batch_server": ("engine",),  # tests/serving/api/test_batches_server.py: one with a data folder
+    "clients_server": ("engine",),  # tests/serving/clients/conftest.py: the real clients' server
     "engines": ("engine",),  # tests/plugins/test_vllm_parity.py: vLLM LLM + HF reference
     "vllm_engine": ("engine",),  # tests/plugins/test_convert.py: vLLM LLM on a converted release
     "reference_server": ("engine",),  # tests/benchmarks/conftest.py: the HF reference target
