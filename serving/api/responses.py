@@ -386,3 +386,23 @@ async def prepare_responses_request(
         if private:
             await admission.close()
     return checked
+
+
+def as_chat_messages(body: dict) -> list[dict]:
+    """A checked Responses body's conversation as chat messages (vLLM renders both alike):
+    ``instructions`` first as the system message, ``input_text``/``input_image`` parts as
+    ``text``/``image_url`` parts."""
+    messages = []
+    if body.get("instructions") is not None:
+        messages.append({"role": "system", "content": body["instructions"]})
+    given = body["input"]
+    if isinstance(given, str):
+        return [*messages, {"role": "user", "content": given}]
+    for item in given:
+        content = item["content"]
+        if isinstance(content, list):
+            content = [{"type": "image_url", "image_url": {"url": p["image_url"]}}
+                       if p.get("type") == "input_image" else {"type": "text", "text": p.get("text", "")}
+                       for p in content]
+        messages.append({"role": item["role"], "content": content})
+    return messages

@@ -279,6 +279,7 @@ def _worker_env() -> dict[str, str]:
 
 def _photo_job(header: dict, data: bytes) -> tuple[dict, bytes]:
     """A photo (raw bytes, or a data URL's ASCII text) -> the data URL the engine gets."""
+    # Loaded in the photo worker only (PIL and the preprocessing), not by the server's import.
     from serving.api.media import forward_photo, photo_from_data_url
     from serving.api.policy import ServePolicy
 

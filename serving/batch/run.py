@@ -183,12 +183,12 @@ class BatchEngine:
     (:class:`serving.batch.ray_serve.ServeEngine` gives functions that ask an LLM replica)."""
 
     def __init__(self, client, handlers: dict, request_models: dict, policy: ServePolicy,
-                 context=None) -> None:
+                 max_tokens=None) -> None:
         self.client = client
         self.handlers = handlers
         self.request_models = request_models
         self.policy = policy
-        self.context = context  # the server's max_tokens check, counting with vLLM's tokenizer
+        self.max_tokens = max_tokens  # the server's max_tokens check, counting with vLLM's tokenizer
 
     @property
     def dead(self) -> bool:
@@ -203,8 +203,8 @@ class BatchEngine:
         from serving.engine.errors import engine_error
 
         try:
-            if self.context is not None:
-                await self.context.check(None, route, body)
+            if self.max_tokens is not None:
+                await self.max_tokens.check(None, route, body)
             request = self.request_models[route].model_validate(body)
             result = await self.handlers[route](request)
         except ServingError as error:
@@ -239,7 +239,7 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
     from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
     from vllm.usage.usage_lib import UsageContext
 
-    from serving.api.middleware import ContextCheck  # imports torch: not at the CLI's start
+    from serving.api.max_tokens import MaxTokensCheck  # imports torch: not at the CLI's start
     from serving.engine.tokens import count_prompt
 
     args = parse_vllm_args(config, prog="skingpt4 batch")
@@ -256,7 +256,7 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
                           COMPLETIONS_ROUTE: state.openai_serving_completion.create_completion},
                 request_models=request_models(),
                 policy=config.served_policy(),
-                context=ContextCheck(counter=partial(count_prompt, partial(
+                max_tokens=MaxTokensCheck(counter=partial(count_prompt, partial(
                     state.serving_tokenization.create_tokenize, raw_request=None))),
             )
             try:
@@ -264,7 +264,7 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
             finally:
                 # Nothing of vLLM's outlives its engine through the object handed out: the
                 # serving objects go before the engine client shuts down.
-                engine.handlers, engine.context = {}, None
+                engine.handlers, engine.max_tokens = {}, None
     finally:
         # A traceback kept inside vLLM holds this frame; with the engine in its locals,
         # AsyncLLM.__del__ would run at interpreter exit, when the globals it calls are gone.

@@ -270,13 +270,13 @@ class SkinGPT4Server(LLMServer):
     def _context(self):
         """The policy's ``max_tokens`` check, run on the replica: prompts are counted by this
         engine's own tokenizer, with no call through a router (the ingress cannot count them)."""
-        from serving.api.middleware import ContextCheck
+        from serving.api.max_tokens import MaxTokensCheck
         from serving.engine.tokens import count_prompt
 
-        return ContextCheck(counter=partial(count_prompt, self._tokenize_answer))
+        return MaxTokensCheck(counter=partial(count_prompt, self._tokenize_answer))
 
     async def _over_context(self, route: str, request):
-        """The policy's ``max_tokens`` check (:class:`ContextCheck`) of a request to ``route``:
+        """The policy's ``max_tokens`` check (:class:`MaxTokensCheck`) of a request to ``route``:
         None if it fits, else an answer stream holding vLLM's ``ErrorResponse`` with the
         embedded server's message and param, which the ingress turns into its 400
         (:meth:`SkinGPT4Ingress._get_response`)."""

@@ -1,5 +1,5 @@
 """Prompt token counts for the server's ``max_tokens`` check
-(:class:`serving.api.middleware.ContextCheck`) where it cannot ask an app's own ``/tokenize``:
+(:class:`serving.api.max_tokens.MaxTokensCheck`) where it cannot ask an app's own ``/tokenize``:
 ``skingpt4 batch`` counts with the in-process engine's vLLM tokenize serving object, a Ray LLM
 replica (``SkinGPT4Server``, for ``serve --ray`` and ``batch --ray``) with its engine's.
 Both count as the embedded server's ``/tokenize`` route does: the same template, photos as their

@@ -36,6 +36,7 @@ from serving.api.admission import Admission
 from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.api.errors import InvalidRequest, NotFound, ServingError
 from serving.api.policy import BODY_COST_FACTOR, ServePolicy
+from serving.api.strict_json import parse_json
 
 ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE)
 LINE_KEYS = ("custom_id", "method", "url", "body")
@@ -159,7 +160,6 @@ class BatchLine:
 
 def parse_line(line: int, raw: bytes) -> BatchLine | LineError:
     """The line's ``custom_id`` and request, or why it cannot be attributed."""
-    from serving.api.middleware import parse_json  # the server's strict JSON (imports torch)
 
     try:
         obj = parse_json(raw)
@@ -497,7 +497,7 @@ class BatchRun:
     async def _check(self, job: BatchLine) -> dict:
         """The server's request pipeline: contract, photos decoded once and forwarded small,
         ### stop."""
-        from serving.api.pipeline import prepare_request
+        from serving.api.pipeline import prepare_request  # imports torch: not at the CLI's start
 
         return await prepare_request(job.route, job.body, self.policy, self.admission)
 

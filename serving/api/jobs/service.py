@@ -50,6 +50,17 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from serving.api.admission import Admission, LiveTraffic
+from serving.api.http import (
+    call_app,
+    check_content_type,
+    check_declared_size,
+    error_message,
+    header,
+    next_message,
+    read_body,
+    refuse,
+    send_json,
+)
 from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.api.errors import (
     Conflict,
@@ -82,6 +93,7 @@ from serving.api.jobs.runner import (
 from serving.api.jobs.share import FairShare
 from serving.api.jobs.store import UNFINISHED, Store, new_batch_id, new_file_id
 from serving.api.policy import ServePolicy
+from serving.api.strict_json import dump_json, parse_json
 
 logger = logging.getLogger("skingpt4.batches")
 
@@ -109,14 +121,6 @@ BUG_PAUSE_S = 30.0  # before a batch that could not advance (a bug) is tried aga
 def tenant_of(key: str | None) -> str:
     """A tenant's name in the store: a digest of its API key (the key itself is never stored)."""
     return "open" if key is None else "key_" + hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-async def send_json(send, status: int, payload: Any) -> None:
-    body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _query(scope) -> dict[str, str]:
@@ -204,17 +208,16 @@ class AppEngine:
 
     dead = False
 
-    def __init__(self, app, policy: ServePolicy, context, template: dict) -> None:
-        self.app, self.policy, self.context, self.template = app, policy, context, template
+    def __init__(self, app, policy: ServePolicy, max_tokens, template: dict) -> None:
+        self.app, self.policy, self.max_tokens, self.template = app, policy, max_tokens, template
 
     async def submit(self, route: str, body: dict):
         return self.answer(route, body)
 
     async def answer(self, route: str, body: dict) -> Answer:
-        from serving.api.middleware import call_app, dump_json, error_message
 
-        if self.context is not None:  # None: the app's replicas check (Ray mode)
-            await self.context.check(sub_scope(self.template, route, b""), route, body)
+        if self.max_tokens is not None:  # None: the app's replicas check (Ray mode)
+            await self.max_tokens.check(sub_scope(self.template, route, b""), route, body)
         raw = dump_json(dict(body, priority=BATCH_PRIORITY))
         status, out = await call_app(self.app, sub_scope(self.template, route, raw), raw)
         if status == 200:
@@ -245,11 +248,11 @@ class BatchService:
     """``/v1/files`` and ``/v1/batches`` over one store, and the worker that runs the batches
     (tenants side by side, each tenant's oldest first)."""
 
-    def __init__(self, policy: ServePolicy, app, admission: Admission, context,
+    def __init__(self, policy: ServePolicy, app, admission: Admission, max_tokens,
                  live: LiveTraffic) -> None:
         self.policy = policy
         self.app = app
-        self.context = context
+        self.max_tokens = max_tokens
         self.live = live
         # Batch checks share the server's photo and schema worker processes, one decode at a
         # time, with a byte budget of their own (an eighth of the server's, at least one
@@ -336,9 +339,7 @@ class BatchService:
 
     async def handle(self, scope, receive, send, key: str | None, clock=None) -> None:
         """One request to ``/v1/files...`` or ``/v1/batches...`` (the API key already checked);
-        ``clock``: the upload clock of a POST's body (:class:`serving.api.middleware.UploadClock`)."""
-        from serving.api.middleware import refuse
-
+        ``clock``: the upload clock of a POST's body (:class:`serving.api.http.UploadClock`)."""
         tenant = tenant_of(key)
         method, parts = scope.get("method"), scope["path"].rstrip("/").split("/")[2:]
         try:
@@ -423,9 +424,8 @@ class BatchService:
     async def _upload(self, scope, receive, tenant: str, clock) -> dict:
         from python_multipart.multipart import parse_options_header
 
-        from serving.api.middleware import _header, check_declared_size
 
-        kind, params = parse_options_header(_header(scope, b"content-type") or "")
+        kind, params = parse_options_header(header(scope, b"content-type") or "")
         if kind != b"multipart/form-data" or not params.get(b"boundary"):
             raise UnsupportedMediaType(
                 "upload a file as multipart/form-data with the fields purpose (batch) and file"
@@ -483,8 +483,6 @@ class BatchService:
         return _page(batches, more)
 
     async def _create(self, scope, receive, tenant: str, clock) -> dict:
-        from serving.api.middleware import check_content_type, parse_json, read_body
-
         check_content_type(scope)
         reservation = self.server_admission.body(clock.declared, MAX_CREATE_BODY)
         try:
@@ -623,7 +621,7 @@ class BatchService:
 
     async def _execute(self, batch: dict, running: _Running) -> None:
         log = await self._open_log(batch)
-        engine = AppEngine(self.app, self.policy, self.context, self.template or {})
+        engine = AppEngine(self.app, self.policy, self.max_tokens, self.template or {})
         progress = asyncio.create_task(self._report(batch, log))
         share = self.share.share(running.tenant, (batch["created_at"], batch["id"]))
         outcome = "finalizing"
@@ -691,7 +689,6 @@ class BatchService:
         return None if run.stopping else summary
 
     async def _healthy(self) -> bool:
-        from serving.api.middleware import call_app
 
         if self._closing:
             return False
@@ -1014,8 +1011,6 @@ async def _read_form(receive, boundary: bytes, clock, form: _Form) -> None:
     """Feed the upload's body to a streaming multipart parser as it arrives, within the
     clock's deadlines."""
     from python_multipart.multipart import MultipartParser
-
-    from serving.api.middleware import next_message
 
     parser = MultipartParser(boundary, form.callbacks())
     while True:

@@ -134,13 +134,18 @@ def test_the_sdk_flow_gives_the_answers_of_skingpt4_batch(batch_server, tmp_path
                 assert secret.encode() not in path.read_bytes(), path.name
 
 
+# Long enough that a fast machine is still answering it when the small batch ends (about 10 s
+# alone here); the small one's 3 lines take about a second.
+BIG_LINES = 120
+
+
 def test_a_tenants_small_batch_runs_beside_anothers_big_one(batch_server):
     from openai import OpenAI
 
     def lines(prefix: str, count: int) -> bytes:
         return "".join(json.dumps(
             {"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
-             "body": {"model": MODEL, "temperature": 0, "max_tokens": 48, "min_tokens": 48,
+             "body": {"model": MODEL, "temperature": 0, "max_tokens": 64, "min_tokens": 64,
                       "messages": [{"role": "user", "content": f"{prefix} case {i}"}]}}) + "\n"
             for i in range(count)).encode()
 
@@ -153,7 +158,7 @@ def test_a_tenants_small_batch_runs_beside_anothers_big_one(batch_server):
     tenant_a = batch_server.server.client(timeout=120)
     tenant_b = OpenAI(base_url=f"{batch_server.server.base_url}/v1", api_key=OTHER_KEY,
                       max_retries=0, timeout=120)
-    big = submit(tenant_a, "big", 30)
+    big = submit(tenant_a, "big", BIG_LINES)
     deadline = time.monotonic() + 120
     while tenant_a.batches.retrieve(big.id).request_counts.completed < 1:
         assert time.monotonic() < deadline
@@ -163,10 +168,10 @@ def test_a_tenants_small_batch_runs_beside_anothers_big_one(batch_server):
     big_done = wait_final(tenant_a, big.id)
 
     assert small.status == big_done.status == "completed"
-    assert big_then.status == "in_progress" and big_then.request_counts.completed < 30
+    assert big_then.status == "in_progress" and big_then.request_counts.completed < BIG_LINES
     assert small.completed_at <= big_done.completed_at
     for client, done, prefix, count in ((tenant_b, small, "small", 3),
-                                        (tenant_a, big_done, "big", 30)):
+                                        (tenant_a, big_done, "big", BIG_LINES)):
         ids = [r["custom_id"] for r in download(client, done.output_file_id)]
         assert sorted(ids) == sorted(f"{prefix}-{i}" for i in range(count))  # each once
         assert done.error_file_id is None

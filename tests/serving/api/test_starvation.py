@@ -15,7 +15,8 @@ import pytest
 
 from encoders.samples import encode_image, synthetic_skin_photo
 from serving.api.media import jpeg_scan_count
-from serving.api.middleware import MAX_JSON_DEPTH, RequestPolicyMiddleware
+from serving.api.middleware import RequestPolicyMiddleware
+from serving.api.strict_json import MAX_JSON_DEPTH
 from serving.api.policy import ServePolicy
 from tests.serving.helpers import jpeg_scan_bomb, schema_bomb
 from tests.serving.api.test_middleware import RecordingApp, chat, error_of, post

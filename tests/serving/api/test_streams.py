@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from serving.api.middleware import call_shaped
+from serving.api.http import call_shaped
 from serving.api.streams import EventStream
 
 SSE = [(b"content-type", b"text/event-stream; charset=utf-8")]

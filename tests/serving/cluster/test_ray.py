@@ -339,7 +339,7 @@ def test_replica_refuses_max_tokens_beyond_the_context_as_the_embedded_server(mo
     from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
     from vllm.entrypoints.serve.tokenize.protocol import TokenizeResponse
 
-    from serving.api.middleware import ContextCheck
+    from serving.api.max_tokens import MaxTokensCheck
     from serving.cluster.app import RayAppArgs, SkinGPT4Server, llm_config
 
     counted = []
@@ -363,7 +363,7 @@ def test_replica_refuses_max_tokens_beyond_the_context_as_the_embedded_server(mo
     for method in ("chat", "completions"):
         monkeypatch.setattr(LLMServer, method, engine_answer)
     monkeypatch.setattr(SkinGPT4Server, "_responses", engine_stream)
-    monkeypatch.setattr(ContextCheck, "TEMPLATE", 0)  # the bound is below the context: counted
+    monkeypatch.setattr(MaxTokensCheck, "TEMPLATE", 0)  # the bound is below the context: counted
     config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
     server = SkinGPT4Server.sync_init(config, engine_cls=None)
     server._engine_dead = False
