@@ -190,3 +190,17 @@ def test_a_burst_through_the_sdk_is_all_answered_by_its_own_retries(server):
     with ThreadPoolExecutor(BURST) as pool:
         results = list(pool.map(ask, range(BURST)))
     assert all(isinstance(r, int) and r > 4 * 32 for r in results), results
+
+
+def test_a_refusal_on_the_headers_reaches_an_sdk_still_sending_its_photos(server):
+    """A wrong key is refused before the body is read; the client is still sending 28 MB of
+    photos, and reads the 401 (the SDK's AuthenticationError), not a reset connection."""
+    import openai
+
+    body = json.loads(burst_body(server.model))
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="wrong-key", max_retries=0,
+                           timeout=120)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.chat.completions.create(**body)
+    assert refused.value.status_code == 401
+    assert httpx.get(f"{server.base_url}/health", timeout=10).status_code == 200
