@@ -48,8 +48,9 @@ SCHEMA_WORKER_NICE = 10
 
 
 class _Wait:
-    """One request waiting for bytes of the budget: ``body`` is the growing body it belongs to,
-    or None for a fixed reservation (a Batch API line)."""
+    """One request waiting for bytes of the budget: ``body`` is the body it belongs to (a request
+    body growing as it arrives, or a Batch API line reserved whole), or None for a fixed
+    reservation (:meth:`Admission.reserve`)."""
 
     __slots__ = ("amount", "future", "body")
 
@@ -65,7 +66,10 @@ class Admission:
     one event loop."""
 
     def __init__(self, max_bytes: int, max_decodes: int, queue_size: int, timeout_s: float,
-                 policy: ServePolicy | None = None) -> None:
+                 policy: ServePolicy | None = None, *,
+                 workers_of: Admission | None = None) -> None:
+        """``workers_of``: another admission whose photo and schema worker processes (and
+        schema slots) this one shares, with a byte budget and decode slots of its own."""
         self.max_bytes = max_bytes
         self.max_decodes = max_decodes
         self.queue_size = queue_size
@@ -76,13 +80,18 @@ class Admission:
         self._byte_waiters: collections.deque[_Wait] = collections.deque()
         self._decode_waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
         self._arrivals = itertools.count()  # the age of each body, for "the newest gives way"
-        policy = policy or ServePolicy.model_construct()  # the defaults of its timeouts
-        self.photo_workers = WorkerPool("photo", max_decodes, policy.decode_timeout_s)
-        self.schema_workers = WorkerPool(
-            "schema", SCHEMA_WORKERS, policy.schema_compile_timeout_s,
-            memory_mb=policy.schema_compile_memory_mb, nice=SCHEMA_WORKER_NICE,
-        )
-        self.schema_slots = asyncio.Semaphore(SCHEMA_WORKERS)
+        if workers_of is not None:
+            self.photo_workers = workers_of.photo_workers
+            self.schema_workers = workers_of.schema_workers
+            self.schema_slots = workers_of.schema_slots
+        else:
+            policy = policy or ServePolicy.model_construct()  # the defaults of its timeouts
+            self.photo_workers = WorkerPool("photo", max_decodes, policy.decode_timeout_s)
+            self.schema_workers = WorkerPool(
+                "schema", SCHEMA_WORKERS, policy.schema_compile_timeout_s,
+                memory_mb=policy.schema_compile_memory_mb, nice=SCHEMA_WORKER_NICE,
+            )
+            self.schema_slots = asyncio.Semaphore(SCHEMA_WORKERS)
 
     @property
     def waiting(self) -> int:

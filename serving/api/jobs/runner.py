@@ -5,239 +5,54 @@ Batch API (:mod:`serving.api.jobs.service`, records in encrypted files), so a li
 checked, refused and recorded the same way wherever it comes from. What answers the checked
 requests is an :class:`AnswerEngine`; where records go is a :class:`RecordLog`.
 
-Input, one JSON object a line::
-
-    {"custom_id": "case-17", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
-
-Records, one JSON object a line (OpenAI's Batch output format)::
-
-    {"id": "batch_req_...", "custom_id": "case-17",
-     "response": {"status_code": 200, "request_id": "chatcmpl-...", "body": {...}}, "error": null}
-
-A refused request has its 4xx status and OpenAI error body in ``response``; a line that cannot be
-attributed to a ``custom_id`` has ``custom_id`` and ``response`` null and ``error`` =
-``{"code", "message", "param", "line"}``. Server errors (5xx) are not recorded: a later pass
-retries them. Imports neither vLLM nor Ray.
+The lines and records, in OpenAI's Batch format, are :mod:`serving.api.jobs.lines`'s.
+Imports neither vLLM nor Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
-import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
-from serving.api.admission import Admission
-from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
-from serving.api.errors import InvalidRequest, NotFound, ServingError
-from serving.api.policy import BODY_COST_FACTOR, ServePolicy
-from serving.api.strict_json import parse_json
+from serving.api.admission import Admission, BodyReservation
+from serving.api.errors import ServingError
+from serving.api.jobs.lines import (
+    BatchLine,
+    LineError,
+    TooLarge,
+    count_lines,
+    duplicate_line,
+    encode_record,
+    parse_line,
+    read_lines,
+    record_key,
+    refusal_record,
+    response_record,
+)
+from serving.api.policy import ServePolicy
 
-ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE)
-LINE_KEYS = ("custom_id", "method", "url", "body")
-MAX_CUSTOM_ID_CHARS = 512
+# The run, and the parts of the record format that the command line (serving.batch) reads.
+__all__ = [
+    "ADMISSION_TIMEOUT_S", "DEFAULT_MAX_CONCURRENCY", "Answer", "AnswerEngine", "BatchRun",
+    "BatchSummary", "RecordLog", "Slots", "TooLarge", "count_lines", "encode_record",
+    "read_lines", "record_key", "run_batch",
+]
+
 DEFAULT_MAX_CONCURRENCY = 64
 # Waiting for memory or a decode slot is normal in a batch (the reader runs ahead of the engine);
 # the server's 30 s admission timeout would turn that wait into 503s.
 ADMISSION_TIMEOUT_S = 24 * 3600.0
 
 
-# --- records ----------------------------------------------------------------------------------
-
-
-def _record_id() -> str:
-    return f"batch_req_{uuid.uuid4().hex}"
-
-
-def response_record(custom_id: str, status: int, body: dict, request_id: str | None = None) -> dict:
-    """A request that got an HTTP answer (200, or the 4xx the server would send)."""
-    return {
-        "id": _record_id(),
-        "custom_id": custom_id,
-        "response": {
-            "status_code": status,
-            "request_id": request_id or f"req_{uuid.uuid4().hex}",
-            "body": body,
-        },
-        "error": None,
-    }
-
-
-def refusal_record(custom_id: str, error: ServingError) -> dict:
-    """The status and OpenAI error body the server's middleware sends for ``error``."""
-    return response_record(custom_id, error.status, error.to_dict())
-
-
-@dataclass(frozen=True)
-class LineError:
-    """A line that cannot be attributed to a ``custom_id``; reported by its line number."""
-
-    line: int
-    code: str
-    message: str
-    param: str | None = None
-
-    def record(self) -> dict:
-        error = {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
-        return {"id": _record_id(), "custom_id": None, "response": None, "error": error}
-
-
-def encode_record(record: dict) -> bytes:
-    """One line of JSON (strings escape their newlines), UTF-8."""
-    try:
-        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate somewhere: escape everything instead
-        return (json.dumps(record) + "\n").encode("ascii")
-
-
-def record_key(raw: bytes) -> tuple[str, str | int] | None:
-    """``("id", custom_id)`` or ``("line", n)`` for an output record; None for anything else."""
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or "custom_id" not in record:
-        return None
-    custom_id = record["custom_id"]
-    if isinstance(custom_id, str) and custom_id:
-        return ("id", custom_id)
-    error = record.get("error")
-    if custom_id is None and isinstance(error, dict) and type(error.get("line")) is int:
-        return ("line", error["line"])
-    return None
-
-
-# --- INPUT: lines and their envelope -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TooLarge:
-    size: int
-
-
-def read_lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | TooLarge]]:
-    """(1-based line number, bytes) for each line; a line over ``limit`` bytes is skipped
-    without being held in memory, and reported as :class:`TooLarge`."""
-    number = 0
-    while raw := f.readline(limit + 1):
-        number += 1
-        if len(raw) > limit and not raw.endswith(b"\n"):
-            size = len(raw)
-            while chunk := f.readline(2**20):
-                size += len(chunk)
-                if chunk.endswith(b"\n"):
-                    break
-            yield number, TooLarge(size)
-        else:
-            yield number, raw
-
-
-def count_lines(path: Path) -> int:
-    """Lines in ``path`` (the progress bar's total), without reading it as lines."""
-    count, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while chunk := f.read(2**22):
-            count += chunk.count(b"\n")
-            last = chunk[-1:]
-    return count + (last != b"\n")
-
-
-@dataclass
-class BatchLine:
-    """A line with a usable ``custom_id``: a request to check and run, or its refusal."""
-
-    line: int
-    custom_id: str
-    route: str = ""
-    body: Any = None
-    refusal: ServingError | None = None
-
-
-def parse_line(line: int, raw: bytes) -> BatchLine | LineError:
-    """The line's ``custom_id`` and request, or why it cannot be attributed."""
-
-    try:
-        obj = parse_json(raw)
-    except InvalidRequest as exc:
-        message = exc.message  # "the request body is not valid JSON (...)": name the line
-        if "the request body" in message:
-            message = message.replace("the request body", f"line {line}", 1)
-        else:
-            message = f"line {line}: {message}"
-        return LineError(line, "invalid_json_line", message)
-    if not isinstance(obj, dict):
-        return LineError(
-            line, "invalid_json_line",
-            f"line {line} is a JSON {type(obj).__name__}, not an object with custom_id, method, "
-            "url and body",
-        )
-    custom_id = obj.get("custom_id")
-    if custom_id is None:
-        return LineError(
-            line, "missing_custom_id",
-            f"line {line} has no custom_id; each line needs a unique custom_id to match its answer",
-            "custom_id",
-        )
-    if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= MAX_CUSTOM_ID_CHARS:
-        return LineError(
-            line, "invalid_custom_id",
-            f"line {line}: custom_id must be a string of 1 to {MAX_CUSTOM_ID_CHARS} characters "
-            f"(got {type(custom_id).__name__})",
-            "custom_id",
-        )
-    try:
-        route, body = check_envelope(obj)
-    except ServingError as error:
-        return BatchLine(line, custom_id, refusal=error)
-    return BatchLine(line, custom_id, route, body)
-
-
-def duplicate_line(line: BatchLine, first: int) -> LineError:
-    """A line whose ``custom_id`` line ``first`` already has."""
-    return LineError(
-        line.line, "duplicate_custom_id",
-        f"line {line.line}: custom_id {line.custom_id!r} is already used on line {first}; "
-        "custom_ids must be unique, so this line was not run", "custom_id",
-    )
-
-
-def check_envelope(obj: dict) -> tuple[str, Any]:
-    """The route and body of a batch line; refuse what the server would not serve as asked."""
-    for key in obj:
-        if key not in LINE_KEYS:
-            raise InvalidRequest(
-                f"unknown field {key!r} in the batch line; a line holds {', '.join(LINE_KEYS)}",
-                param=str(key),
-            )
-    method = obj.get("method")
-    if method != "POST":
-        raise InvalidRequest(f"method is {method!r}; batch requests use POST", param="method")
-    url = obj.get("url")
-    if url not in ROUTES:
-        raise NotFound(
-            f"url {url!r} is not served; a batch line calls {' or '.join(ROUTES)}", param="url"
-        )
-    if "body" not in obj:
-        raise InvalidRequest(f"body is missing: the {url} request", param="body")
-    body = obj["body"]
-    if isinstance(body, dict) and body.get("stream") is True:
-        raise InvalidRequest(
-            "stream: a batch answer is one whole response; remove stream", param="stream"
-        )
-    return url, body
-
-
 # --- the engine --------------------------------------------------------------------------------
 
 
 Answer = tuple[int, dict, "str | None"]  # (status, response body, request id)
-
-
 
 
 class RecordLog(Protocol):
@@ -254,7 +69,7 @@ class RecordLog(Protocol):
 class AnswerEngine(Protocol):
     """What answers the requests that passed the checks: :class:`serving.batch.run.BatchEngine`
     (one in-process engine), :class:`serving.batch.ray_serve.ServeEngine` (the LLM replicas of
-    ``serve --ray``) or :class:`serving.api.jobs.service.AppEngine` (the server's own routes, for
+    ``serve --ray``) or :class:`serving.api.jobs.worker.AppEngine` (the server's own routes, for
     the HTTP Batch API). Everything else about a run (reading, checks, refusals, records,
     resuming) is :class:`BatchRun`'s, the same for all."""
 
@@ -290,25 +105,6 @@ class BatchSummary:
         if not self.complete:
             text += "; rerun the same command to finish"
         return text
-
-
-class _Reservation:
-    """A line's bytes, reserved from the admission budget by the reader and released by the
-    task that checks the line (once, from any task)."""
-
-    def __init__(self, admission: Admission, nbytes: int) -> None:
-        self._admission = admission
-        self._nbytes = min(nbytes, admission.max_bytes)
-        self._held = False
-
-    async def acquire(self) -> None:
-        await self._admission.reserve(self._nbytes, self._admission.deadline())
-        self._held = True
-
-    async def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._admission.release(self._nbytes)
 
 
 class Slots(Protocol):
@@ -409,10 +205,12 @@ class BatchRun:
                 f"line {line} is {raw.size} bytes; the limit is {limit} bytes "
                 f"({limit / 2**20:g} MiB)",
             ))
-        reservation = _Reservation(self.admission, BODY_COST_FACTOR * len(raw))
+        # The line's bytes, reserved by the reader and released by the task that checks it
+        # (a body of known size, taken whole: never more than the budget).
+        reservation = self.admission.body(len(raw))
         started = False
         try:
-            await reservation.acquire()
+            await reservation.cover(reservation.limit)
             job = self._decide(parse_line(line, raw))
             if self.stopping:  # stopped while this line waited for memory
                 pass
@@ -430,7 +228,7 @@ class BatchRun:
                 started = True
         finally:
             if not started:
-                await reservation.release()
+                reservation.release()
 
     async def _take_slot(self) -> bool:
         """A place for a request (False: the run was stopped while it waited for one)."""
@@ -470,7 +268,7 @@ class BatchRun:
         else:
             await self._write(error.record(), refused=True)
 
-    async def _serve(self, job: BatchLine, reservation: _Reservation) -> None:
+    async def _serve(self, job: BatchLine, reservation: BodyReservation) -> None:
         """Check, run and record one request; holds one concurrency slot (and, while it is
         checked and answered, the line gate's)."""
         try:
@@ -479,7 +277,7 @@ class BatchRun:
                     body = await self._check(job)
                     answer = await self.engine.submit(job.route, body)
                 finally:
-                    await reservation.release()
+                    reservation.release()
                 status, response, request_id = await answer
             if status >= 500:
                 return self._failed(job, status, str(response.get("error", {}).get("message")))

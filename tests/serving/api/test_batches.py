@@ -18,7 +18,7 @@ import pytest
 
 from encoders.samples import encode_image, synthetic_skin_photo
 from serving.api.jobs import sealed
-from serving.api.jobs.service import BATCH_PRIORITY
+from serving.api.jobs.worker import BATCH_PRIORITY
 from serving.api.middleware import RequestPolicyMiddleware
 from serving.api.policy import ServePolicy
 
@@ -584,7 +584,7 @@ def test_a_tenants_small_batch_is_not_held_behind_anothers_big_one(tmp_path):
 
 
 def test_batches_of_one_tenant_run_oldest_first():
-    from serving.api.jobs.service import _next_to_run
+    from serving.api.jobs.worker import next_to_run as _next_to_run
 
     pending = [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("a4", "a"), ("c1", "c")]
     assert _next_to_run(pending, {}) == [("a1", "a"), ("b1", "b"), ("c1", "c"), ("a2", "a")]
@@ -714,7 +714,7 @@ def test_a_line_whose_photo_worker_died_is_tried_again_and_a_bad_photo_is_refuse
         tmp_path, monkeypatch):
     import signal
 
-    from serving.api.jobs import service as jobs_service
+    from serving.api.jobs import worker as jobs_service
 
     monkeypatch.setattr(jobs_service, "RETRY_DELAYS_S", (0.05, 0.05))
     photo = base64.b64encode(encode_image(synthetic_skin_photo(seed=5))).decode()
