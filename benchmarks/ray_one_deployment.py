@@ -38,7 +38,7 @@ def _serve_app(server: dict):
         async def __init__(self, server: dict) -> None:
             from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
 
-            from serving.cluster.app import with_key_from_env
+            from serving.cluster.ingress import with_key_from_env
             from serving.engine.server import EmbeddedServerConfig, parse_vllm_args
 
             config = EmbeddedServerConfig.model_validate(server)

@@ -48,7 +48,7 @@ LOGGING_LEVEL_ENV = "VLLM_LOGGING_LEVEL"
 the answer), quiet unless asked; a level the user set is kept."""
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
-# Request routers of the Ray LLM deployment (serving.cluster.app.ROUTERS): the CLI offers these.
+# Request routers of the Ray LLM deployment (serving.cluster.routers.ROUTERS): the CLI offers these.
 RAY_ROUTINGS = ("session", "prefix", "pow2")
 
 

@@ -52,7 +52,7 @@ class ServeEngine(BatchEngine):
     dead = False  # Serve replaces a replica whose engine died; the run goes on
 
     def __init__(self, handle, policy: ServePolicy) -> None:
-        from serving.cluster.app import replica_answer
+        from serving.cluster.replica import replica_answer
 
         stream = handle.options(stream=True)
         # No max_tokens check here: the replica runs it with its own tokenizer, and its refusal

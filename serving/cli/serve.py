@@ -52,7 +52,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"skingpt4 serve: {config_error(exc)}", file=sys.stderr)
         return USAGE
     if args.ray:
-        from serving.cluster.app import run_ray
+        from serving.cli.serve_ray import run_ray
 
         return run_ray(config, args)
     from serving.engine.server import run_embedded

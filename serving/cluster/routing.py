@@ -4,7 +4,7 @@ Each replica owns ``virtual_nodes`` points on a 64-bit ring (BLAKE2b of ``"<repl
 same in every process); a key goes to the replica owning the first point after the key's hash,
 then, as fallbacks, to the next distinct replicas clockwise. Adding or removing a replica moves
 only the keys of the points it owns, so the other consults keep their replica (and its prefix
-cache). No Ray import: :class:`serving.cluster.app.SessionAffinityRouter` uses it with Ray's
+cache). No Ray import: :class:`serving.cluster.routers.SessionAffinityRouter` uses it with Ray's
 replica ids.
 """
 

@@ -165,7 +165,7 @@ def test_a_delta_that_says_error_is_text_not_an_error():
 
 def test_a_ray_replica_failure_mid_stream_ends_both_kinds_of_stream_in_shape():
     """The Ray ingress reports a replica that failed after output as one event in the project's
-    shape (``serving.cluster.app.replica_failure``), with no [DONE] and no event name: a chat
+    shape (``serving.cluster.ingress.replica_failure``), with no [DONE] and no event name: a chat
     stream gets its [DONE], a Responses stream its error and response.failed."""
     from serving.api.errors import InternalError
 

@@ -69,12 +69,13 @@ def test_replicas_leave_when_their_engine_dies():
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
-    from serving.cluster import app as ray_app
-    from serving.cluster.app import EngineUnavailable, RayAppArgs, SkinGPT4Server, llm_config
+    from serving.cluster import replica as ray_replica
+    from serving.cluster.app import RayAppArgs, llm_config
+    from serving.cluster.replica import EngineUnavailable, SkinGPT4Server
 
     config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
     assert config.server_cls is SkinGPT4Server
-    assert config.deployment_config["graceful_shutdown_wait_loop_s"] == ray_app.DRAIN_POLL_S
+    assert config.deployment_config["graceful_shutdown_wait_loop_s"] == ray_replica.DRAIN_POLL_S
 
     class Engine:
         alive = True
@@ -99,9 +100,9 @@ def test_replicas_leave_when_their_engine_dies():
 
     async def scenario():
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(ray_app, "ENGINE_WATCH_PERIOD_S", 0.01)
-            mp.setattr(ray_app.ray, "get_runtime_context", lambda: type("C", (), {"current_actor": Actor}))
-            mp.setattr(ray_app.ray, "kill", lambda actor, no_restart: steps.append(("kill", actor, no_restart)))
+            mp.setattr(ray_replica, "ENGINE_WATCH_PERIOD_S", 0.01)
+            mp.setattr(ray_replica.ray, "get_runtime_context", lambda: type("C", (), {"current_actor": Actor}))
+            mp.setattr(ray_replica.ray, "kill", lambda actor, no_restart: steps.append(("kill", actor, no_restart)))
             watch = asyncio.create_task(server._leave_when_engine_dies())
             await asyncio.sleep(0.05)
             assert not watch.done() and not steps
@@ -132,9 +133,9 @@ def ingress(monkeypatch):
     list per call, of chunks and exceptions (raised where they stand)."""
     from ray.serve.llm.ingress import OpenAiIngress
 
-    from serving.cluster import app as ray_app
+    from serving.cluster import ingress as ray_ingress
 
-    ingress = ray_app.SkinGPT4Ingress.__new__(ray_app.SkinGPT4Ingress)
+    ingress = ray_ingress.SkinGPT4Ingress.__new__(ray_ingress.SkinGPT4Ingress)
     ingress.outcomes, ingress.calls = [], 0
 
     async def answers(self, *, body, call_method, raw_request=None):
@@ -145,7 +146,7 @@ def ingress(monkeypatch):
             yield item
 
     monkeypatch.setattr(OpenAiIngress, "_get_response", answers)
-    monkeypatch.setattr(ray_app, "REFUSED_RETRY_DELAYS_S", (0.01, 0.01))
+    monkeypatch.setattr(ray_ingress, "REFUSED_RETRY_DELAYS_S", (0.01, 0.01))
     return ingress
 
 
@@ -164,9 +165,9 @@ def test_ingress_health_answers_503_for_a_failing_or_silent_replica(ingress, mon
     import asyncio
     from types import SimpleNamespace
 
-    from serving.cluster import app as ray_app
+    from serving.cluster import ingress as ray_ingress
 
-    monkeypatch.setattr(ray_app, "HEALTH_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(ray_ingress, "HEALTH_TIMEOUT_S", 0.05)
     started: list[asyncio.Future] = []
 
     def handle(outcome):
@@ -190,7 +191,7 @@ def test_ingress_health_answers_503_for_a_failing_or_silent_replica(ingress, mon
 
 
 def test_ingress_sends_a_refused_request_again(ingress):
-    from serving.cluster.app import EngineUnavailable
+    from serving.cluster.replica import EngineUnavailable
 
     refusal = _delivered(EngineUnavailable("engine died"))
     ingress.outcomes = [[refusal], [refusal], ["answer"]]
@@ -202,7 +203,7 @@ def test_ingress_gives_up_on_refusals_with_a_503(ingress):
 
     from starlette.responses import Response
 
-    from serving.cluster.app import EngineUnavailable
+    from serving.cluster.replica import EngineUnavailable
 
     ingress.outcomes = [[_delivered(EngineUnavailable("engine died"))]] * 3
     response = asyncio.run(ingress._process_llm_request(None, call_method="chat"))
@@ -293,7 +294,7 @@ def test_ingress_answers_responses_as_vllm_does(ingress):
     event stream as it comes, a refused request sent again as chat is."""
     from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
-    from serving.cluster.app import EngineUnavailable
+    from serving.cluster.replica import EngineUnavailable
 
     body = {"model": MODEL, "input": "Hello", "store": False}
     whole = {"id": "resp_1", "object": "response", "output": []}
@@ -340,7 +341,8 @@ def test_replica_refuses_max_tokens_beyond_the_context_as_the_embedded_server(mo
     from vllm.entrypoints.serve.tokenize.protocol import TokenizeResponse
 
     from serving.api.max_tokens import MaxTokensCheck
-    from serving.cluster.app import RayAppArgs, SkinGPT4Server, llm_config
+    from serving.cluster.app import RayAppArgs, llm_config
+    from serving.cluster.replica import SkinGPT4Server
 
     counted = []
 
@@ -434,7 +436,8 @@ def test_replica_answers_responses_with_the_engines_serving_object():
     from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
     from vllm.sampling_params import SamplingParams
 
-    from serving.cluster.app import RayAppArgs, SkinGPT4Server, llm_config, responses_serving
+    from serving.cluster.app import RayAppArgs, llm_config
+    from serving.cluster.replica import SkinGPT4Server, responses_serving
 
     class Event:
         def __init__(self, kind):
@@ -521,9 +524,9 @@ def test_replica_settings():
     fixed = ReplicaSettings(accelerator="cpu", num_replicas=2).deployment_config(30)
     assert fixed == {"graceful_shutdown_timeout_s": 30, "graceful_shutdown_wait_loop_s": 0.5,
                      "num_replicas": 2, "request_router_config": {
-                         "request_router_class": "serving.cluster.app.SessionAffinityRouter"}}
+                         "request_router_class": "serving.cluster.routers.SessionAffinityRouter"}}
     prefix = ReplicaSettings(routing="prefix").deployment_config(30)["request_router_config"]
-    assert prefix["request_router_class"] == "serving.cluster.app.PrefixAffinityRouter"
+    assert prefix["request_router_class"] == "serving.cluster.routers.PrefixAffinityRouter"
     assert "request_router_config" not in ReplicaSettings(routing="pow2").deployment_config(30)
     assert ReplicaSettings(health_check_period_s=3).deployment_config(30)["health_check_period_s"] == 3
     scaled = ReplicaSettings(min_replicas=1, max_replicas=4, target_ongoing_requests=8)
@@ -550,7 +553,9 @@ def test_routing_flag_reaches_the_replica_settings():
 
     from serving import settings
     from serving.cli import build_parser
-    from serving.cluster.app import ROUTERS, ReplicaSettings, replica_settings_from_cli
+    from serving.cli.serve_ray import replica_settings_from_cli
+    from serving.cluster.app import ReplicaSettings
+    from serving.cluster.routers import ROUTERS
 
     assert typing.get_args(ReplicaSettings.model_fields["routing"].annotation) == settings.RAY_ROUTINGS
     assert set(ROUTERS) == set(settings.RAY_ROUTINGS)
@@ -570,7 +575,8 @@ def test_engine_metrics_and_image_model_card():
     takes images (Ray reads that from the model's config only inside the replicas)."""
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
-    from serving.cluster.app import RayAppArgs, llm_config, with_image_input
+    from serving.cluster.app import RayAppArgs, llm_config
+    from serving.cluster.ingress import with_image_input
 
     config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
     assert config.log_engine_metrics is True
@@ -585,7 +591,7 @@ def test_session_router_uses_the_ring_for_sessions_and_prefixes_otherwise():
     from collections import namedtuple
     from types import SimpleNamespace
 
-    from serving.cluster.app import SessionAffinityRouter
+    from serving.cluster.routers import SessionAffinityRouter
 
     from serving.cluster.routing import ConsultRing
 
@@ -617,7 +623,7 @@ def test_prefix_routing_reads_a_responses_request_as_chat():
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
 
-    from serving.cluster.app import PrefixAffinityRouter, SessionAffinityRouter, photo_marker
+    from serving.cluster.routers import PrefixAffinityRouter, SessionAffinityRouter, photo_marker
 
     photo = "data:image/png;base64,AAAA"
     responses = ResponsesRequest(model=MODEL, instructions="Answer briefly.", input=[
@@ -644,7 +650,7 @@ def test_prefix_routing_reads_a_responses_request_as_chat():
 
 def test_ingress_takes_the_key_from_its_environment(monkeypatch):
     from serving.api.policy import ServePolicy
-    from serving.cluster.app import with_key_from_env
+    from serving.cluster.ingress import with_key_from_env
 
     monkeypatch.setenv("SKINGPT4_API_KEY", "from-env")
     assert with_key_from_env(ServePolicy()).api_keys == ("from-env",)
