@@ -23,7 +23,7 @@ only once it is whole, so it goes first). The policy makes sure the largest body
 the budget on its own.
 
 Growing reservations could deadlock: many large bodies arriving at once each hold part of the
-budget and wait for more (hold-and-wait). :meth:`Admission._break_deadlock` breaks that circle
+budget and wait for more (hold-and-wait). :meth:`Admission._give_way` breaks that circle
 the moment it closes, when every byte held belongs to a waiting body: the newest of them gives
 way (a 503, its bytes back), so the oldest always finishes.
 """
@@ -76,7 +76,7 @@ class Admission:
         self.timeout_s = timeout_s
         self.free_bytes = max_bytes
         self.free_decodes = max_decodes
-        self.gave_way = 0  # bodies refused to break a hold-and-wait (see _break_deadlock)
+        self.gave_way = 0  # bodies refused to break a hold-and-wait (see _give_way)
         self._byte_waiters: collections.deque[_Wait] = collections.deque()
         self._decode_waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
         self._arrivals = itertools.count()  # the age of each body, for "the newest gives way"
@@ -179,40 +179,39 @@ class Admission:
     def _wake_bytes(self) -> None:
         """Grant every waiter that fits what is free now: first the bodies that already hold part
         of the budget, oldest first; then, if none of those is left waiting, the others in
-        arrival order. Then break a hold-and-wait if one has formed."""
-        for wait in [w for w in self._byte_waiters if w.future.done()]:
-            self._byte_waiters.remove(wait)
-        holders = sorted((w for w in self._byte_waiters if w.holds()), key=lambda w: w.body.arrival)
-        for wait in holders:
-            if self.free_bytes >= wait.amount:
-                self._grant(wait)
-        if not self._holder_waiting():
-            for wait in list(self._byte_waiters):
-                if self.free_bytes >= wait.amount:
-                    self._grant(wait)
-        self._break_deadlock()
-
-    def _break_deadlock(self) -> None:
-        """When every byte held belongs to a body that is waiting for more, nobody will free
-        any: the newest of those bodies gives way (a 503 and its bytes back), until the others
-        can go on. The oldest never gives way, and it fits the budget alone (the policy makes
-        sure the largest body does), so some body always makes progress."""
+        arrival order. Then break a hold-and-wait if one has formed, and grant again."""
         while True:
-            holders = [w for w in self._byte_waiters if w.holds()]
-            held = self.max_bytes - self.free_bytes
-            if not holders or held != sum(w.holds() for w in holders):
-                return  # some holder is reading, checking or answering: it will free its bytes
-            victim = max(holders, key=lambda w: w.body.arrival)
-            self._byte_waiters.remove(victim)
-            self.free_bytes += victim.body.held
-            victim.body.held = 0
-            self.gave_way += 1
-            victim.future.set_exception(self._busy(
-                "its memory was needed to finish earlier uploads that arrived at the same time"))
-            for wait in sorted((w for w in self._byte_waiters if w.holds()),
-                               key=lambda w: w.body.arrival):
+            for wait in [w for w in self._byte_waiters if w.future.done()]:
+                self._byte_waiters.remove(wait)
+            holders = sorted((w for w in self._byte_waiters if w.holds()),
+                             key=lambda w: w.body.arrival)
+            for wait in holders:
                 if self.free_bytes >= wait.amount:
                     self._grant(wait)
+            if not self._holder_waiting():
+                for wait in list(self._byte_waiters):
+                    if self.free_bytes >= wait.amount:
+                        self._grant(wait)
+            if not self._give_way():
+                return
+
+    def _give_way(self) -> bool:
+        """When every byte held belongs to a body that is waiting for more, nobody will free
+        any: the newest of those bodies gives way (a 503 and its bytes back; True), so that the
+        others can go on. The oldest never gives way, and it fits the budget alone (the policy
+        makes sure the largest body does), so some body always makes progress."""
+        holders = [w for w in self._byte_waiters if w.holds()]
+        held = self.max_bytes - self.free_bytes
+        if not holders or held != sum(w.holds() for w in holders):
+            return False  # some holder is reading, checking or answering: it will free its bytes
+        victim = max(holders, key=lambda w: w.body.arrival)
+        self._byte_waiters.remove(victim)
+        self.free_bytes += victim.body.held
+        victim.body.held = 0
+        self.gave_way += 1
+        victim.future.set_exception(self._busy(
+            "its memory was needed to finish earlier uploads that arrived at the same time"))
+        return True
 
     # -- decode slots ------------------------------------------------------------------------
 
@@ -258,7 +257,7 @@ class BodyReservation:
     arrive up to the next multiple of :data:`BODY_STEP` (never past a declared ``Content-Length`` or the body
     limit), so a stalled upload holds no more than it sent. Its waits for budget add up to at
     most the admission timeout. Released once, whole, by :meth:`release`; taken back early, with
-    a 503, when it must give way (:meth:`Admission._break_deadlock`)."""
+    a 503, when it must give way (:meth:`Admission._give_way`)."""
 
     def __init__(self, admission: Admission, declared: int | None = None,
                  limit: int | None = None) -> None:
