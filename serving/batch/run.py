@@ -73,7 +73,8 @@ from pathlib import Path
 
 from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.api.errors import ServingError, error_for_status
-from serving.api.jobs.runner import Answer, encode_record, record_key
+from serving.api.jobs.lines import encode_record, record_key
+from serving.api.jobs.runner import Answer
 from serving.api.policy import ServePolicy
 from serving.engine.server import EmbeddedServerConfig, parse_vllm_args
 

@@ -27,21 +27,12 @@ from serving.api.jobs.lines import (
     TooLarge,
     count_lines,
     duplicate_line,
-    encode_record,
     parse_line,
     read_lines,
-    record_key,
     refusal_record,
     response_record,
 )
 from serving.api.policy import ServePolicy
-
-# The run, and the parts of the record format that the command line (serving.batch) reads.
-__all__ = [
-    "ADMISSION_TIMEOUT_S", "DEFAULT_MAX_CONCURRENCY", "Answer", "AnswerEngine", "BatchRun",
-    "BatchSummary", "RecordLog", "Slots", "TooLarge", "count_lines", "encode_record",
-    "read_lines", "record_key", "run_batch",
-]
 
 DEFAULT_MAX_CONCURRENCY = 64
 # Waiting for memory or a decode slot is normal in a batch (the reader runs ahead of the engine);
