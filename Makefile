@@ -9,6 +9,7 @@ export DO_NOT_TRACK := 1
 .PHONY: setup test demo bench clean
 
 setup:
+	@./scripts/setup-system.sh
 	@./scripts/setup.sh
 	@./scripts/setup-clients.sh
 

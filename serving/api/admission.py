@@ -38,6 +38,7 @@ import time
 from collections.abc import AsyncIterator
 
 from serving.api.errors import ServerBusy
+from serving.api.metrics import metrics
 from serving.api.policy import BODY_COST_FACTOR, ServePolicy
 from serving.api.workers import WorkerPool
 
@@ -77,6 +78,9 @@ class Admission:
         self.free_bytes = max_bytes
         self.free_decodes = max_decodes
         self.gave_way = 0  # bodies refused to break a hold-and-wait (see _give_way)
+        # The server's admission counts its 503s in the metrics; one that shares another's
+        # workers (the Batch API's checks) does not: a line it refuses is tried again.
+        self.reports = workers_of is None
         self._byte_waiters: collections.deque[_Wait] = collections.deque()
         self._decode_waiters: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
         self._arrivals = itertools.count()  # the age of each body, for "the newest gives way"
@@ -153,7 +157,7 @@ class Admission:
             self.free_bytes -= amount
             return
         if self.waiting >= self.queue_size:
-            raise self._busy("its admission queue is full")
+            raise self._busy("its admission queue is full", "queue_full")
         wait = _Wait(amount, asyncio.get_running_loop().create_future(), body)
         self._byte_waiters.append(wait)
         self._wake_bytes()  # this wait may close a hold-and-wait circle: break it now
@@ -169,7 +173,8 @@ class Admission:
                 self._wake_bytes()  # a smaller request behind this one may fit now
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise self._busy("the request waited too long for memory to be free") from None
+            raise self._busy("the request waited too long for memory to be free",
+                             "timeout") from None
 
     def _grant(self, wait: _Wait) -> None:
         self._byte_waiters.remove(wait)
@@ -210,7 +215,8 @@ class Admission:
         victim.body.held = 0
         self.gave_way += 1
         victim.future.set_exception(self._busy(
-            "its memory was needed to finish earlier uploads that arrived at the same time"))
+            "its memory was needed to finish earlier uploads that arrived at the same time",
+            "gave_way"))
         return True
 
     # -- decode slots ------------------------------------------------------------------------
@@ -220,7 +226,7 @@ class Admission:
             self.free_decodes -= 1
             return
         if self.waiting >= self.queue_size:
-            raise self._busy("its admission queue is full")
+            raise self._busy("its admission queue is full", "queue_full")
         future = asyncio.get_running_loop().create_future()
         self._decode_waiters.append((1, future))
         try:
@@ -235,7 +241,8 @@ class Admission:
                     self._decode_waiters.remove((1, future))
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise self._busy("the request waited too long for a photo decoder") from None
+            raise self._busy("the request waited too long for a photo decoder",
+                             "timeout") from None
 
     def _wake_decodes(self) -> None:
         for entry in list(self._decode_waiters):
@@ -247,7 +254,10 @@ class Admission:
                 self.free_decodes -= 1
                 future.set_result(None)
 
-    def _busy(self, why: str) -> ServerBusy:
+    def _busy(self, why: str, reason: str) -> ServerBusy:
+        """The 503 of a request that does not fit; ``reason``: its metrics label."""
+        if self.reports:
+            metrics().admission_refusals.inc((reason,))
         retry = max(1, round(self.timeout_s / 2))
         return ServerBusy(f"the server is busy ({why}); retry in {retry} s", retry_after_s=retry)
 
@@ -269,6 +279,11 @@ class BodyReservation:
         if declared is not None:
             self.limit = min(self.limit, declared)
         self.wait_left_s = admission.timeout_s
+
+    @property
+    def waited_s(self) -> float:
+        """Time this body has waited for the budget so far."""
+        return max(0.0, self.admission.timeout_s - self.wait_left_s)
 
     async def cover(self, body_bytes: int) -> None:
         """Hold the cost of the ``body_bytes`` received so far (waiting for budget if need be)."""
@@ -317,6 +332,7 @@ class LiveTraffic:
     async def batch_slot(self) -> AsyncIterator[None]:
         """Wait until one more batch request fits the limit (checked again as the quiet time
         passes), and hold its place while it runs."""
+        started = time.monotonic()
         while self.batch >= self.limit():
             if self._changed is None:
                 self._changed = asyncio.Event()
@@ -324,6 +340,7 @@ class LiveTraffic:
                 await asyncio.wait_for(self._changed.wait(), self.quiet_s / 4)
             except TimeoutError:
                 pass
+        metrics().batch_gate_wait.observe(time.monotonic() - started)
         self.batch += 1
         try:
             yield

@@ -27,6 +27,7 @@ from serving.api.admission import Admission
 from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE, check_fields
 from serving.api.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServerBusy, ServingError
 from serving.api.media import data_url_payload_start, fetch_remote_image
+from serving.api.observe import note_photos
 from serving.api.policy import ServePolicy
 from serving.settings import RESERVED_TOKENS
 from serving.api.workers import JobError, JobFailed, JobTimeout
@@ -322,6 +323,7 @@ async def prepare_chat_request(
     images = _image_parts(body["messages"], policy)
     for message in body["messages"]:
         message["role"] = ROLE_AS.get(message["role"], message["role"])
+    note_photos(len(images))
     if len(images) > policy.max_images_per_request:
         raise InvalidRequest(
             f"the request has {len(images)} images; the limit is {policy.max_images_per_request}",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from serving.api.observe import current
+
 
 class ServingError(Exception):
     """A request the server refuses; subclasses set the HTTP status, type and code."""
@@ -24,9 +26,14 @@ class ServingError(Exception):
         self.param = param
 
     def to_dict(self) -> dict:
-        """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``, and the
+        ``request_id`` of the request being served, if any (:mod:`serving.api.observe`)."""
+        error = {"message": self.message, "type": self.type, "param": self.param,
+                 "code": self.code}
+        exchange = current.get()
+        if exchange is not None:
+            error["request_id"] = exchange.request_id
+        return {"error": error}
 
     def body(self) -> bytes:
         return json.dumps(self.to_dict()).encode()

@@ -24,6 +24,7 @@ from serving.api.errors import (
     UnsupportedMediaType,
     error_for_status,
 )
+from serving.api.metrics import metrics
 from serving.api.policy import ServePolicy
 from serving.api.streams import EventStream, is_event_stream
 
@@ -122,10 +123,13 @@ class UploadClock:
         # Silent for most of the idle timeout: the client stopped (its rate deadline may fall a
         # moment earlier). Bytes still coming, only too few: too slow.
         if now - self.last >= p.upload_idle_timeout_s / 2 and received and self.declared:
+            metrics().upload_timeouts.inc(("stalled",))
             return InvalidRequest(
                 f"the request body stopped after {received} of the {self.declared} bytes its "
                 f"Content-Length declares (nothing more for {p.upload_idle_timeout_s:g} s)"
             )
+        kind = "deadline" if now - self.start >= p.upload_timeout_s else "slow"
+        metrics().upload_timeouts.inc((kind,))
         return RequestTimeout(
             f"the request body arrived too slowly ({received} bytes in {now - self.start:.0f} s): "
             f"a body must arrive within {p.upload_timeout_s:g} s, with no pause over "

@@ -36,6 +36,8 @@ bodies are never logged.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import hmac
 
 from serving.api.admission import Admission, LiveTraffic
@@ -55,14 +57,23 @@ from serving.api.http import (
 from serving.api.jobs import is_jobs_path
 from serving.api.jobs.service import BatchService
 from serving.api.max_tokens import MaxTokensCheck
+from serving.api.metrics import metrics
+from serving.api.observe import (
+    Exchange,
+    ObservedSend,
+    current,
+    enable_access_log,
+    with_request_id,
+)
 from serving.api.pipeline import ROUTES, prepare_request
 from serving.api.policy import ServePolicy, policy_from_env
 from serving.api.strict_json import dump_json, parse_json
-
+from serving.api.ui import is_page_path, serve_page
 
 OPEN_PATHS = ("/health",)
 GET_ROUTES = ("/health", "/ping", "/v1/models", "/metrics", "/version")
 POST_ROUTES = ROUTES
+SAMPLE_EVERY_S = 1.0  # the policy layer's gauges
 
 
 def check_api_key(scope, keys: tuple[str, ...]) -> str | None:
@@ -100,6 +111,8 @@ class RequestPolicyMiddleware:
         self.admission = Admission.from_policy(self.policy)
         self.max_tokens = MaxTokensCheck(app) if count_prompts else None
         self.live = LiveTraffic(self.policy.batch_max_inflight)
+        if self.policy.access_log:
+            enable_access_log()
         self.jobs = None
         if self.policy.data_dir:
             self.jobs = BatchService(self.policy, app, self.admission, self.max_tokens, self.live)
@@ -109,18 +122,41 @@ class RequestPolicyMiddleware:
         if not self._started:  # the photo workers start with the first request's loop
             self._started = True
             self.admission.photo_workers.prestart()
+            # outside any request's context (a task copies the context it is made in)
+            asyncio.get_running_loop().create_task(self._sample(), name="policy-metrics",
+                                                   context=contextvars.Context())
         if scope["type"] == "websocket":
             return await self._websocket(scope, receive, send)
         if scope["type"] == "lifespan" and self.jobs is not None:
             return await self.jobs.lifespan(scope, receive, send, self.app)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        exchange = Exchange.begin(scope)
+        token = current.set(exchange)
+        try:
+            await self._http(with_request_id(scope, exchange.request_id), receive,
+                             ObservedSend(send, exchange), exchange)
+        except asyncio.CancelledError:
+            exchange.failed(499)  # the client left before an answer started
+            raise
+        except BaseException:
+            exchange.failed(500)
+            raise
+        finally:
+            current.reset(token)
+            exchange.finish(self.policy.access_log)
+
+    async def _http(self, scope, receive, send, exchange: Exchange) -> None:
+        if self.policy.ui and scope.get("method") in ("GET", "HEAD") and is_page_path(
+                scope.get("path", "")):
+            return await serve_page(scope, send)  # public: the page holds no data
         clock = None
         try:
             if scope.get("method") == "POST":
                 clock = UploadClock(self.policy, content_length(scope))
             check_header_size(scope, self.policy.max_header_bytes)
             key = check_api_key(scope, self.policy.api_keys)
+            exchange.key(key)
             if is_jobs_path(scope.get("path", "")):
                 if self.jobs is None:
                     raise NotFound("the Files and Batch API is off on this server; it is served "
@@ -135,7 +171,7 @@ class RequestPolicyMiddleware:
         self.live.live_started()  # Batch API requests yield to this one until it ends
         try:
             try:
-                body = await self._admit(scope, receive, clock)
+                body = await self._admit(scope, receive, clock, exchange)
             except ServingError as error:
                 return await self._refuse(scope, receive, send, error, clock)
             headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
@@ -143,6 +179,17 @@ class RequestPolicyMiddleware:
             return await call_shaped(self.app, scope, replay(body, receive), send)
         finally:
             self.live.live_ended()
+
+    async def _sample(self) -> None:
+        """The gauges of the policy layer, once a second (the counters move as things happen)."""
+        m = metrics()
+        m.admission_budget.set(self.admission.max_bytes)
+        while True:
+            m.admission_reserved.set(self.admission.max_bytes - self.admission.free_bytes)
+            m.admission_waiting.set(self.admission.waiting)
+            if self.jobs is not None:
+                await self.jobs.sample(m)
+            await asyncio.sleep(SAMPLE_EVERY_S)
 
     async def _refuse(self, scope, receive, send, error: ServingError, clock) -> None:
         if clock is None and scope.get("method") == "POST":  # no clock: the length was unreadable
@@ -157,7 +204,7 @@ class RequestPolicyMiddleware:
             return await send({"type": "websocket.close", "code": 1008})
         return await self.app(scope, receive, send)
 
-    async def _admit(self, scope, receive, clock: UploadClock) -> bytes:
+    async def _admit(self, scope, receive, clock: UploadClock, exchange: Exchange) -> bytes:
         """Read the body as it arrives (its memory reserved as it comes, within the upload
         deadlines), check it; return the small body vLLM gets."""
         reservation = self.admission.body(clock.declared, self.policy.max_body_bytes)
@@ -171,4 +218,6 @@ class RequestPolicyMiddleware:
                 await self.max_tokens.check(scope, route, checked)
             return dump_json(checked)
         finally:
+            exchange.admission_wait_s = reservation.waited_s
+            metrics().admission_wait.observe(reservation.waited_s)
             reservation.release()

@@ -136,6 +136,14 @@ class ServePolicy(BaseModel):
         default=8, ge=1, description="Batch requests in the engine at once; they run at a "
         "lower priority than live requests.",
     )
+    ui: bool = Field(
+        default=False, description="Serve the consult page at / (static files of the package; "
+        "the page calls this server's API with the key a person enters).",
+    )
+    access_log: bool = Field(
+        default=True, description="One JSON line per request on the skingpt4.access logger "
+        "(never a question, answer, photo, file name or body).",
+    )
     default_stop: tuple[str, ...] = Field(
         default=(SEP,), description="SkinGPT-4's turn separator; always a stop string."
     )

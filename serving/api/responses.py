@@ -72,6 +72,7 @@ from serving.api.contract import (
     check_body,
 )
 from serving.api.errors import InvalidRequest
+from serving.api.observe import note_photos
 from serving.api.policy import ServePolicy
 
 RESPONSES_ROUTE = "/v1/responses"
@@ -361,6 +362,7 @@ async def prepare_responses_request(
         raise InvalidRequest("the request body must be a JSON object")
     request = check_fields(body)
     messages, photos = _input_messages(body, policy)
+    note_photos(len(photos))
     if len(photos) > policy.max_images_per_request:
         raise InvalidRequest(
             f"the request has {len(photos)} images; the limit is {policy.max_images_per_request}",

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 from serving.api.errors import ServerBusy
+from serving.api.metrics import metrics
 
 FRAME = struct.Struct(">IQ")  # header length, data length
 READY = b"ready\n"  # a worker's first output, once its modules are loaded
@@ -146,7 +147,31 @@ class WorkerPool:
 
     async def run(self, header: dict, data: bytes = b"") -> tuple[dict, bytes]:
         """Run one job; its reply header and data. Raises :class:`JobTimeout`,
-        :class:`JobFailed`, :class:`WorkerLost` or :class:`JobError`."""
+        :class:`JobFailed`, :class:`WorkerLost` or :class:`JobError`. Its time goes to the
+        pool's duration metric, by outcome; a worker stopped for a timeout or found dead counts
+        as a restart."""
+        started, outcome = time.monotonic(), "cancelled"
+        try:
+            reply = await self._run(header, data)
+            outcome = "ok"
+            return reply
+        except JobError:
+            outcome = "refused"
+            raise
+        except JobTimeout:
+            outcome = "timeout"
+            metrics().worker_restarts.inc((self.kind, "timeout"))
+            raise
+        except (JobFailed, WorkerLost):
+            outcome = "died"
+            metrics().worker_restarts.inc((self.kind, "died"))
+            raise
+        finally:
+            m = metrics()
+            (m.decode_seconds if self.kind == "photo" else m.compile_seconds).observe(
+                time.monotonic() - started, (outcome,))
+
+    async def _run(self, header: dict, data: bytes) -> tuple[dict, bytes]:
         worker = await self._take()
         if self.kind in FORK_PER_JOB:
             header = dict(header, timeout_s=self.timeout_s, memory_mb=self.memory_mb or 0)

@@ -23,7 +23,9 @@ from serving.api.errors import (
     ServingError,
     error_for_status,
 )
+from serving.api.metrics import metrics
 from serving.api.policy import ServePolicy
+from serving.cluster.metrics import use_ray_metrics
 from serving.cluster.replica import EngineUnavailable
 
 logger = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class SkinGPT4Ingress(OpenAiIngress):
         from serving.api.middleware import RequestPolicyMiddleware
 
         # The max_tokens check runs on the LLM replicas (SkinGPT4Server._over_context).
+        use_ray_metrics()  # the policy's metrics on this node's Ray metrics export port
         app.add_middleware(RequestPolicyMiddleware, policy=self._policy, count_prompts=False)
         app.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         app.add_api_route("/v1/responses", self.responses, methods=["POST"])
@@ -136,6 +139,7 @@ class SkinGPT4Ingress(OpenAiIngress):
                                      "send it again in a few seconds", retry_after_s=5) from exc
                 logger.warning("a replica whose engine died refused a request; sending it again "
                                "in %.1f s", delay)
+                metrics().ingress_retries.inc()
                 await asyncio.sleep(delay)
                 continue
             break

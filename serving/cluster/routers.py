@@ -13,6 +13,7 @@ import hashlib
 
 from ray.serve.llm.request_router import PrefixCacheAffinityRouter
 
+from serving.api.metrics import metrics
 from serving.cluster.routing import ConsultRing
 
 # The consult header (Ray Serve's RAY_SERVE_SESSION_ID_HEADER_KEY, default x-session-id): the proxy
@@ -88,10 +89,15 @@ class SessionAffinityRouter(PrefixAffinityRouter):
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         session = pending_request.metadata.session_id if pending_request is not None else ""
         if not session or not candidate_replicas:
+            metrics().router_affinity.inc(("none",))
             return await super().choose_replicas(candidate_replicas, pending_request)
         pending_request.routing_context.should_backoff = True
         by_id = {r.replica_id: r for r in candidate_replicas}
-        return [[by_id[r]] for r in self.ring.ranked(session) if r in by_id]
+        order = self.ring.ranked(session)
+        # hit: the consult's own replica (the ring's first) is among those that can take it
+        hit = bool(order) and order[0] in by_id
+        metrics().router_affinity.inc(("hit" if hit else "miss",))
+        return [[by_id[r]] for r in order if r in by_id]
 
 
 def class_path(cls: type) -> str:

@@ -65,6 +65,8 @@ FLAGS = {f.name: f for f in (
     Flag("max-files-per-key", "policy", "max_files_per_tenant", int),
     Flag("max-storage-gb-per-key", "policy", "max_tenant_bytes", int, 2**30, " GiB"),
     Flag("batch-max-inflight", "policy", "batch_max_inflight", int),
+    Flag("ui", "policy", "ui"),
+    Flag("access-log", "policy", "access_log"),
 )}
 
 # The flags ``serve`` and ``batch`` share: the model, its photos and its engine.
@@ -79,7 +81,7 @@ SERVE_FLAGS = ("host", "port", "max-inflight-mb", "max-concurrent-decodes", "adm
                "admission-timeout", "upload-timeout", "upload-idle-timeout", "min-upload-rate",
                "decode-timeout", "max-jpeg-scans", "schema-compile-timeout",
                "schema-compile-memory-mb", "enforce-eager", "gpu-memory-utilization",
-               "quantization", *BATCH_API_FLAGS)
+               "quantization", "ui", "access-log", *BATCH_API_FLAGS)
 
 PATH_FIELDS = ("data_dir", "data_key_file")
 MODELS = {"server": EmbeddedServerConfig, "policy": ServePolicy}
@@ -106,7 +108,10 @@ def add_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
             shown = f"{default}{flag.unit}" if default not in (None, ()) else "none"
         help_text = f"{text} (default: {shown})" if text else f"default: {shown}"
         dest = {"dest": name.replace("-", "_")}
-        if isinstance(info.default, bool):
+        if info.default is True:  # on by default: --no-NAME turns it off
+            parser.add_argument(f"--no-{name}", action="store_const", const=False, default=True,
+                                help=f"{text} is on; this turns it off", **dest)
+        elif isinstance(info.default, bool):
             parser.add_argument(f"--{name}", action="store_true", help=help_text, **dest)
         elif flag.field == "allowed_media_domains":
             parser.add_argument(f"--{name}", nargs="*", default=list(default), help=help_text, **dest)

@@ -43,15 +43,16 @@ def _record_id() -> str:
 
 
 def response_record(custom_id: str, status: int, body: dict, request_id: str | None = None) -> dict:
-    """A request that got an HTTP answer (200, or the 4xx the server would send)."""
+    """A request that got an HTTP answer (200, or the 4xx the server would send); an error
+    body carries the record's ``request_id`` as a live error does."""
+    request_id = request_id or f"req_{uuid.uuid4().hex}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        error["request_id"] = request_id
     return {
         "id": _record_id(),
         "custom_id": custom_id,
-        "response": {
-            "status_code": status,
-            "request_id": request_id or f"req_{uuid.uuid4().hex}",
-            "body": body,
-        },
+        "response": {"status_code": status, "request_id": request_id, "body": body},
         "error": None,
     }
 

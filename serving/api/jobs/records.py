@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import uuid
+from collections.abc import Callable
 
 from serving.api.jobs import sealed
 from serving.api.jobs.lines import (
@@ -33,8 +34,10 @@ class SplitLog:
     the output file, everything else to the error file, one sealed frame per record, synced.
     Opening it reads back the records a crashed run left."""
 
-    def __init__(self, output: sealed.SealedWriter, errors: sealed.SealedWriter) -> None:
-        self.output, self.errors = output, errors
+    def __init__(self, output: sealed.SealedWriter, errors: sealed.SealedWriter,
+                 on_record: Callable[[bool], None] | None = None) -> None:
+        """``on_record``: called with each record written from now on (True: answered)."""
+        self.output, self.errors, self.on_record = output, errors, on_record
         self.done_ids: set[str] = set()
         self.done_lines: set[int] = set()
         self.completed = self.failed = 0
@@ -61,6 +64,8 @@ class SplitLog:
             self.completed += 1
         else:
             self.failed += 1
+        if self.on_record is not None:
+            self.on_record(answered)
         key = record_key(line)
         if key is not None:
             (self.done_ids if key[0] == "id" else self.done_lines).add(key[1])

@@ -6,7 +6,6 @@ API key is a tenant: another key's ids answer 404). Uploads are read as they str
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -38,7 +37,7 @@ from serving.api.http import (
 from serving.api.jobs import sealed
 from serving.api.jobs.async_store import AsyncStore
 from serving.api.jobs.form import UploadForm, read_form
-from serving.api.jobs.store import FileRow, new_batch_id, new_file_id
+from serving.api.jobs.store import FileRow, new_batch_id, new_file_id, tenant_of
 from serving.api.jobs.worker import BatchWorker
 from serving.api.policy import ServePolicy
 from serving.api.strict_json import parse_json
@@ -54,11 +53,6 @@ MAX_UPLOADS = 16  # uploads read at once
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 LIST_LIMIT = (1, 100)
 FILE_LIST_LIMIT = (1, 10_000)
-
-
-def tenant_of(key: str | None) -> str:
-    """A tenant's name in the store: a digest of its API key (the key itself is never stored)."""
-    return "open" if key is None else "key_" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 class JobsRoutes:

@@ -53,9 +53,12 @@ from serving.api.jobs.async_store import AsyncStore
 from serving.api.jobs.routes import JobsRoutes
 from serving.api.jobs.runner import ADMISSION_TIMEOUT_S
 from serving.api.jobs.share import FairShare
-from serving.api.jobs.store import Store
+from serving.api.jobs.store import Store, tenant_key_id
 from serving.api.jobs.worker import MAX_BATCHES_RUNNING, BatchWorker
+from serving.api.metrics import Metrics
 from serving.api.policy import ServePolicy
+
+CENSUS_EVERY = 5  # samples between two counts of the store (a sample a second)
 
 
 class BatchService:
@@ -82,6 +85,8 @@ class BatchService:
         # the server's admission, for the API's own small request bodies
         self.routes = JobsRoutes(policy, self.db, self.worker, admission, self.start)
         self._start_lock = asyncio.Lock()
+        self._samples = 0
+        self._reported: set[tuple[object, tuple[str, ...]]] = set()
 
     @property
     def store(self) -> Store | None:
@@ -109,6 +114,27 @@ class BatchService:
             await send(message)
 
         await app(scope, on_receive, on_send)
+
+    async def sample(self, m: Metrics) -> None:
+        """The Batch API's gauges: lines waiting for a place and in flight (every call), and
+        what the store holds (every :data:`CENSUS_EVERY`th call, once it is open)."""
+        m.batch_lines.set(self.share.waiting(), ("waiting",))
+        m.batch_lines.set(self.share.size - self.share.free, ("in_flight",))
+        self._samples += 1
+        if not self.db.opened or self._samples % CENSUS_EVERY != 1:
+            return
+        batches, files = await self.db.run(self.db.store.census)
+        now: dict[tuple[object, tuple[str, ...]], float] = {}
+        for status, tenant, count in batches:
+            now[(m.batches, (status, tenant_key_id(tenant)))] = count
+        for tenant, count, size in files:
+            now[(m.stored_files, (tenant_key_id(tenant),))] = count
+            now[(m.stored_bytes, (tenant_key_id(tenant),))] = size
+        for gauge, labels in self._reported - now.keys():  # gone since: back to 0
+            gauge.set(0, labels)
+        for (gauge, labels), value in now.items():
+            gauge.set(value, labels)
+        self._reported = set(now)
 
     async def start(self, scope: dict) -> None:
         """Open the store and start the worker (once; later calls only note the scope)."""

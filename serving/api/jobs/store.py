@@ -22,6 +22,7 @@ single-thread executor, off the event loop).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.api.jobs import sealed
+from serving.api.metrics import NO_TENANT
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -67,6 +69,17 @@ UNFINISHED = ("validating", "in_progress", "finalizing", "cancelling")
 DB_FILE = "store.db"
 KEY_CHECK = "key_check"  # meta row: KEY_CHECK_TEXT sealed under the master key
 KEY_CHECK_TEXT = "skingpt4 data key check"
+
+
+def tenant_of(key: str | None) -> str:
+    """A tenant's name in the store: a digest of its API key (the key itself is never stored)."""
+    return "open" if key is None else "key_" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def tenant_key_id(tenant: str) -> str:
+    """The metrics' and access log's id of a tenant's key
+    (:func:`serving.api.metrics.key_id`: the same digest, shorter)."""
+    return tenant[4:16] if tenant.startswith("key_") else NO_TENANT
 
 
 class DataKeyError(ValueError):
@@ -288,6 +301,16 @@ class Store:
             "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM files WHERE tenant = ?", (tenant,)
         ).fetchone()
         return count, total
+
+    def census(self) -> tuple[list[tuple[str, str, int]], list[tuple[str, int, int]]]:
+        """What the store holds, for the metrics: ``(status, tenant, batches)`` and
+        ``(tenant, files, bytes)``."""
+        batches = self.db.execute(
+            "SELECT status, tenant, COUNT(*) FROM batches GROUP BY status, tenant").fetchall()
+        files = self.db.execute(
+            "SELECT tenant, COUNT(*), COALESCE(SUM(bytes), 0) FROM files GROUP BY tenant"
+        ).fetchall()
+        return batches, files
 
     def delete_file(self, file_id: str) -> None:
         """The record (its wrapped key with it) and the sealed bytes."""

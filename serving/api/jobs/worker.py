@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 from serving.api.admission import Admission, LiveTraffic
@@ -28,7 +30,9 @@ from serving.api.jobs.lines import response_record
 from serving.api.jobs.records import SplitLog, batch_error, record_unrun, validate_lines
 from serving.api.jobs.runner import Answer, BatchRun
 from serving.api.jobs.share import FairShare
-from serving.api.jobs.store import UNFINISHED
+from serving.api.jobs.store import UNFINISHED, tenant_key_id
+from serving.api.metrics import metrics
+from serving.api.observe import with_request_id
 from serving.api.policy import ServePolicy
 from serving.api.strict_json import dump_json
 
@@ -71,15 +75,31 @@ class AppEngine:
         return self.answer(route, body)
 
     async def answer(self, route: str, body: dict) -> Answer:
-
-        if self.max_tokens is not None:  # None: the app's replicas check (Ray mode)
-            await self.max_tokens.check(sub_scope(self.template, route, b""), route, body)
-        raw = dump_json(dict(body, priority=BATCH_PRIORITY))
-        status, out = await call_app(self.app, sub_scope(self.template, route, raw), raw)
+        """The line's answer, with the request id it went to vLLM with (its record's)."""
+        started = time.monotonic()
+        request_id = "batch_req_" + uuid.uuid4().hex
+        try:
+            if self.max_tokens is not None:  # None: the app's replicas check (Ray mode)
+                await self.max_tokens.check(sub_scope(self.template, route, b""), route, body)
+            raw = dump_json(dict(body, priority=BATCH_PRIORITY))
+            scope = with_request_id(sub_scope(self.template, route, raw), request_id)
+            status, out = await call_app(self.app, scope, raw)
+        finally:
+            metrics().batch_line_seconds.observe(time.monotonic() - started)
         if status == 200:
-            response = json.loads(out)
-            return 200, response, response.get("id")
-        return status, error_for_status(status, *error_message(status, out)).to_dict(), None
+            return 200, json.loads(out), request_id
+        error = error_for_status(status, *error_message(status, out)).to_dict()
+        return status, error, request_id
+
+
+def _count_record(tenant_id: str):
+    """Counts each record a batch's log writes, as answered or not (its request_counts)."""
+    counter = metrics().batch_line_outcomes
+
+    def count(answered: bool) -> None:
+        counter.inc((tenant_id, "completed" if answered else "failed"))
+
+    return count
 
 
 # --- which batches advance -----------------------------------------------------------------------
@@ -138,8 +158,12 @@ class BatchWorker:
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work(), name="batch-worker"),
-                       asyncio.create_task(self._expire(), name="file-expiry")]
+        # Outside the context of the request that started them (a task copies the context it
+        # is made in): their errors carry no request's id.
+        self._tasks = [asyncio.create_task(self._work(), name="batch-worker",
+                                           context=contextvars.Context()),
+                       asyncio.create_task(self._expire(), name="file-expiry",
+                                           context=contextvars.Context())]
 
     async def stop(self) -> None:
         """Stop the running batches where they are (nothing more is recorded; the next start
@@ -252,7 +276,7 @@ class BatchWorker:
                     f"{batch['id']}_{'output' if file_id == out_id else 'error'}.jsonl",
                     0, sealed.new_data_key(), None, visible=False)
             writers.append(await self.store.append_to(row))
-        return SplitLog(*writers)
+        return SplitLog(*writers, on_record=_count_record(tenant_key_id(tenant)))
 
     async def _execute(self, batch: dict, running: Running) -> None:
         log = await self._open_log(batch)
@@ -269,6 +293,9 @@ class BatchWorker:
                 summary = await self._pass(batch, log, engine, running, share)
                 if summary is None or summary.complete:
                     break
+                if attempt + 1 < MAX_PASSES:
+                    metrics().batch_line_outcomes.inc(
+                        (tenant_key_id(running.tenant), "retried"), len(summary.failed))
             else:  # still failing after every pass: recorded, so the batch can finish
                 if not await self._healthy():
                     return  # the server is going down or its engine died: resumed on restart

@@ -380,11 +380,13 @@ def test_every_error_the_app_sends_leaves_in_the_project_shape(status, body, cod
         return await drive(mw, once(json.dumps(chat({"type": "text", "text": "hi"})).encode()))
 
     got, headers, error, _ = asyncio.run(scenario())
-    assert got == status and headers[b"x-request-id"] == b"7"
-    assert headers[b"content-length"] == str(len(json.dumps(error))).encode()
     err = error["error"]
+    # the request's own id (made here: the client sent none), not the one the app made up
+    assert got == status and headers[b"x-request-id"] == err["request_id"].encode() != b"7"
+    assert headers[b"content-length"] == str(len(json.dumps(error))).encode()
     assert err["code"] == code and isinstance(err["code"], str) and err["message"]
-    assert err["type"].endswith("Error") and set(err) == {"message", "type", "param", "code"}
+    assert err["type"].endswith("Error")
+    assert set(err) == {"message", "type", "param", "code", "request_id"}
 
 
 # ------------------------------------------------------------------------------- max_tokens
