@@ -236,7 +236,7 @@ EXCLUDED: dict[str, Refused] = {
     "prompt_embeds": Refused(NOT_SERVED),
     "suffix": Refused(NOT_SERVED),
     "priority": Refused("scheduling priority is set by the server", (None, 0)),
-    "request_id": Refused("the server assigns request ids"),
+    "request_id": Refused("send the request id as the X-Request-Id header"),
     "cache_salt": Refused(NOT_SERVED),
     "kv_transfer_params": Refused(NOT_SERVED, (None, {})),
     "vllm_xargs": Refused(NOT_SERVED, (None, {})),

@@ -128,8 +128,8 @@ class Metrics:
                                     "that request bodies hold now.", ())
         self.admission_budget = g("skingpt4_admission_budget_bytes", "The byte budget of "
                                   "request bodies (--max-inflight-mb).", ())
-        self.admission_waiting = g("skingpt4_admission_queue_length", "Request bodies waiting "
-                                   "for the byte budget now.", ())
+        self.admission_waiting = g("skingpt4_admission_queue_length", "Requests waiting for the "
+                                   "byte budget or a photo decoder now.", ())
         self.admission_refusals = c("skingpt4_admission_refusals", "503s given by admission, by "
                                     "reason: queue_full, timeout, gave_way (a body that held "
                                     "part of a full budget and gave it back).", ("reason",))
@@ -170,8 +170,10 @@ class Metrics:
         self.ingress_retries = c("skingpt4_ingress_retries", "Requests the ingress sent again "
                                  "after a replica failed under them.", ())
         self.router_affinity = c("skingpt4_router_affinity", "Consult routing decisions, by "
-                                 "result: hit (the consult's replica), miss (a new or moved "
-                                 "consult), none (no consult id).", ("result",))
+                                 "result: hit (the replica the consult id hashes to can take "
+                                 "it), miss (that replica is not among those offered: the "
+                                 "consult moves), none (no consult id, or no replica offered: "
+                                 "prefix affinity decides).", ("result",))
         # Counters of rare events exist from the start at 0, so that a rate over them is 0,
         # not "no data", until the first one happens.
         for reason in ("queue_full", "timeout", "gave_way"):

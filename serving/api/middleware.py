@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hmac
+import logging
 
 from serving.api.admission import Admission, LiveTraffic
 from serving.api.errors import NotFound, ServingError, Unauthorized
@@ -69,6 +70,8 @@ from serving.api.pipeline import ROUTES, prepare_request
 from serving.api.policy import ServePolicy, policy_from_env
 from serving.api.strict_json import dump_json, parse_json
 from serving.api.ui import is_page_path, serve_page
+
+logger = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health",)
 GET_ROUTES = ("/health", "/ping", "/v1/models", "/metrics", "/version")
@@ -103,10 +106,15 @@ def check_route(scope) -> None:
 
 
 class RequestPolicyMiddleware:
-    def __init__(self, app, policy: ServePolicy | None = None, count_prompts: bool = True) -> None:
+    def __init__(self, app, policy: ServePolicy | None = None, count_prompts: bool = True,
+                 proxied_ids: bool = False) -> None:
         """``count_prompts``: False where the app's model replicas run the ``max_tokens`` check
-        (:class:`serving.api.max_tokens.MaxTokensCheck`) themselves, each with its own tokenizer (Ray mode)."""
+        (:class:`serving.api.max_tokens.MaxTokensCheck`) themselves, each with its own tokenizer (Ray mode).
+        ``proxied_ids``: a proxy in front (Ray Serve's) gave the request its ``X-Request-Id``
+        (the client's, or one of its own) and returns it on the response itself: that id is the
+        request's (Ray mode)."""
         self.app = app
+        self.proxied_ids = proxied_ids
         self.policy = policy or policy_from_env()
         self.admission = Admission.from_policy(self.policy)
         self.max_tokens = MaxTokensCheck(app) if count_prompts else None
@@ -131,11 +139,11 @@ class RequestPolicyMiddleware:
             return await self.jobs.lifespan(scope, receive, send, self.app)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        exchange = Exchange.begin(scope)
+        exchange = Exchange.begin(scope, trust_header=self.proxied_ids)
         token = current.set(exchange)
         try:
             await self._http(with_request_id(scope, exchange.request_id), receive,
-                             ObservedSend(send, exchange), exchange)
+                             ObservedSend(send, exchange, header=not self.proxied_ids), exchange)
         except asyncio.CancelledError:
             exchange.failed(499)  # the client left before an answer started
             raise
@@ -185,10 +193,13 @@ class RequestPolicyMiddleware:
         m = metrics()
         m.admission_budget.set(self.admission.max_bytes)
         while True:
-            m.admission_reserved.set(self.admission.max_bytes - self.admission.free_bytes)
-            m.admission_waiting.set(self.admission.waiting)
-            if self.jobs is not None:
-                await self.jobs.sample(m)
+            try:
+                m.admission_reserved.set(self.admission.max_bytes - self.admission.free_bytes)
+                m.admission_waiting.set(self.admission.waiting)
+                if self.jobs is not None:
+                    await self.jobs.sample(m)
+            except Exception:  # a gauge left as it was is better than none at all
+                logger.exception("the policy's gauges could not be sampled")
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     async def _refuse(self, scope, receive, send, error: ServingError, clock) -> None:

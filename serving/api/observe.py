@@ -57,11 +57,14 @@ def enable_access_log() -> None:
         access_logger.propagate = False
 
 
-def request_id_from(scope) -> str:
-    """The client's ``X-Request-Id`` when it is a sane one, else a new id."""
+def request_id_from(scope, trust: bool = False) -> str:
+    """The client's ``X-Request-Id`` when it is a sane one (``trust``: any, as a proxy in front
+    set it), else a new id."""
     for key, value in scope.get("headers", []):
         if key.lower() == b"x-request-id":
             given = value.decode("latin-1").strip()
+            if trust and given:
+                return given
             if len(given) <= MAX_REQUEST_ID and REQUEST_ID_CHARS.fullmatch(given):
                 return given
             break
@@ -108,10 +111,10 @@ class Exchange:
     admission_wait_s: float | None = None
 
     @classmethod
-    def begin(cls, scope) -> Exchange:
+    def begin(cls, scope, trust_header: bool = False) -> Exchange:
         method = scope.get("method", "")
-        return cls(request_id_from(scope), method, route_template(method, scope.get("path", "")),
-                   time.monotonic())
+        return cls(request_id_from(scope, trust_header), method,
+                   route_template(method, scope.get("path", "")), time.monotonic())
 
     def key(self, key: str | None) -> None:
         self.tenant = key_id(key)
@@ -153,13 +156,13 @@ def note_photos(count: int) -> None:
 
 
 class ObservedSend:
-    """``send`` for the whole request: adds ``x-request-id`` to the response, notes its status,
-    puts the request id and reads the code in a JSON error body, and reads the token counts of
-    an answer's ``usage``."""
+    """``send`` for the whole request: adds ``x-request-id`` to the response (``header``: False
+    where a proxy in front adds it), notes its status, puts the request id and reads the code in
+    a JSON error body, and reads the token counts of an answer's ``usage``."""
 
-    def __init__(self, send, exchange: Exchange) -> None:
+    def __init__(self, send, exchange: Exchange, header: bool = True) -> None:
         self.send, self.exchange = send, exchange
-        self.header = (b"x-request-id", exchange.request_id.encode())
+        self.header = [(b"x-request-id", exchange.request_id.encode())] if header else []
         self.error_start: dict | None = None
         self.error_body = bytearray()
         self.count_tokens = exchange.route in ANSWER_ROUTES
@@ -169,7 +172,7 @@ class ObservedSend:
         if kind == "http.response.start":
             self.exchange.status = message["status"]
             headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
-            message = dict(message, headers=[*headers, self.header])
+            message = dict(message, headers=[*headers, *self.header])
             if message["status"] >= 400 and _is_json(headers):
                 self.error_start, self.count_tokens = message, False
                 return None

@@ -210,7 +210,7 @@ EXCLUDED: dict[str, Refused] = {
     "mm_payload": Refused(NOT_SERVED, (None, "tensors")),
     "return_mm_kwargs": Refused(NOT_SERVED),
     "watermarking": Refused(NOT_SERVED, (None, False)),
-    "request_id": Refused("the server assigns request ids"),
+    "request_id": Refused("send the request id as the X-Request-Id header"),
     "session_id": Refused("send the x-session-id header instead"),
     "priority": Refused("scheduling priority is set by the server", (None, 0)),
     "cache_salt": Refused(NOT_SERVED),

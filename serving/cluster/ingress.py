@@ -102,7 +102,8 @@ class SkinGPT4Ingress(OpenAiIngress):
 
         # The max_tokens check runs on the LLM replicas (SkinGPT4Server._over_context).
         use_ray_metrics()  # the policy's metrics on this node's Ray metrics export port
-        app.add_middleware(RequestPolicyMiddleware, policy=self._policy, count_prompts=False)
+        app.add_middleware(RequestPolicyMiddleware, policy=self._policy, count_prompts=False,
+                           proxied_ids=True)
         app.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
         app.add_api_route("/v1/responses", self.responses, methods=["POST"])
         self._policy_installed = True

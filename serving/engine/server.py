@@ -139,6 +139,9 @@ class EmbeddedServerConfig(BaseModel):
             "host": self.host,
             "port": self.port,
             "middleware": MIDDLEWARE,
+            # The policy's own access log replaces uvicorn's, whose line carries the client's
+            # address and the path with its file and batch ids (serving.api.observe).
+            "disable_uvicorn_access_log": True,
             "shutdown_timeout": self.shutdown_timeout_s,
             # The middleware answers oversized headers with a clear 431 first.
             "h11_max_incomplete_event_size": 2 * self.policy.max_header_bytes,

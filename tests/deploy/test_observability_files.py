@@ -368,7 +368,7 @@ def exported_page() -> bytes:
     m.batches.set(2, ("completed", "none"))
     m.batch_lines.set(3, ("waiting",))
     m.batch_lines.set(1, ("in_flight",))
-    m.batch_line_outcomes.inc(("none", "answered"))
+    m.batch_line_outcomes.inc(("none", "completed"))
     m.batch_line_seconds.observe(4.0)
     m.batch_gate_wait.observe(0.5)
     m.stored_bytes.set(5000, ("none",))

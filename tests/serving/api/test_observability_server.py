@@ -7,11 +7,9 @@ and every recording rule."""
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
-from collections import Counter
 
 import httpx
 import openai

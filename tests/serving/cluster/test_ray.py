@@ -1041,6 +1041,68 @@ def test_engine_metrics_reach_prometheus(cluster, client, photo_url):
     assert any("kv_cache_usage" in n or "cache_usage" in n for n in names), sorted(names)
 
 
+def _exported(ports: list[int]) -> dict[str, float]:
+    """Every node's Ray metrics export page: ``{series line without its value: value}``."""
+    values: dict[str, float] = {}
+    for port in ports:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("ray_skingpt4_"):
+                series, value = line.rsplit(" ", 1)
+                values[series] = values.get(series, 0.0) + float(value)
+    return values
+
+
+def _sum(values: dict[str, float], name: str, *labels: str) -> float:
+    return sum(v for series, v in values.items()
+               if series.split("{")[0] == name and all(label in series for label in labels))
+
+
+def test_policy_metrics_reach_prometheus_and_count_exactly(cluster, client):
+    """The ingress's policy metrics go through Ray's metrics API to each node's export port,
+    under the embedded server's names with Ray's prefix, and move by exactly the requests sent:
+    3 answered and 2 refused (an unknown field, then a wrong key) chat requests, and consult
+    routing decisions for the answered ones (all of them sent with a consult id)."""
+    ports = [n.metrics_export_port for n in [cluster.head_node, *cluster.worker_nodes]]
+    chat = 'route="/v1/chat/completions"'
+    name = "ray_skingpt4_http_requests_total"
+    before = _exported(ports)
+    for i in range(3):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"metrics {i}"}],
+            extra_headers={"x-session-id": f"metrics-consult-{i}"}, **GREEDY)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       extra_body={"bogus": 1}, **GREEDY)
+    assert refused.value.request_id == refused.value.body["request_id"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=client.base_url, api_key="not-the-key", max_retries=0
+                      ).chat.completions.create(model=MODEL, messages=[], **GREEDY)
+
+    def moved():
+        after = _exported(ports)
+        return (_sum(after, name, chat, 'status="200"') - _sum(before, name, chat, 'status="200"'),
+                _sum(after, name, chat, 'code="invalid_request"')
+                - _sum(before, name, chat, 'code="invalid_request"'),
+                _sum(after, name, chat, 'code="invalid_api_key"')
+                - _sum(before, name, chat, 'code="invalid_api_key"'),
+                _sum(after, "ray_skingpt4_router_affinity_total")
+                - _sum(before, "ray_skingpt4_router_affinity_total"))
+
+    deadline, seen = time.monotonic() + 90, None
+    while time.monotonic() < deadline:  # Ray exports every few seconds
+        seen = moved()
+        if seen[:3] == (3, 1, 1) and seen[3] >= 3:
+            break
+        time.sleep(2)
+    time.sleep(6)  # one more export: nothing beyond the requests sent
+    assert moved()[:3] == (3, 1, 1), seen
+    assert moved()[3] >= 3, seen  # a routing decision per request; a retried one makes more
+
+
 def _llm_replicas(cluster):
     from ray.util.state import list_actors
 
