@@ -24,11 +24,12 @@ from importlib import resources
 from typing import Any
 
 from serving.api.admission import Admission
-from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE, check_fields
+from serving.api.contract import check_fields
 from serving.api.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServerBusy, ServingError
 from serving.api.media import data_url_payload_start, fetch_remote_image
 from serving.api.observe import note_photos
 from serving.api.policy import ServePolicy
+from serving.api.routes import CHAT, COMPLETIONS
 from serving.settings import RESERVED_TOKENS
 from serving.api.workers import JobError, JobFailed, JobTimeout
 
@@ -319,7 +320,7 @@ async def prepare_chat_request(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list of chat messages", param="messages")
-    check_fields(CHAT_ROUTE, body)
+    check_fields(CHAT, body)
     images = _image_parts(body["messages"], policy)
     for message in body["messages"]:
         message["role"] = ROLE_AS.get(message["role"], message["role"])
@@ -355,7 +356,7 @@ def prepare_completion_request(body: Any, policy: ServePolicy) -> dict:
     reserved tokens, bounded text and ``n``, the ``###`` stop."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    check_fields(COMPLETIONS_ROUTE, body)
+    check_fields(COMPLETIONS, body)
     prompt = body["prompt"]
     prompts = prompt if isinstance(prompt, list) else [prompt]
     chars = 0

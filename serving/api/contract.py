@@ -23,9 +23,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serving.api.errors import InvalidRequest
+from serving.api.routes import CHAT, COMPLETIONS
 
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETIONS_ROUTE = "/v1/completions"
 
 # Beyond the model's context vLLM refuses max_tokens itself (its message names max_model_len);
 # this bound only keeps values inside the engine's 32-bit counters.
@@ -124,8 +123,8 @@ class CompletionRequest(_Common):
         return self
 
 
-MODELS = {CHAT_ROUTE: ChatRequest, COMPLETIONS_ROUTE: CompletionRequest}
-ROUTE_NAMES = {CHAT_ROUTE: "chat", COMPLETIONS_ROUTE: "completions"}
+MODELS = {CHAT: ChatRequest, COMPLETIONS: CompletionRequest}
+ROUTE_NAMES = {CHAT: "chat", COMPLETIONS: "completions"}
 
 
 @dataclass(frozen=True)
@@ -217,7 +216,7 @@ EXCLUDED: dict[str, Refused] = {
     "continue_final_message": Refused("the SkinGPT-4 template always asks for a new answer",
                                       (None, False)),
     "add_special_tokens": Refused("the SkinGPT-4 template places special tokens itself", NULL,
-                                  {CHAT_ROUTE: (False,), COMPLETIONS_ROUTE: (True,)}),
+                                  {CHAT: (False,), COMPLETIONS: (True,)}),
     "documents": Refused(NOT_SERVED, (None, [])),
     "truncate_prompt_tokens": Refused("truncating the prompt could cut a photo apart; send a "
                                       "shorter conversation"),

@@ -26,6 +26,7 @@ from serving.api.errors import (
 )
 from serving.api.metrics import metrics
 from serving.api.policy import ServePolicy
+from serving.api.routes import RESPONSES
 from serving.api.streams import EventStream, is_event_stream
 
 logger = logging.getLogger(__name__)
@@ -341,7 +342,7 @@ class ShapedSend:
 async def call_shaped(app, scope, receive, send) -> None:
     """``app`` with its answer shaped by :class:`ShapedSend`; a failure after an event stream
     started ends that stream with its error events instead of dropping the connection."""
-    shaped = ShapedSend(send, responses=scope.get("path") == "/v1/responses")
+    shaped = ShapedSend(send, responses=scope.get("path") == RESPONSES)
     try:
         await app(scope, receive, shaped)
     except Exception as exc:

@@ -9,6 +9,7 @@ import json
 from serving.api.errors import ContextLengthExceeded
 from serving.api.http import call_app
 from serving.api.responses import as_chat_messages
+from serving.api.routes import ANSWER_ROUTES, CHAT, COMPLETIONS, RESPONSES
 
 
 class MaxTokensCheck:
@@ -31,17 +32,14 @@ class MaxTokensCheck:
         self.counter = counter
         self.max_model_len: int | None = None  # learned from the first count
 
-    FIELDS = {"/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
-              "/v1/completions": ("max_tokens",), "/v1/responses": ("max_output_tokens",)}
-
     async def check(self, scope, route: str, body: dict) -> None:
-        field = next((f for f in self.FIELDS.get(route, ()) if body.get(f) is not None), None)
+        fields = ANSWER_ROUTES[route].max_tokens_fields if route in ANSWER_ROUTES else ()
+        field = next((f for f in fields if body.get(f) is not None), None)
         if field is None:
             return
         wanted = body[field]
-        if route == "/v1/responses":  # counted as the chat conversation it renders to
-            route, body = "/v1/chat/completions", {"model": body.get("model"),
-                                                   "messages": as_chat_messages(body)}
+        if route == RESPONSES:  # counted as the chat conversation it renders to
+            route, body = CHAT, {"model": body.get("model"), "messages": as_chat_messages(body)}
         if self.max_model_len is not None and wanted + self._bound(route, body) <= self.max_model_len:
             return
         counts = [await self._count(scope, req) for req in self._tokenize_requests(route, body)]
@@ -52,7 +50,7 @@ class MaxTokensCheck:
         self.max_model_len = context
         if prompt + wanted > context:
             left = max(context - prompt, 0)
-            where = {"/v1/completions": "prompt"}.get(route, "messages")
+            where = {COMPLETIONS: "prompt"}.get(route, "messages")
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {context} tokens. However, you "
                 f"requested {prompt + wanted} tokens ({prompt} in the {where}, {wanted} in the "
@@ -62,7 +60,7 @@ class MaxTokensCheck:
             )
 
     def _bound(self, route: str, body: dict) -> int:
-        if route == "/v1/completions":
+        if route == COMPLETIONS:
             prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
             return self.TEMPLATE + max(len(p.encode("utf-8")) + self.PER_PART for p in prompts)
         total = self.TEMPLATE
@@ -82,7 +80,7 @@ class MaxTokensCheck:
     @staticmethod
     def _tokenize_requests(route: str, body: dict) -> list[dict]:
         model = {"model": body["model"]} if body.get("model") else {}
-        if route == "/v1/chat/completions":
+        if route == CHAT:
             return [model | {"messages": body["messages"]}]
         prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
         return [model | {"prompt": p} for p in prompts]

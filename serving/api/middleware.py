@@ -55,7 +55,6 @@ from serving.api.http import (
     replay,
     send_error,
 )
-from serving.api.jobs import is_jobs_path
 from serving.api.jobs.service import BatchService
 from serving.api.max_tokens import MaxTokensCheck
 from serving.api.metrics import metrics
@@ -66,16 +65,14 @@ from serving.api.observe import (
     enable_access_log,
     with_request_id,
 )
-from serving.api.pipeline import ROUTES, prepare_request
+from serving.api.pipeline import prepare_request
 from serving.api.policy import ServePolicy, policy_from_env
+from serving.api.routes import ANSWER_ROUTES, GET_ROUTES, OPEN_PATHS, is_jobs_path
 from serving.api.strict_json import dump_json, parse_json
 from serving.api.ui import is_page_path, serve_page
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/health",)
-GET_ROUTES = ("/health", "/ping", "/v1/models", "/metrics", "/version")
-POST_ROUTES = ROUTES
 SAMPLE_EVERY_S = 1.0  # the policy layer's gauges
 
 
@@ -100,7 +97,7 @@ def check_route(scope) -> None:
     """Only the routes this product serves; vLLM's other routes (messages, render, tokenize...)
     would take images and text past the checks below."""
     method, path = scope.get("method"), scope.get("path")
-    allowed = POST_ROUTES if method == "POST" else GET_ROUTES if method in ("GET", "HEAD") else ()
+    allowed = ANSWER_ROUTES if method == "POST" else GET_ROUTES if method in ("GET", "HEAD") else ()
     if path not in allowed:
         raise NotFound(f"{method} {path} is not served here; see /v1/chat/completions")
 

@@ -28,14 +28,13 @@ import uuid
 from dataclasses import dataclass
 
 from serving.api.metrics import key_id, metrics
+from serving.api.routes import ANSWER_ROUTES, PROBES, route_template
+from serving.api.ui import PAGE
 
 access_logger = logging.getLogger("skingpt4.access")
 
 MAX_REQUEST_ID = 128
 REQUEST_ID_CHARS = re.compile(r"[A-Za-z0-9._:/+=@-]+")
-# Probes whose successful answers would fill the access log (a scrape a second).
-QUIET_ROUTES = ("/health", "/ping", "/metrics")
-ANSWER_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_ERROR_BODY = 64 * 1024  # error bodies read for their code and given the request id
 
 # "usage" fields of chat/completions (prompt/completion) and of responses (input/output).
@@ -78,22 +77,6 @@ def with_request_id(scope, request_id: str) -> dict:
     return dict(scope, headers=[*headers, (b"x-request-id", request_id.encode())])
 
 
-def route_template(method: str, path: str) -> str:
-    """The route ``path`` is an instance of, with ids replaced (``/v1/files/{file_id}``);
-    ``other`` for a path this server does not serve (so a scan cannot grow the metrics)."""
-    if path in ANSWER_ROUTES or path in ("/", "/health", "/ping", "/metrics", "/version",
-                                         "/v1/models", "/ui/consult.css", "/ui/consult.js"):
-        return path
-    parts = path.rstrip("/").split("/")
-    if len(parts) >= 3 and parts[1] == "v1" and parts[2] in ("files", "batches"):
-        name = parts[2]
-        tail = {3: "", 4: "/{id}", 5: "/{id}/" + parts[-1]}.get(len(parts))
-        if tail is not None and (len(parts) < 5 or parts[-1] in ("content", "cancel")):
-            return f"/v1/{name}" + tail.replace("{id}", "{file_id}" if name == "files"
-                                                else "{batch_id}")
-    return "other"
-
-
 @dataclass
 class Exchange:
     """One request as the operator sees it; filled in as it goes (:meth:`finish` reports it)."""
@@ -114,7 +97,7 @@ class Exchange:
     def begin(cls, scope, trust_header: bool = False) -> Exchange:
         method = scope.get("method", "")
         return cls(request_id_from(scope, trust_header), method,
-                   route_template(method, scope.get("path", "")), time.monotonic())
+                   route_template(scope.get("path", ""), tuple(PAGE)), time.monotonic())
 
     def key(self, key: str | None) -> None:
         self.tenant = key_id(key)
@@ -137,7 +120,7 @@ class Exchange:
             m.tokens.inc((tenant, "prompt"), self.prompt_tokens)
         if self.output_tokens:
             m.tokens.inc((tenant, "output"), self.output_tokens)
-        if log and (self.status >= 400 or self.route not in QUIET_ROUTES):
+        if log and (self.status >= 400 or self.route not in PROBES):
             access_logger.info(json.dumps({
                 "time": round(time.time(), 3), "request_id": self.request_id,
                 "tenant": self.tenant, "method": self.method, "route": self.route,

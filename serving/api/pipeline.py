@@ -11,12 +11,10 @@ from typing import Any
 
 from serving.api.admission import Admission
 from serving.api.chat import prepare_chat_request, prepare_completion_request
-from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.api.errors import NotFound
 from serving.api.policy import ServePolicy
-from serving.api.responses import RESPONSES_ROUTE, prepare_responses_request
-
-ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE, RESPONSES_ROUTE)
+from serving.api.responses import prepare_responses_request
+from serving.api.routes import CHAT, COMPLETIONS, RESPONSES
 
 
 async def prepare_request(route: str, body: Any, policy: ServePolicy,
@@ -24,10 +22,10 @@ async def prepare_request(route: str, body: Any, policy: ServePolicy,
     """``body`` checked for ``route`` with SkinGPT-4's defaults, each photo replaced by the small
     image the engine gets. ``admission`` bounds the memory and photo decodes (None: a private
     one, for callers outside the server)."""
-    if route == CHAT_ROUTE:
+    if route == CHAT:
         return await prepare_chat_request(body, policy, admission)
-    if route == COMPLETIONS_ROUTE:
+    if route == COMPLETIONS:
         return prepare_completion_request(body, policy)
-    if route == RESPONSES_ROUTE:
+    if route == RESPONSES:
         return await prepare_responses_request(body, policy, admission)
-    raise NotFound(f"{route} is not served here; see {CHAT_ROUTE}")
+    raise NotFound(f"{route} is not served here; see {CHAT}")

@@ -74,8 +74,8 @@ from serving.api.contract import (
 from serving.api.errors import InvalidRequest
 from serving.api.observe import note_photos
 from serving.api.policy import ServePolicy
+from serving.api.routes import RESPONSES
 
-RESPONSES_ROUTE = "/v1/responses"
 MAX_INPUT_ITEMS = 256
 # OpenAI's bounds on metadata: 16 pairs, keys up to 64 characters, values up to 512.
 MAX_METADATA_PAIRS = 16
@@ -240,7 +240,7 @@ PARTS_BY_ROLE = {
 def check_fields(body: dict) -> ResponsesRequest:
     """Refuse fields outside the route's contract and values of the wrong type or range; drop
     the refused fields sent with a neutral value."""
-    return check_body(RESPONSES_ROUTE, body, ResponsesRequest, EXCLUDED)
+    return check_body(RESPONSES, body, ResponsesRequest, EXCLUDED)
 
 
 def _check_part(part: Any, role: str, where: str) -> int:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
+from serving.api.routes import CHAT, COMPLETIONS
 from serving.api.policy import ServePolicy
 from serving.batch.run import BatchEngine, request_models
 from serving.engine.server import EmbeddedServerConfig
@@ -59,8 +59,8 @@ class ServeEngine(BatchEngine):
         # (vLLM's ErrorResponse) becomes the record that `batch` writes (answer_of).
         super().__init__(
             None,
-            handlers={CHAT_ROUTE: partial(replica_answer, stream.chat),
-                      COMPLETIONS_ROUTE: partial(replica_answer, stream.completions)},
+            handlers={CHAT: partial(replica_answer, stream.chat),
+                      COMPLETIONS: partial(replica_answer, stream.completions)},
             request_models=request_models(),
             policy=policy,
         )

@@ -71,7 +71,7 @@ from collections.abc import AsyncIterator, Awaitable
 from functools import partial
 from pathlib import Path
 
-from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
+from serving.api.routes import CHAT, COMPLETIONS
 from serving.api.errors import ServingError, error_for_status
 from serving.api.jobs.lines import encode_record, record_key
 from serving.api.jobs.runner import Answer
@@ -175,7 +175,7 @@ def request_models() -> dict:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    return {CHAT_ROUTE: ChatCompletionRequest, COMPLETIONS_ROUTE: CompletionRequest}
+    return {CHAT: ChatCompletionRequest, COMPLETIONS: CompletionRequest}
 
 
 class BatchEngine:
@@ -253,8 +253,8 @@ async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine
             await init_app_state(client, state, args, await client.get_supported_tasks())
             engine = BatchEngine(
                 client,
-                handlers={CHAT_ROUTE: state.openai_serving_chat.create_chat_completion,
-                          COMPLETIONS_ROUTE: state.openai_serving_completion.create_completion},
+                handlers={CHAT: state.openai_serving_chat.create_chat_completion,
+                          COMPLETIONS: state.openai_serving_completion.create_completion},
                 request_models=request_models(),
                 policy=config.served_policy(),
                 max_tokens=MaxTokensCheck(counter=partial(count_prompt, partial(

@@ -25,6 +25,7 @@ from serving.api.errors import (
 )
 from serving.api.metrics import metrics
 from serving.api.policy import ServePolicy
+from serving.api.routes import HEALTH, RESPONSES
 from serving.cluster.metrics import use_ray_metrics
 from serving.cluster.replica import EngineUnavailable
 
@@ -104,8 +105,8 @@ class SkinGPT4Ingress(OpenAiIngress):
         use_ray_metrics()  # the policy's metrics on this node's Ray metrics export port
         app.add_middleware(RequestPolicyMiddleware, policy=self._policy, count_prompts=False,
                            proxied_ids=True)
-        app.add_api_route("/health", self.health, methods=["GET"], include_in_schema=False)
-        app.add_api_route("/v1/responses", self.responses, methods=["POST"])
+        app.add_api_route(HEALTH, self.health, methods=["GET"], include_in_schema=False)
+        app.add_api_route(RESPONSES, self.responses, methods=["POST"])
         self._policy_installed = True
         super()._set_asgi_app(app)
 

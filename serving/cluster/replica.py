@@ -18,6 +18,7 @@ import ray
 from ray.serve.llm.deployment import LLMServer
 
 from serving.api.errors import ServingError
+from serving.api.routes import ANSWER_ROUTES, CHAT, COMPLETIONS, RESPONSES
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class SkinGPT4Server(LLMServer):
         (:meth:`serving.cluster.ingress.SkinGPT4Ingress._get_response`)."""
         from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
-        if not request.model_fields_set.intersection(self._context.FIELDS[route]):
+        if not request.model_fields_set.intersection(ANSWER_ROUTES[route].max_tokens_fields):
             return None  # no max_tokens: nothing to check
         try:
             await self._context.check(None, route, request.model_dump(exclude_unset=True))
@@ -117,13 +118,13 @@ class SkinGPT4Server(LLMServer):
     # died meanwhile: a request counted while its engine died is sent again, not failed.
 
     async def chat(self, request, raw_request_info=None):
-        if refusal := await self._over_context("/v1/chat/completions", request):
+        if refusal := await self._over_context(CHAT, request):
             return refusal
         await self._refuse_when_engine_dead()
         return await super().chat(request, raw_request_info)
 
     async def completions(self, request, raw_request_info=None):
-        if refusal := await self._over_context("/v1/completions", request):
+        if refusal := await self._over_context(COMPLETIONS, request):
             return refusal
         await self._refuse_when_engine_dead()
         return await super().completions(request, raw_request_info)
@@ -135,7 +136,7 @@ class SkinGPT4Server(LLMServer):
         mode. The stream holds vLLM's ``ErrorResponse``, or the whole response as a JSON dict, or
         for ``stream: true`` vLLM's server-sent events (``event: TYPE\\ndata: JSON\\n\\n``), those
         of each batching interval in one string, as chat's stream is batched."""
-        if refusal := await self._over_context("/v1/responses", request):
+        if refusal := await self._over_context(RESPONSES, request):
             return refusal
         await self._refuse_when_engine_dead()
         return self._responses(request, raw_request_info)

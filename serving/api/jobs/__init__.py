@@ -5,11 +5,3 @@ files hold in :mod:`serving.api.jobs.records`, the tenants' fair share of its pl
 :mod:`serving.api.jobs.share`; its store in :mod:`serving.api.jobs.store`, awaited through
 :mod:`serving.api.jobs.async_store`, its files sealed by :mod:`serving.api.jobs.sealed`) and the
 batch-file pass it shares with ``skingpt4 batch`` (:mod:`serving.api.jobs.runner`)."""
-
-FILES = "/v1/files"
-BATCHES = "/v1/batches"
-
-
-def is_jobs_path(path: str) -> bool:
-    """Whether ``path`` is one of the Files or Batch API's routes."""
-    return path in (FILES, BATCHES) or path.startswith((FILES + "/", BATCHES + "/"))

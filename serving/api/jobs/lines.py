@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.api.errors import InvalidRequest, NotFound, ServingError
+from serving.api.routes import BATCH_ROUTES
 from serving.api.strict_json import parse_json
 
-ROUTES = (CHAT_ROUTE, COMPLETIONS_ROUTE)
 LINE_KEYS = ("custom_id", "method", "url", "body")
 MAX_CUSTOM_ID_CHARS = 512
 
@@ -207,9 +206,9 @@ def check_envelope(obj: dict) -> tuple[str, Any]:
     if method != "POST":
         raise InvalidRequest(f"method is {method!r}; batch requests use POST", param="method")
     url = obj.get("url")
-    if url not in ROUTES:
+    if url not in BATCH_ROUTES:
         raise NotFound(
-            f"url {url!r} is not served; a batch line calls {' or '.join(ROUTES)}", param="url"
+            f"url {url!r} is not served; a batch line calls {' or '.join(BATCH_ROUTES)}", param="url"
         )
     if "body" not in obj:
         raise InvalidRequest(f"body is missing: the {url} request", param="body")

@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from serving.api.admission import Admission
-from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE
 from serving.api.errors import (
     Conflict,
     InternalError,
@@ -40,11 +39,11 @@ from serving.api.jobs.form import UploadForm, read_form
 from serving.api.jobs.store import FileRow, new_batch_id, new_file_id, tenant_of
 from serving.api.jobs.worker import BatchWorker
 from serving.api.policy import ServePolicy
+from serving.api.routes import BATCH_ROUTES
 from serving.api.strict_json import parse_json
 
 logger = logging.getLogger("skingpt4.batches")
 
-ENDPOINTS = (CHAT_ROUTE, COMPLETIONS_ROUTE)
 COMPLETION_WINDOW = "24h"
 WINDOW_S = 24 * 3600
 MAX_CREATE_BODY = 64 * 1024
@@ -294,8 +293,9 @@ def _batch_request(body: Any) -> dict:
     if not isinstance(file_id, str) or not file_id:
         raise InvalidRequest("input_file_id is required: the id of a file uploaded with "
                              "purpose batch", param="input_file_id")
-    if body.get("endpoint") not in ENDPOINTS:
-        raise InvalidRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}", param="endpoint")
+    if body.get("endpoint") not in BATCH_ROUTES:
+        raise InvalidRequest(f"endpoint must be one of {', '.join(BATCH_ROUTES)}",
+                             param="endpoint")
     if body.get("completion_window") != COMPLETION_WINDOW:
         raise InvalidRequest(f"completion_window must be {COMPLETION_WINDOW!r}",
                              param="completion_window")

@@ -34,6 +34,7 @@ from serving.api.jobs.store import UNFINISHED, tenant_key_id
 from serving.api.metrics import metrics
 from serving.api.observe import with_request_id
 from serving.api.policy import ServePolicy
+from serving.api.routes import HEALTH
 from serving.api.strict_json import dump_json
 
 logger = logging.getLogger("skingpt4.batches")
@@ -354,7 +355,7 @@ class BatchWorker:
 
         if self.closing:
             return False
-        scope = dict(sub_scope(self.template or {}, "/health", b""), method="GET")
+        scope = dict(sub_scope(self.template or {}, HEALTH, b""), method="GET")
         try:
             status, _ = await call_app(self.app, scope, b"")
         except Exception:

@@ -16,21 +16,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving.api import contract, responses
-from serving.api.contract import CHAT_ROUTE, COMPLETIONS_ROUTE, Refused, same_json
+from serving.api.contract import Refused, same_json
 from serving.api.errors import InvalidRequest, ServingError
 from serving.api.pipeline import prepare_request
 from serving.api.policy import ServePolicy
-from serving.api.responses import RESPONSES_ROUTE
+from serving.api.routes import CHAT, COMPLETIONS, RESPONSES
 
 POLICY = ServePolicy()
 BASES = {
-    CHAT_ROUTE: {"model": "skingpt4", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
-    COMPLETIONS_ROUTE: {"model": "skingpt4", "prompt": "Hi", "max_tokens": 4},
-    RESPONSES_ROUTE: {"model": "skingpt4", "input": "Hi", "max_output_tokens": 4},
+    CHAT: {"model": "skingpt4", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    COMPLETIONS: {"model": "skingpt4", "prompt": "Hi", "max_tokens": 4},
+    RESPONSES: {"model": "skingpt4", "input": "Hi", "max_output_tokens": 4},
 }
-TABLES: dict[str, dict[str, Refused]] = {CHAT_ROUTE: contract.EXCLUDED,
-                                         COMPLETIONS_ROUTE: contract.EXCLUDED,
-                                         RESPONSES_ROUTE: responses.EXCLUDED}
+TABLES: dict[str, dict[str, Refused]] = {CHAT: contract.EXCLUDED,
+                                         COMPLETIONS: contract.EXCLUDED,
+                                         RESPONSES: responses.EXCLUDED}
 NEUTRAL = [(route, name, value) for route, table in TABLES.items() for name, rule in table.items()
            for value in rule.neutral_values(route)]
 
@@ -85,28 +85,28 @@ def test_every_refused_field_is_accepted_as_null():
 
 # Values next to a neutral one that ask for something (or are not the same JSON value).
 NOT_NEUTRAL = [
-    (CHAT_ROUTE, "echo", True), (CHAT_ROUTE, "echo", 0), (COMPLETIONS_ROUTE, "echo", "false"),
-    (CHAT_ROUTE, "tools", [{"type": "function", "function": {"name": "f"}}]),
-    (CHAT_ROUTE, "tools", {}), (CHAT_ROUTE, "tool_choice", "required"),
-    (CHAT_ROUTE, "tool_choice", {"type": "function", "function": {"name": "f"}}),
-    (CHAT_ROUTE, "parallel_tool_calls", 1), (CHAT_ROUTE, "best_of", 2),
-    (COMPLETIONS_ROUTE, "best_of", 1.0), (CHAT_ROUTE, "length_penalty", 1.5),
-    (CHAT_ROUTE, "add_special_tokens", True), (COMPLETIONS_ROUTE, "add_special_tokens", False),
-    (CHAT_ROUTE, "store", True), (CHAT_ROUTE, "metadata", {"k": "v"}),
-    (CHAT_ROUTE, "modalities", ["text", "audio"]), (CHAT_ROUTE, "modalities", []),
-    (CHAT_ROUTE, "service_tier", "flex"), (CHAT_ROUTE, "reasoning_effort", "low"),
-    (CHAT_ROUTE, "logit_bias", {"50": 10}), (CHAT_ROUTE, "skip_special_tokens", False),
-    (CHAT_ROUTE, "priority", 0.0), (CHAT_ROUTE, "priority", -1),
-    (CHAT_ROUTE, "prompt_cache_retention", "24h"), (CHAT_ROUTE, "truncate_prompt_tokens", -1),
-    (RESPONSES_ROUTE, "include", ["message.output_text.logprobs"]), (RESPONSES_ROUTE, "include", [None]),
-    (RESPONSES_ROUTE, "tools", [{"type": "function", "name": "f", "parameters": {}}]),
-    (RESPONSES_ROUTE, "tool_choice", "required"), (RESPONSES_ROUTE, "truncation", "auto"),
-    (RESPONSES_ROUTE, "top_logprobs", 1), (RESPONSES_ROUTE, "top_logprobs", False),
-    (RESPONSES_ROUTE, "reasoning", {"effort": "low"}), (RESPONSES_ROUTE, "reasoning", {"effort": None}),
-    (RESPONSES_ROUTE, "background", True), (RESPONSES_ROUTE, "previous_response_id", "resp_1"),
-    (RESPONSES_ROUTE, "stream_options", {"include_obfuscation": True}),
-    (RESPONSES_ROUTE, "stop", ["x"]), (RESPONSES_ROUTE, "stop", ""),
-    (RESPONSES_ROUTE, "seed", 0), (RESPONSES_ROUTE, "mm_payload", "none"),
+    (CHAT, "echo", True), (CHAT, "echo", 0), (COMPLETIONS, "echo", "false"),
+    (CHAT, "tools", [{"type": "function", "function": {"name": "f"}}]),
+    (CHAT, "tools", {}), (CHAT, "tool_choice", "required"),
+    (CHAT, "tool_choice", {"type": "function", "function": {"name": "f"}}),
+    (CHAT, "parallel_tool_calls", 1), (CHAT, "best_of", 2),
+    (COMPLETIONS, "best_of", 1.0), (CHAT, "length_penalty", 1.5),
+    (CHAT, "add_special_tokens", True), (COMPLETIONS, "add_special_tokens", False),
+    (CHAT, "store", True), (CHAT, "metadata", {"k": "v"}),
+    (CHAT, "modalities", ["text", "audio"]), (CHAT, "modalities", []),
+    (CHAT, "service_tier", "flex"), (CHAT, "reasoning_effort", "low"),
+    (CHAT, "logit_bias", {"50": 10}), (CHAT, "skip_special_tokens", False),
+    (CHAT, "priority", 0.0), (CHAT, "priority", -1),
+    (CHAT, "prompt_cache_retention", "24h"), (CHAT, "truncate_prompt_tokens", -1),
+    (RESPONSES, "include", ["message.output_text.logprobs"]), (RESPONSES, "include", [None]),
+    (RESPONSES, "tools", [{"type": "function", "name": "f", "parameters": {}}]),
+    (RESPONSES, "tool_choice", "required"), (RESPONSES, "truncation", "auto"),
+    (RESPONSES, "top_logprobs", 1), (RESPONSES, "top_logprobs", False),
+    (RESPONSES, "reasoning", {"effort": "low"}), (RESPONSES, "reasoning", {"effort": None}),
+    (RESPONSES, "background", True), (RESPONSES, "previous_response_id", "resp_1"),
+    (RESPONSES, "stream_options", {"include_obfuscation": True}),
+    (RESPONSES, "stop", ["x"]), (RESPONSES, "stop", ""),
+    (RESPONSES, "seed", 0), (RESPONSES, "mm_payload", "none"),
 ]
 
 
@@ -117,11 +117,11 @@ def test_a_value_that_asks_for_something_is_refused_naming_the_field(route, name
 
 
 def test_the_refusal_lists_what_the_field_is_accepted_as():
-    error = refusal(RESPONSES_ROUTE, {**BASES[RESPONSES_ROUTE], "include": ["reasoning.encrypted_content"]})
+    error = refusal(RESPONSES, {**BASES[RESPONSES], "include": ["reasoning.encrypted_content"]})
     assert error.message.endswith("(accepted only as null or [], which ask for nothing)")
-    error = refusal(COMPLETIONS_ROUTE, {**BASES[COMPLETIONS_ROUTE], "add_special_tokens": False})
+    error = refusal(COMPLETIONS, {**BASES[COMPLETIONS], "add_special_tokens": False})
     assert error.message.endswith("(accepted only as null or true, which ask for nothing)")
-    error = refusal(CHAT_ROUTE, {**BASES[CHAT_ROUTE], "prompt_logprobs": 1})  # null only: no list
+    error = refusal(CHAT, {**BASES[CHAT], "prompt_logprobs": 1})  # null only: no list
     assert error.message.endswith("are not served")
 
 
@@ -174,21 +174,21 @@ AGENTS_SDK_SETTINGS = {"tool_choice": "auto", "parallel_tool_calls": False, "sto
 def test_the_agents_sdk_default_request_is_answered_as_without_its_empty_fields():
     plain = {"model": "skingpt4", "instructions": "You are a dermatologist.",
              "input": [{"content": "What's wrong with my skin?", "role": "user"}]}
-    assert prepare(RESPONSES_ROUTE, AGENTS_SDK_DEFAULT) == prepare(RESPONSES_ROUTE, plain)
-    with_settings = prepare(RESPONSES_ROUTE, {**AGENTS_SDK_DEFAULT, **AGENTS_SDK_SETTINGS})
-    assert with_settings == {**prepare(RESPONSES_ROUTE, plain), "store": False, "stream": False,
+    assert prepare(RESPONSES, AGENTS_SDK_DEFAULT) == prepare(RESPONSES, plain)
+    with_settings = prepare(RESPONSES, {**AGENTS_SDK_DEFAULT, **AGENTS_SDK_SETTINGS})
+    assert with_settings == {**prepare(RESPONSES, plain), "store": False, "stream": False,
                              "metadata": {}}
     # The Agents SDK's chat model and LangChain's ChatOpenAI (chat and Responses) send only
     # accepted fields by default; tool_choice "none" and store false when a client sets them.
     langchain = {"model": "skingpt4", "stream": False,
                  "messages": [{"role": "user", "content": "Hi"}]}
-    assert prepare(CHAT_ROUTE, {**langchain, "tool_choice": "none", "store": False}) == prepare(
-        CHAT_ROUTE, langchain)
+    assert prepare(CHAT, {**langchain, "tool_choice": "none", "store": False}) == prepare(
+        CHAT, langchain)
 
 
 def test_tools_are_still_refused_for_an_agent_with_tools():
     tool = {"type": "function", "name": "lookup", "parameters": {"type": "object"}, "strict": True}
-    error = refusal(RESPONSES_ROUTE, {**AGENTS_SDK_DEFAULT, "tools": [tool]})
+    error = refusal(RESPONSES, {**AGENTS_SDK_DEFAULT, "tools": [tool]})
     assert error.param == "tools" and "the model does not call tools" in error.message
 
 
@@ -198,22 +198,22 @@ def test_tools_are_still_refused_for_an_agent_with_tools():
 @pytest.mark.parametrize("content", ["Answer briefly.", [{"type": "text", "text": "Answer briefly."}]])
 def test_a_developer_message_reaches_chat_as_the_system_message(content):
     def body(role):
-        return {**BASES[CHAT_ROUTE], "messages": [{"role": role, "content": content},
+        return {**BASES[CHAT], "messages": [{"role": role, "content": content},
                                                   {"role": "user", "content": "Hi"}]}
 
-    forwarded = prepare(CHAT_ROUTE, body("developer"))
-    assert forwarded == prepare(CHAT_ROUTE, body("system"))
+    forwarded = prepare(CHAT, body("developer"))
+    assert forwarded == prepare(CHAT, body("system"))
     assert forwarded["messages"][0] == {"role": "system", "content": content}
 
 
 @pytest.mark.parametrize("content", ["Answer briefly.", [{"type": "input_text", "text": "Answer briefly."}]])
 def test_a_developer_message_reaches_responses_as_the_system_message(content):
     def body(role):
-        return {**BASES[RESPONSES_ROUTE], "input": [{"role": role, "content": content},
+        return {**BASES[RESPONSES], "input": [{"role": role, "content": content},
                                                     {"role": "user", "content": "Hi"}]}
 
-    forwarded = prepare(RESPONSES_ROUTE, body("developer"))
-    assert forwarded == prepare(RESPONSES_ROUTE, body("system"))
+    forwarded = prepare(RESPONSES, body("developer"))
+    assert forwarded == prepare(RESPONSES, body("system"))
     assert forwarded["input"][0] == {"role": "system", "content": content}
 
 
@@ -222,27 +222,27 @@ def test_a_developer_message_renders_as_the_system_prompt():
     developer's text replaces the default system prompt, as a system message's does."""
     from plugins.skingpt4.template import render_chat
 
-    forwarded = prepare(CHAT_ROUTE, {**BASES[CHAT_ROUTE], "messages": [
+    forwarded = prepare(CHAT, {**BASES[CHAT], "messages": [
         {"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": "Hi"}]})
     assert render_chat(forwarded["messages"]) == "Answer briefly.###Human: Hi###Assistant:"
 
 
 @pytest.mark.parametrize("route, messages, where", [
-    (CHAT_ROUTE, [{"role": "developer", "content": [
+    (CHAT, [{"role": "developer", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}, {"role": "user", "content": "Hi"}],
      "messages[0].content[0]"),
-    (RESPONSES_ROUTE, [{"role": "developer", "content": [
+    (RESPONSES, [{"role": "developer", "content": [
         {"type": "input_image", "image_url": "data:,"}]}, {"role": "user", "content": "Hi"}],
      "input[0].content[0]"),
 ])
 def test_a_photo_in_a_developer_message_is_refused_as_in_a_system_one(route, messages, where):
-    field = "messages" if route == CHAT_ROUTE else "input"
+    field = "messages" if route == CHAT else "input"
     error = refusal(route, {**BASES[route], field: messages})
     assert error.status == 400 and error.param == where
     assert "developer" in error.message and "user message" in error.message
 
 
-@pytest.mark.parametrize("route, field", [(CHAT_ROUTE, "messages"), (RESPONSES_ROUTE, "input")])
+@pytest.mark.parametrize("route, field", [(CHAT, "messages"), (RESPONSES, "input")])
 def test_other_roles_are_still_refused_naming_the_accepted_ones(route, field):
     error = refusal(route, {**BASES[route], field: [{"role": "tool", "content": "x"}]})
     assert error.param == f"{field}[0].role"

@@ -25,7 +25,8 @@ from serving.api.errors import (
     ServingError,
 )
 from serving.api.policy import ServePolicy
-from serving.api.responses import EXCLUDED, RESPONSES_ROUTE, ResponsesRequest, prepare_responses_request
+from serving.api.responses import EXCLUDED, ResponsesRequest, prepare_responses_request
+from serving.api.routes import RESPONSES
 from tests.serving.helpers import data_url, image_message
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "responses.md"
@@ -113,7 +114,7 @@ def test_fields_outside_the_contract_are_named(field, value):
     assert isinstance(error, InvalidRequest) and error.status == 400
     assert error.param == field
     reason = EXCLUDED[field].reason if field in EXCLUDED else "it is not part of this API"
-    assert f"unknown or unsupported field {field!r} on {RESPONSES_ROUTE}: {reason}" in error.message
+    assert f"unknown or unsupported field {field!r} on {RESPONSES}: {reason}" in error.message
 
 
 def test_previous_response_id_says_to_send_the_conversation():
@@ -554,5 +555,5 @@ def test_nothing_is_stored(server):
 
 
 def test_route_needs_the_key(server):
-    answer = httpx.post(server.base_url + RESPONSES_ROUTE, json=body_with())
+    answer = httpx.post(server.base_url + RESPONSES, json=body_with())
     assert answer.status_code == 401
