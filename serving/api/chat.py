@@ -53,7 +53,7 @@ IMAGE_URL_KEYS = {"url", "detail"}
 IMAGE_DETAILS = ("auto", "low", "high")
 
 
-def _check_text(text: Any, where: str) -> int:
+def check_text(text: Any, where: str) -> int:
     """Refuse non-strings, text that is not valid Unicode and the reserved image tokens;
     return the text's length."""
     if not isinstance(text, str):
@@ -74,7 +74,7 @@ def _check_text(text: Any, where: str) -> int:
     return len(text)
 
 
-def _check_keys(obj: dict, allowed: set[str], where: str) -> None:
+def check_keys(obj: dict, allowed: set[str], where: str) -> None:
     for key in obj:
         if key not in allowed:
             raise InvalidRequest(
@@ -91,9 +91,9 @@ def _check_part(part: Any, role: str, where: str) -> tuple[int, bool]:
         raise InvalidRequest(
             f"{where}: part type {kind!r} is not accepted; use 'text' or 'image_url'", param=where
         )
-    _check_keys(part, PART_KEYS[kind], where)
+    check_keys(part, PART_KEYS[kind], where)
     if kind == "text":
-        return _check_text(part.get("text"), f"{where}.text"), False
+        return check_text(part.get("text"), f"{where}.text"), False
     if role != "user":
         raise InvalidRequest(
             f"{where}: a photo in a message with role {role!r}; SkinGPT-4 sees photos only in user "
@@ -103,7 +103,7 @@ def _check_part(part: Any, role: str, where: str) -> tuple[int, bool]:
     spec = part.get("image_url")
     if not isinstance(spec, dict):
         raise InvalidRequest(f"{where}.image_url must be an object with a url", param=where)
-    _check_keys(spec, IMAGE_URL_KEYS, f"{where}.image_url")
+    check_keys(spec, IMAGE_URL_KEYS, f"{where}.image_url")
     if not isinstance(spec.get("url"), str) or not spec["url"]:
         raise InvalidRequest(f"{where}: image_url.url must be a non-empty string", param=where)
     if spec.get("detail") is not None and spec["detail"] not in IMAGE_DETAILS:
@@ -121,7 +121,7 @@ def _image_parts(messages: list, policy: ServePolicy) -> list[tuple[str, dict]]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise InvalidRequest(f"{where} must be an object with role and content", param=where)
-        _check_keys(message, MESSAGE_KEYS, where)
+        check_keys(message, MESSAGE_KEYS, where)
         role = message.get("role")
         if role not in ROLES:
             raise InvalidRequest(
@@ -132,7 +132,7 @@ def _image_parts(messages: list, policy: ServePolicy) -> list[tuple[str, dict]]:
                                  param=f"{where}.name")
         content = message.get("content")
         if isinstance(content, str):
-            chars += _check_text(content, f"{where}.content")
+            chars += check_text(content, f"{where}.content")
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 length, is_photo = _check_part(part, role, f"{where}.content[{j}]")
@@ -142,11 +142,11 @@ def _image_parts(messages: list, policy: ServePolicy) -> list[tuple[str, dict]]:
         else:
             raise InvalidRequest(f"{where}.content must be a string or a list of parts",
                                  param=f"{where}.content")
-    _check_text_size(chars, policy)
+    check_text_size(chars, policy)
     return found
 
 
-def _check_text_size(chars: int, policy: ServePolicy) -> None:
+def check_text_size(chars: int, policy: ServePolicy) -> None:
     if chars > policy.max_text_chars:
         raise InvalidRequest(
             f"the request holds {chars} characters of text; the limit is {policy.max_text_chars}"
@@ -295,18 +295,27 @@ async def _compile_verdict(schema_json: str, admission: Admission) -> str | None
         admission.schema_slots.release()
 
 
-def _apply_stop(body: dict, policy: ServePolicy) -> None:
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
-        return  # the grammar ends the answer; a separator inside a JSON string must not cut it
-    stop = body.get("stop")
+def stop_strings(stop: Any, format_type: str | None, policy: ServePolicy) -> list[str] | None:
+    """The stop strings a request runs with: its own ``stop`` and SkinGPT-4's separator; None
+    under a JSON output format (``format_type``), whose grammar ends the answer (a separator
+    inside a JSON string must not cut it)."""
+    if format_type in ("json_schema", "json_object"):
+        return None
     if stop is None:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
     elif not isinstance(stop, list):
         raise InvalidRequest("stop must be a string or a list of strings", param="stop")
-    body["stop"] = list(dict.fromkeys([*stop, *policy.default_stop]))
+    return list(dict.fromkeys([*stop, *policy.default_stop]))
+
+
+def _apply_stop(body: dict, policy: ServePolicy) -> None:
+    fmt = body.get("response_format")
+    stops = stop_strings(body.get("stop"), fmt.get("type") if isinstance(fmt, dict) else None,
+                         policy)
+    if stops is not None:
+        body["stop"] = stops
 
 
 async def prepare_chat_request(
@@ -361,8 +370,8 @@ def prepare_completion_request(body: Any, policy: ServePolicy) -> dict:
     prompts = prompt if isinstance(prompt, list) else [prompt]
     chars = 0
     for i, text in enumerate(prompts):
-        chars += _check_text(text, f"prompt[{i}]" if isinstance(prompt, list) else "prompt")
-    _check_text_size(chars, policy)
+        chars += check_text(text, f"prompt[{i}]" if isinstance(prompt, list) else "prompt")
+    check_text_size(chars, policy)
     _check_n(body, policy)
     _apply_stop(body, policy)
     return body

@@ -36,16 +36,16 @@ MAX_PROMPTS = 8
 INT64 = (-(2**63), 2**63 - 1)
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool | None = None
     continuous_usage_stats: bool | None = None
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(StrictModel):
     model_config = ConfigDict(populate_by_name=False)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
@@ -54,7 +54,7 @@ class JsonSchemaFormat(_Strict):
     description: str | None = Field(default=None, max_length=4096)
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -65,7 +65,7 @@ class ResponseFormat(_Strict):
         return self
 
 
-class _Common(_Strict):
+class _Common(StrictModel):
     """Fields both routes accept."""
 
     model: str | None = Field(default=None, min_length=1, max_length=256)

@@ -51,12 +51,12 @@ from serving.api.chat import (
     IMAGE_DETAILS,
     ROLE_AS,
     ROLES,
-    _apply_stop,
-    _check_keys,
-    _check_text,
-    _check_text_size,
     check_json_schema,
+    check_keys,
+    check_text,
+    check_text_size,
     forward_image_url,
+    stop_strings,
 )
 from serving.api.contract import (
     CACHED,
@@ -68,7 +68,7 @@ from serving.api.contract import (
     TEXT_ONLY,
     TOKEN_IDS,
     Refused,
-    _Strict,
+    StrictModel,
     check_body,
 )
 from serving.api.errors import InvalidRequest
@@ -91,7 +91,7 @@ NOT_STORED = ("conversations are not stored (privacy); send the whole conversati
               "earlier answers as assistant messages")
 
 
-class TextFormat(_Strict):
+class TextFormat(StrictModel):
     """``text.format``: OpenAI's flat shape (``name`` and ``schema`` beside ``type``)."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -112,11 +112,11 @@ class TextFormat(_Strict):
         return self
 
 
-class TextConfig(_Strict):
+class TextConfig(StrictModel):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(StrictModel):
     """Every field ``/v1/responses`` accepts (``input`` is checked item by item in
     :func:`prepare_responses_request`)."""
 
@@ -255,11 +255,11 @@ def _check_part(part: Any, role: str, where: str) -> int:
             f"{' or '.join(repr(k) for k in accepted)}{hint}",
             param=where,
         )
-    _check_keys(part, PART_KEYS[kind], where)
+    check_keys(part, PART_KEYS[kind], where)
     if kind != "input_image":
         if kind == "output_text" and not isinstance(part.get("annotations", []), list):
             raise InvalidRequest(f"{where}.annotations must be a list", param=f"{where}.annotations")
-        return _check_text(part.get("text"), f"{where}.text")
+        return check_text(part.get("text"), f"{where}.text")
     url = part.get("image_url")
     if not isinstance(url, str) or not url:
         raise InvalidRequest(
@@ -291,7 +291,7 @@ def _message_item(item: Any, where: str) -> tuple[dict, int, list[tuple[str, dic
         raise InvalidRequest(
             f"{where}.role is {role!r}; accepted roles: {', '.join(ROLES)}", param=f"{where}.role"
         )
-    _check_keys(item, ASSISTANT_KEYS if role == "assistant" else MESSAGE_KEYS, where)
+    check_keys(item, ASSISTANT_KEYS if role == "assistant" else MESSAGE_KEYS, where)
     if role == "assistant" and item.get("status", "completed") != "completed":
         raise InvalidRequest(
             f"{where}.status is {item.get('status')!r}; only completed answers are accepted (the "
@@ -307,7 +307,7 @@ def _message_item(item: Any, where: str) -> tuple[dict, int, list[tuple[str, dic
     forwarded_role = ROLE_AS.get(role, role)
     if isinstance(content, str):
         message = {"role": forwarded_role, "content": content}
-        return message, _check_text(content, f"{where}.content"), []
+        return message, check_text(content, f"{where}.content"), []
     if not isinstance(content, list):
         raise InvalidRequest(f"{where}.content must be a string or a list of parts",
                              param=f"{where}.content")
@@ -325,11 +325,11 @@ def _input_messages(body: dict, policy: ServePolicy) -> tuple[str | list[dict], 
     messages: replacing their URLs updates what is forwarded)."""
     chars = 0
     if body.get("instructions") is not None:
-        chars += _check_text(body["instructions"], "instructions")
+        chars += check_text(body["instructions"], "instructions")
     given = body["input"]
     if isinstance(given, str):
-        chars += _check_text(given, "input")
-        _check_text_size(chars, policy)
+        chars += check_text(given, "input")
+        check_text_size(chars, policy)
         return given, []
     messages, photos = [], []
     for i, item in enumerate(given):
@@ -337,7 +337,7 @@ def _input_messages(body: dict, policy: ServePolicy) -> tuple[str | list[dict], 
         messages.append(message)
         chars += length
         photos += found
-    _check_text_size(chars, policy)
+    check_text_size(chars, policy)
     return messages, photos
 
 
@@ -378,10 +378,9 @@ async def prepare_responses_request(
         fmt = await _text_format((checked.get("text") or {}).get("format"), admission)
         if fmt is not None:
             checked["text"]["format"] = fmt
-        stop = {"response_format": {"type": fmt["type"]}} if fmt is not None else {}
-        _apply_stop(stop, policy)
-        if "stop" in stop:
-            checked["stop"] = stop["stop"]
+        stops = stop_strings(None, fmt["type"] if fmt is not None else None, policy)
+        if stops is not None:
+            checked["stop"] = stops
         for where, part in photos:
             part["image_url"] = await forward_image_url(part["image_url"], where, policy, admission)
     finally:

@@ -127,6 +127,10 @@ class _Worker:
             self.proc.wait(timeout=5)
 
 
+# A job's outcome in the metrics, by what it raised (anything else: its worker died).
+OUTCOMES = {JobError: "refused", JobTimeout: "timeout"}
+
+
 class WorkerPool:
     """Worker processes of one ``kind`` (a key of :data:`JOBS`), started on first use and kept;
     the caller bounds how many jobs run at once (at most ``size`` workers are kept idle)."""
@@ -146,28 +150,19 @@ class WorkerPool:
         self.stopped = 0  # jobs stopped past their time, or workers dead: for tests and metrics
 
     async def run(self, header: dict, data: bytes = b"") -> tuple[dict, bytes]:
-        """Run one job; its reply header and data. Raises :class:`JobTimeout`,
-        :class:`JobFailed`, :class:`WorkerLost` or :class:`JobError`. Its time goes to the
-        pool's duration metric, by outcome; a worker stopped for a timeout or found dead counts
-        as a restart."""
-        started, outcome = time.monotonic(), "cancelled"
+        """Run one job; its reply header and data. Raises :class:`JobTimeout`, :class:`JobFailed`,
+        :class:`WorkerLost` or :class:`JobError`. Timed in the metrics, by outcome; a worker
+        stopped past its time or found dead counts as a restart."""
+        started, outcome, m = time.monotonic(), "cancelled", metrics()
         try:
-            reply = await self._run(header, data)
-            outcome = "ok"
+            reply, outcome = await self._run(header, data), "ok"
             return reply
-        except JobError:
-            outcome = "refused"
-            raise
-        except JobTimeout:
-            outcome = "timeout"
-            metrics().worker_restarts.inc((self.kind, "timeout"))
-            raise
-        except (JobFailed, WorkerLost):
-            outcome = "died"
-            metrics().worker_restarts.inc((self.kind, "died"))
+        except Exception as exc:
+            outcome = OUTCOMES.get(type(exc), "died")
+            if outcome != "refused":
+                m.worker_restarts.inc((self.kind, outcome))
             raise
         finally:
-            m = metrics()
             (m.decode_seconds if self.kind == "photo" else m.compile_seconds).observe(
                 time.monotonic() - started, (outcome,))
 
