@@ -73,7 +73,7 @@ from pathlib import Path
 
 from serving.api.routes import CHAT, COMPLETIONS
 from serving.api.errors import ServingError, error_for_status
-from serving.api.jobs.lines import encode_record, record_key
+from serving.api.jobs.lines import DoneRecords, encode_record
 from serving.api.jobs.runner import Answer
 from serving.api.policy import ServePolicy
 from serving.engine.server import EmbeddedServerConfig, parse_vllm_args
@@ -111,7 +111,7 @@ class OutputLog:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise OutputError(f"{path} is being written by another skingpt4 batch") from None
-            done_ids, done_lines, good, size = _scan_records(path)
+            done, good, size = _scan_records(path)
             if good < size:  # the torn line of a crash: bytes after the last newline
                 os.ftruncate(fd, good)
                 os.fsync(fd)
@@ -120,7 +120,7 @@ class OutputLog:
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, done_ids, done_lines, size - good)
+        return cls(path, fd, done.ids, done.lines, size - good)
 
     def write_record(self, record: dict) -> None:
         """Append one whole line and make it durable (blocking: call it off the event loop)."""
@@ -141,25 +141,22 @@ class OutputLog:
         self.close()
 
 
-def _scan_records(path: Path) -> tuple[set[str], set[int], int, int]:
-    """(done ids, done lines, bytes of complete records, file size) of an existing OUTPUT."""
-    done_ids: set[str] = set()
-    done_lines: set[int] = set()
+def _scan_records(path: Path) -> tuple[DoneRecords, int, int]:
+    """(what it holds, bytes of complete records, file size) of an existing OUTPUT."""
+    done = DoneRecords()
     good = 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
                 break  # only the last line can lack its newline: a torn write
-            key = record_key(raw)
-            if key is None:
+            if not done.note(raw):
                 raise OutputError(
                     f"{path} line {number} is not a batch output record; it was not written by "
                     "skingpt4 batch, so it is not resumed: choose another OUTPUT file"
                 )
-            (done_ids if key[0] == "id" else done_lines).add(key[1])
             good += len(raw)
         size = f.seek(0, os.SEEK_END)
-    return done_ids, done_lines, good, size
+    return done, good, size
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -83,6 +83,28 @@ def encode_record(record: dict) -> bytes:
         return (json.dumps(record) + "\n").encode("ascii")
 
 
+class DoneRecords:
+    """What a record log holds already, for a resumed run to skip: the ``custom_id`` of each
+    request with a record (``ids``), and the number of each line refused before a custom_id
+    could be read (``lines``). The one reading of records that the Batch API's
+    :class:`serving.api.jobs.records.SplitLog` and ``skingpt4 batch``'s OUTPUT file share."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.lines: set[int] = set()
+
+    def note(self, raw: bytes) -> bool:
+        """Note the record ``raw`` (one encoded line); False when it is not an output record."""
+        key = record_key(raw)
+        if key is None:
+            return False
+        if key[0] == "id":
+            self.ids.add(key[1])
+        else:
+            self.lines.add(key[1])
+        return True
+
+
 def record_key(raw: bytes) -> tuple[str, str | int] | None:
     """``("id", custom_id)`` or ``("line", n)`` for an output record; None for anything else."""
     try:

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from serving.api.jobs import sealed
 from serving.api.jobs.lines import (
     BatchLine,
+    DoneRecords,
     LineError,
     TooLarge,
     duplicate_line,
     encode_record,
     parse_line,
     read_lines,
-    record_key,
 )
 from serving.api.policy import ServePolicy
 
@@ -38,15 +38,13 @@ class SplitLog:
                  on_record: Callable[[bool], None] | None = None) -> None:
         """``on_record``: called with each record written from now on (True: answered)."""
         self.output, self.errors, self.on_record = output, errors, on_record
-        self.done_ids: set[str] = set()
-        self.done_lines: set[int] = set()
+        self.done = DoneRecords()
+        self.done_ids, self.done_lines = self.done.ids, self.done.lines
         self.completed = self.failed = 0
         for writer in (output, errors):
             for frame in writer.existing:
-                key = record_key(frame)
-                if key is None:
+                if not self.done.note(frame):
                     continue
-                (self.done_ids if key[0] == "id" else self.done_lines).add(key[1])
                 if writer is output:
                     self.completed += 1
                 else:
@@ -66,9 +64,7 @@ class SplitLog:
             self.failed += 1
         if self.on_record is not None:
             self.on_record(answered)
-        key = record_key(line)
-        if key is not None:
-            (self.done_ids if key[0] == "id" else self.done_lines).add(key[1])
+        self.done.note(line)
 
     def close(self) -> None:
         self.output.close()

@@ -687,7 +687,7 @@ def send(state: FuzzState, path: str, body: Any) -> None:
             fail("4xx shape", status, f"not an OpenAI error body: {text_[:200]!r}")
         elif not (isinstance(err.get("code"), str) and err["code"]
                   and isinstance(err.get("type"), str) and err["type"].endswith("Error")
-                  and set(err) == {"message", "type", "param", "code"}):
+                  and set(err) == {"message", "type", "param", "code", "request_id"}):
             fail("4xx shape", status, f"not the project's error shape (string code): {text_[:200]!r}")
         else:
             state.refusals[f"{status} {re.sub(r'[0-9]+', '#', message)[:100]}"] += 1

@@ -201,7 +201,8 @@ def test_bad_lines_name_their_problem(first_run):
         else:  # refused: the status and OpenAI error body the server sends, in response.body
             assert r["error"] is None and r["response"]["status_code"] == head, r
             error = r["response"]["body"]["error"]
-            assert set(error) == {"message", "type", "param", "code"}
+            assert set(error) == {"message", "type", "param", "code", "request_id"}
+            assert error["request_id"] == r["response"]["request_id"]
             message = error["message"]
         for word in words:
             assert word.lower() in message.lower(), (key, message)

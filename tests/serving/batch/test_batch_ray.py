@@ -186,7 +186,10 @@ def test_answers_equal_the_in_process_ones(ray_run, reference):
         assert comparable(ray_body) == comparable(local_body), custom_id
         assert ray_body["usage"]["prompt_tokens_details"]["cached_tokens"] is not None
     # The server's max_tokens check, counted on a replica as in-process: the same 400.
+    # (each record's error carries its own request id)
     ray_refusal, local_refusal = (r["too-many-tokens"]["response"] for r in (records, reference))
+    for refusal in (ray_refusal, local_refusal):
+        assert refusal["body"]["error"].pop("request_id") == refusal["request_id"]
     assert (ray_refusal["status_code"], ray_refusal["body"]) == \
         (local_refusal["status_code"], local_refusal["body"]) == (400, ray_refusal["body"])
     two = records["two-choices"]["response"]["body"]["choices"]
