@@ -39,9 +39,9 @@ def _serve_app(server: dict):
             from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
 
             from serving.cluster.ingress import with_key_from_env
-            from serving.engine.server import EmbeddedServerConfig, parse_vllm_args
+            from serving.engine.server import EngineConfig, parse_vllm_args
 
-            config = EmbeddedServerConfig.model_validate(server)
+            config = EngineConfig.model_validate(server)
             config = config.model_copy(update={"policy": with_key_from_env(config.served_policy())})
             # The policy (with the API key) goes to this process's environment, not the runtime_env.
             os.environ.update(config.environment(on_gpu=False, bind_threads=False))

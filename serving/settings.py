@@ -1,10 +1,14 @@
-"""Settings of ``serving/`` in one place: the environment variables it reads or sets, their
-defaults, and the SkinGPT-4 constants it shares with the plugin and the vision stack.
+"""Settings of ``serving/`` shared across its layers: the environment variables that carry the
+server's own configuration between processes, their defaults, and the SkinGPT-4 constants it
+shares with the plugin and the vision stack.
 
-The variables ``serving/`` reads or sets are named here; each is read by a function that takes
-the environment as an argument (so tests pass a dict): those below, and
-:meth:`serving.engine.server.EmbeddedServerConfig.environment`, the one builder of the engine's
-environment. Constants that ``plugins/`` or
+Each variable here is read by a function that takes the environment as an argument (so tests
+pass a dict). Variables that one module alone sets or reads are named in that module, beside
+the code they configure: vLLM's (``VLLM_*``) in
+:meth:`serving.engine.server.EngineConfig.environment`, the one builder of the engine's
+environment; Ray Serve's switches (``RAY_SERVE_*``, ``RAY_USAGE_STATS_ENABLED``) in
+:mod:`serving.cluster.session` and :mod:`serving.batch.ray_serve`; the Batch API's master key
+(``SKINGPT4_DATA_KEY``) in :mod:`serving.api.jobs.sealed`. Constants that ``plugins/`` or
 ``encoders/`` define stay defined there (those folders may not import ``serving/``) and are
 re-exported here for ``serving/``: one definition of each. Importing this module stays light
 (``skingpt4 --help`` must not wait for torch): the separator comes from a module without

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.engine.server import EmbeddedServerConfig
+from serving.engine.server import EngineConfig
 
 UNIT = Path(__file__).resolve().parents[1] / "deploy" / "skingpt4.service"
 # systemd time spans: "90", "90s", "1min 30s", "2m"
@@ -50,7 +50,7 @@ def test_runs_skingpt4_serve_on_a_folder(service):
 
 
 def test_stop_timeout_exceeds_the_drain(service):
-    drain_s = EmbeddedServerConfig.model_fields["shutdown_timeout_s"].default
+    drain_s = EngineConfig.model_fields["shutdown_timeout_s"].default
     assert timespan_s(service["TimeoutStopSec"]) > drain_s
 
 

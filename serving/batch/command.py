@@ -15,7 +15,7 @@ from serving.batch import run as batch_run
 from serving.api.jobs.runner import DEFAULT_MAX_CONCURRENCY, BatchSummary, run_batch
 from serving.batch.run import OutputError, OutputLog, open_engine
 from serving.engine.flags import add_model_arguments, config_error, config_from_args
-from serving.engine.server import EmbeddedServerConfig
+from serving.engine.server import EngineConfig
 from serving.usage import FAILED, STOPPED, USAGE, UsageError, check_model_folder
 
 # --- command line ------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def add_batch_command(subparsers) -> argparse.ArgumentParser:
     return configure_parser(parser)
 
 
-def _config(args: argparse.Namespace) -> EmbeddedServerConfig:
+def _config(args: argparse.Namespace) -> EngineConfig:
     from pydantic import ValidationError
 
     try:
@@ -86,8 +86,8 @@ def _config(args: argparse.Namespace) -> EmbeddedServerConfig:
         raise UsageError(config_error(exc)) from None
 
 
-def batch_environment(config: EmbeddedServerConfig, verbose: bool = False) -> dict[str, str]:
-    """The engine environment of a batch run (:meth:`EmbeddedServerConfig.environment`; set it
+def batch_environment(config: EngineConfig, verbose: bool = False) -> dict[str, str]:
+    """The engine environment of a batch run (:meth:`EngineConfig.environment`; set it
     before vLLM is imported): the server's, with vLLM's logs on stderr and no request policy (no
     middleware runs here). A local Ray instance's engines inherit it too (the CPU thread
     binding of tensor parallel among it)."""
@@ -109,7 +109,7 @@ def _check_files(args: argparse.Namespace) -> None:
         raise UsageError("OUTPUT must be another file than INPUT")
 
 
-def _open(config: EmbeddedServerConfig, args: argparse.Namespace):
+def _open(config: EngineConfig, args: argparse.Namespace):
     """The engine that answers the checked requests: in-process, or the LLM replicas of
     ``serve --ray`` with ``--ray``."""
     if not args.ray:
@@ -121,7 +121,7 @@ def _open(config: EmbeddedServerConfig, args: argparse.Namespace):
         accelerator_type=args.accelerator_type, verbose=args.verbose))
 
 
-async def _run_once(config: EmbeddedServerConfig, args: argparse.Namespace,
+async def _run_once(config: EngineConfig, args: argparse.Namespace,
                     log: OutputLog) -> BatchSummary:
     main_task = asyncio.current_task()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
@@ -166,16 +166,3 @@ def run_batch_command(args: argparse.Namespace) -> int:
             gc.collect()
     print(f"skingpt4 batch: {summary.describe()}", file=sys.stderr)
     return 0 if summary.complete else FAILED
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = configure_parser(argparse.ArgumentParser(
-        prog="skingpt4 batch", description=batch_run.__doc__.split("\n")[0], epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    ))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

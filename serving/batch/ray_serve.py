@@ -31,7 +31,7 @@ from typing import Literal
 from serving.api.routes import CHAT, COMPLETIONS
 from serving.api.policy import ServePolicy
 from serving.batch.run import BatchEngine, request_models
-from serving.engine.server import EmbeddedServerConfig
+from serving.engine.server import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ ROUTER_THREAD_ENV = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 
 
 @contextlib.asynccontextmanager
-async def open_ray_engine(config: EmbeddedServerConfig,
+async def open_ray_engine(config: EngineConfig,
                           ray_settings: RayBatchSettings) -> AsyncIterator[ServeEngine]:
     """Join the cluster in ``RAY_ADDRESS`` (or start a local Ray instance), deploy the batch's
     Serve application, and on exit delete it (and stop a local instance). The accelerator, when

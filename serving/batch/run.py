@@ -44,7 +44,7 @@ line has its record.
 vLLM reuse: the engine and serving objects are built as in vLLM's own batch runner and server
 (``vllm.entrypoints.launchers.run_batch.main`` / ``build_endpoint_registry``):
 ``build_async_engine_client`` (an in-process ``AsyncLLM`` from ``AsyncEngineArgs``) over the
-server's arguments, :meth:`serving.engine.server.EmbeddedServerConfig.vllm_args`, parsed by vLLM's
+server's arguments, :meth:`serving.engine.server.EngineConfig.vllm_args`, parsed by vLLM's
 server parser as the server parses them (:func:`serving.engine.server.parse_vllm_args`), in the
 server's engine environment (:func:`batch_environment`), then ``init_app_state``, which creates the same ``OpenAIServingChat`` and
 ``OpenAIServingCompletion`` as ``skingpt4 serve``; exceptions become error bodies with vLLM's
@@ -76,7 +76,7 @@ from serving.api.errors import ServingError, error_for_status
 from serving.api.jobs.lines import DoneRecords, encode_record
 from serving.api.jobs.runner import Answer
 from serving.api.policy import ServePolicy
-from serving.engine.server import EmbeddedServerConfig, parse_vllm_args
+from serving.engine.server import EngineConfig, parse_vllm_args
 
 
 class OutputError(Exception):
@@ -229,7 +229,7 @@ def answer_of(result, route: str) -> Answer:
 
 
 @contextlib.asynccontextmanager
-async def open_engine(config: EmbeddedServerConfig) -> AsyncIterator[BatchEngine]:
+async def open_engine(config: EngineConfig) -> AsyncIterator[BatchEngine]:
     """Start the engine with the server's options (set :func:`batch_environment` first);
     shut it down on exit."""
     from starlette.datastructures import State

@@ -119,12 +119,12 @@ def _run_checkpoint(args) -> int:
 
 def _run_generate(args) -> int:
     from serving.engine.offline import generate_answer
-    from serving.engine.server import EmbeddedServerConfig
+    from serving.engine.server import EngineConfig
 
     check_model_folder(args.model)
     images = load_photos(args.image)
     # The engine of `skingpt4 serve MODEL` with its defaults (generate has no engine flags).
-    config = EmbeddedServerConfig(model=str(args.model))
+    config = EngineConfig(model=str(args.model))
     answer = generate_answer(
         config, images, args.question, max_tokens=args.max_tokens,
         temperature=args.temperature, seed=args.seed, verbose=args.verbose,

@@ -11,7 +11,7 @@ from ray import serve
 
 from serving.cluster.app import APP_NAME, RayAppArgs, ReplicaSettings, build_serve_app
 from serving.cluster.session import cluster_has_gpus, local_num_cpus, ray_session
-from serving.engine.server import EmbeddedServerConfig
+from serving.engine.server import EngineConfig
 
 
 def replica_settings_from_cli(args: Any, accelerator: str) -> ReplicaSettings:
@@ -30,7 +30,7 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run_ray(config: EmbeddedServerConfig, args: Any) -> int:
+def run_ray(config: EngineConfig, args: Any) -> int:
     """``skingpt4 serve MODEL --ray``: serve on Ray until SIGTERM/SIGINT, then clean up; 0.
 
     Joins the cluster in ``RAY_ADDRESS`` if set (and on leaving deletes only this app), else

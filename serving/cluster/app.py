@@ -4,7 +4,7 @@
 ``serve run/deploy serving/ray/skingpt4-serve.yaml`` (:func:`build_app`) both build
 ``ray.serve.llm.build_openai_app`` over one :class:`LLMConfig` whose ``engine_kwargs`` are the
 embedded server's engine options, the same dict
-(:meth:`EmbeddedServerConfig.engine_options`): the plugin model folder, prefix caching,
+(:meth:`EngineConfig.engine_options`): the plugin model folder, prefix caching,
 ``limit_mm_per_prompt``, the folder's generation config, xgrammar without free whitespace, no
 request logging; on GPU replicas CUDA graphs, ``gpu_memory_utilization`` and ``quantization``.
 Replicas are a fixed number or autoscaled between bounds. A CPU replica
@@ -65,7 +65,7 @@ from serving import settings
 from serving.cluster.ingress import SkinGPT4Ingress
 from serving.cluster.replica import DRAIN_POLL_S, SkinGPT4Server
 from serving.cluster.routers import ROUTERS
-from serving.engine.server import EmbeddedServerConfig
+from serving.engine.server import EngineConfig
 
 
 # The names of Ray's own (ray 2.60.0) that serving/cluster's modules (routers, replica, ingress)
@@ -194,14 +194,14 @@ class RayAppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    server: EmbeddedServerConfig = Field(
+    server: EngineConfig = Field(
         description="Model and engine options, as for the embedded server (host and port are "
         "ignored here: Ray Serve's http_options decide them)."
     )
     replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
 
 
-def engine_environment(config: EmbeddedServerConfig, accelerator: str) -> dict[str, str]:
+def engine_environment(config: EngineConfig, accelerator: str) -> dict[str, str]:
     """Environment of the LLM replicas: vLLM's image limits and, on CPUs, the KV cache size.
     The policy itself (with its API key) goes to the ingress only. A CPU thread binding computed
     here would not fit another node's CPUs: CPU replicas with tensor parallel take

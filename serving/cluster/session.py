@@ -21,8 +21,8 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_ING
 # nothing but its clients (a cluster's nodes take it from `ray start`, docs/ray-cluster.md).
 LOCAL_ENV = {**SERVE_ENV, "RAY_USAGE_STATS_ENABLED": "0"}
 
-# Logical CPUs a local instance has at least: an ingress, a proxy and Ray Data's own tasks need
-# slots besides the engines', whatever the physical core count (vLLM-CPU threads share it).
+# Logical CPUs a local instance has at least: an ingress, a proxy and a batch run's driver tasks
+# need slots besides the engines', whatever the physical core count (vLLM-CPU threads share it).
 MIN_LOCAL_CPUS = 8
 
 

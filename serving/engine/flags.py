@@ -1,5 +1,5 @@
 """Command-line flags from the config models, in one place (as vLLM's ``add_cli_args``): each
-flag names a field of :class:`serving.engine.server.EmbeddedServerConfig` or of its
+flag names a field of :class:`serving.engine.server.EngineConfig` or of its
 :class:`serving.api.policy.ServePolicy`, and takes its default and help from that field.
 :func:`config_from_args` builds the config back from whichever of them a command has, so
 ``serve`` and ``batch`` cannot drift apart.
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.api.policy import ServePolicy
-from serving.engine.server import EmbeddedServerConfig
+from serving.engine.server import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ SERVE_FLAGS = ("host", "port", "max-inflight-mb", "max-concurrent-decodes", "adm
                "quantization", "ui", "access-log", *BATCH_API_FLAGS)
 
 PATH_FIELDS = ("data_dir", "data_key_file")
-MODELS = {"server": EmbeddedServerConfig, "policy": ServePolicy}
+MODELS = {"server": EngineConfig, "policy": ServePolicy}
 
 
 def _info(flag: Flag):
@@ -124,7 +124,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, MODEL_FLAGS)
 
 
-def config_from_args(args: argparse.Namespace, **extra: Any) -> EmbeddedServerConfig:
+def config_from_args(args: argparse.Namespace, **extra: Any) -> EngineConfig:
     """The config from the flags ``args`` has (any of :data:`FLAGS`; a flag left ``None`` keeps
     the model's default), the model folder (``args.model``) and ``extra`` policy fields (e.g. the
     API key). Raises pydantic's ``ValidationError`` (see :func:`config_error`)."""
@@ -138,7 +138,7 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> EmbeddedServerCo
         if flag.field in PATH_FIELDS:  # the server (or a Ray replica) runs elsewhere
             value = str(Path(value).expanduser().absolute())
         fields[flag.model][flag.field] = value * flag.scale if flag.scale != 1 else value
-    return EmbeddedServerConfig(model=str(args.model), **fields["server"],
+    return EngineConfig(model=str(args.model), **fields["server"],
                                 policy=ServePolicy(**fields["policy"]))
 
 

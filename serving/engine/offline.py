@@ -3,9 +3,9 @@ a server. Sampling follows the model folder's ``generation_config.json`` (the de
 unless ``temperature`` is given; generation stops at SkinGPT-4's ``###`` separator.
 
 The engine is ``skingpt4 serve``'s: ``vllm.LLM`` gets the server's engine options
-(:meth:`serving.engine.server.EmbeddedServerConfig.engine_options`, those ``vllm.LLM`` takes:
+(:meth:`serving.engine.server.EngineConfig.engine_options`, those ``vllm.LLM`` takes:
 :func:`generate_engine_kwargs`) and the server's engine environment
-(:meth:`serving.engine.server.EmbeddedServerConfig.environment`: the same CPU KV-cache default), with
+(:meth:`serving.engine.server.EngineConfig.environment`: the same CPU KV-cache default), with
 vLLM's logs on stderr (quiet unless ``verbose``), so that stdout holds the answer only.
 """
 
@@ -17,12 +17,12 @@ from typing import Any
 from PIL import Image
 
 from plugins.skingpt4.template import build_prompt, image_question
-from serving.engine.server import EmbeddedServerConfig, cuda_available, engine_arguments
+from serving.engine.server import EngineConfig, cuda_available, engine_arguments
 from serving.settings import SEP
 
 
 def generate_engine_kwargs(
-    config: EmbeddedServerConfig, num_images: int, on_gpu: bool, seed: int | None = None
+    config: EngineConfig, num_images: int, on_gpu: bool, seed: int | None = None
 ) -> dict[str, Any]:
     """``vllm.LLM``'s arguments: the model and the server's engine options that are
     ``EngineArgs`` fields, with room for ``num_images`` photos in the prompt (a local run is
@@ -36,7 +36,7 @@ def generate_engine_kwargs(
 
 
 def generate_answer(
-    config: EmbeddedServerConfig,
+    config: EngineConfig,
     images: list[Image.Image],
     question: str,
     *,

@@ -1,18 +1,19 @@
 """The embedded server: vLLM's own OpenAI-compatible server, in this process tree, no Ray.
 
-``skingpt4 serve MODEL`` turns :class:`EmbeddedServerConfig` into vLLM server arguments: the
+``skingpt4 serve MODEL`` turns :class:`EngineConfig` into vLLM server arguments: the
 plugin model, prefix caching (follow-up turns reuse the image's KV cache), at most
 ``max_images_per_request`` images per prompt, the model folder's generation defaults, xgrammar
 structured output without free whitespace, a drain on SIGTERM, and
 :class:`serving.api.middleware.RequestPolicyMiddleware` in front of every route.
 
-The engine options are defined once, by :meth:`EmbeddedServerConfig.engine_options`: vLLM
+The engine options are defined once, by :meth:`EngineConfig.engine_options`: vLLM
 ``AsyncEngineArgs`` / ``FrontendArgs`` field names and their values. The embedded server and
 ``skingpt4 batch`` render them as vLLM's command line (:func:`cli_args`), after the options only
-a server has (:meth:`EmbeddedServerConfig.server_options`), and parse it with vLLM's own parser
-(:func:`parse_vllm_args`); Ray Serve passes the same dict as ``engine_kwargs``; ``skingpt4
-generate`` (``vllm.LLM``) and Ray Data pass its ``EngineArgs`` fields (:func:`engine_arguments`).
-The engine's environment is defined once too, by :meth:`EmbeddedServerConfig.environment`, for
+a server has (:meth:`EngineConfig.server_options`), and parse it with vLLM's own parser
+(:func:`parse_vllm_args`); Ray Serve (``serve --ray`` and ``batch --ray``) passes the same dict
+as ``engine_kwargs``; ``skingpt4 generate`` (``vllm.LLM``) passes its ``EngineArgs`` fields
+(:func:`engine_arguments`).
+The engine's environment is defined once too, by :meth:`EngineConfig.environment`, for
 all of them.
 
 Where the engine runs decides a few of them. On a GPU (CUDA present): CUDA graphs (eager only
@@ -49,7 +50,11 @@ MIDDLEWARE = "serving.api.middleware.RequestPolicyMiddleware"
 NUMA_NODES = Path("/sys/devices/system/node")
 
 
-class EmbeddedServerConfig(BaseModel):
+class EngineConfig(BaseModel):
+    """One engine's configuration and the request policy in front of it, for every way this
+    project runs one: ``serve`` (embedded and Ray), ``batch`` (in process and Ray) and
+    ``generate``."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="A SkinGPT-4 model folder.")
@@ -170,7 +175,7 @@ class EmbeddedServerConfig(BaseModel):
         verbose: bool = False, loopback: bool = False,
     ) -> dict[str, str]:
         """Variables for the engine's processes, set before vLLM is imported: the one builder
-        behind ``serve`` (embedded and Ray), ``generate`` and ``batch`` (plain and Ray Data).
+        behind ``serve`` (embedded and Ray), ``generate`` and ``batch`` (plain and Ray).
         ``environ`` holds the user's settings, which win over the defaults here.
 
         ``on_gpu`` None: whether CUDA is present here. ``bind_threads``: a CPU tensor-parallel
@@ -223,10 +228,9 @@ def cli_args(options: Mapping[str, Any]) -> list[str]:
 
 def engine_arguments(options: Mapping[str, Any]) -> dict[str, Any]:
     """The ``options`` that are ``vllm.engine.arg_utils.EngineArgs`` fields: what ``vllm.LLM``
-    and Ray Data's vLLM stage take. The others are the server's: response shaping
-    (``enable_force_include_usage``, ``enable_prompt_tokens_details``) and request logging
-    (``enable_log_requests``, an ``AsyncEngineArgs`` field; ``LLM`` and the stage never log
-    requests). Imports vLLM: set :meth:`EmbeddedServerConfig.environment` first."""
+    takes. The others are the server's: response shaping (``enable_force_include_usage``,
+    ``enable_prompt_tokens_details``) and request logging (``enable_log_requests``, an
+    ``AsyncEngineArgs`` field; ``LLM`` never logs requests). Imports vLLM: set :meth:`EngineConfig.environment` first."""
     from vllm.engine.arg_utils import EngineArgs
 
     names = {f.name for f in dataclasses.fields(EngineArgs)}
@@ -234,12 +238,12 @@ def engine_arguments(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_vllm_args(
-    config: EmbeddedServerConfig, on_gpu: bool | None = None, prog: str = "skingpt4 serve"
+    config: EngineConfig, on_gpu: bool | None = None, prog: str = "skingpt4 serve"
 ) -> argparse.Namespace:
-    """:meth:`EmbeddedServerConfig.vllm_args` parsed and checked by vLLM's own server parser
+    """:meth:`EngineConfig.vllm_args` parsed and checked by vLLM's own server parser
     (``make_arg_parser``, ``validate_parsed_serve_args``): the namespace that vLLM's
     ``run_server`` and ``build_async_engine_client`` take. ``on_gpu`` None: whether CUDA is
-    present here. Imports vLLM: set :meth:`EmbeddedServerConfig.environment` first."""
+    present here. Imports vLLM: set :meth:`EngineConfig.environment` first."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -316,7 +320,7 @@ def cpu_thread_binding_env(ranks: int, environ: Mapping[str, str] = os.environ) 
     return {settings.CPU_THREADS_BIND_ENV: cpu_thread_binding(ranks, cpus)}
 
 
-def run_embedded(config: EmbeddedServerConfig) -> int:
+def run_embedded(config: EngineConfig) -> int:
     """Serve until SIGTERM/SIGINT (blocks); 0 after such a stop, 1 when the server stopped by
     itself because its engine died, so that a supervisor restarts it. Must run under
     ``if __name__ == "__main__"``. 2 when this machine cannot run the engine as configured."""

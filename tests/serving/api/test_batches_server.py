@@ -106,7 +106,7 @@ def test_the_sdk_flow_gives_the_answers_of_skingpt4_batch(batch_server, tmp_path
 
     cli_output = tmp_path / "cli.jsonl"
     run = subprocess.run(
-        [sys.executable, "-m", "serving.batch", str(batch_server.folder), str(input_path),
+        [sys.executable, "-m", "serving.cli", "batch", str(batch_server.folder), str(input_path),
          str(cli_output), "--dtype", "float32", "--max-model-len", "1024"],
         cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
         timeout=600,

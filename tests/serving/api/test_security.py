@@ -218,9 +218,9 @@ def test_vllm_itself_fetches_no_url():
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from serving.engine.server import EmbeddedServerConfig
+    from serving.engine.server import EngineConfig
 
-    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(EmbeddedServerConfig(model="m").vllm_args())
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(EngineConfig(model="m").vllm_args())
     listener = Listener()
     try:
         url = f"http://127.0.0.1:{listener.port}/lesion.jpg"

@@ -26,11 +26,12 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from encoders.samples import encode_image, synthetic_skin_photo
-from serving.batch.command import add_batch_command, batch_environment, main, run_batch_command
+from serving.batch.command import add_batch_command, batch_environment, run_batch_command
+from serving.cli import main as skingpt4
 from serving.api.jobs.lines import TooLarge, count_lines, read_lines
 from serving.api.jobs.runner import BatchSummary, run_batch
 from serving.batch.run import BatchEngine, OutputLog, open_engine
-from serving.engine.server import EmbeddedServerConfig
+from serving.engine.server import EngineConfig
 from tests.serving.helpers import data_url, image_message
 from tests.serving.engine.test_openai_api import expected_prompt_tokens
 
@@ -114,7 +115,7 @@ class Engine:
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoints):
     folder = tiny_checkpoints["llama"]
-    config = EmbeddedServerConfig(model=str(folder), dtype="float32", max_model_len=1024)
+    config = EngineConfig(model=str(folder), dtype="float32", max_model_len=1024)
     saved = dict(os.environ)
     os.environ.update(batch_environment(config))
     runner, stack = asyncio.Runner(), contextlib.AsyncExitStack()
@@ -408,7 +409,7 @@ def test_usage_problems_exit_2_before_the_engine(tiny_checkpoints, tmp_path, cap
          "max_images_per_request"),
     ]
     for argv, words in cases:
-        assert main(argv) == 2, argv
+        assert skingpt4(["batch", *argv]) == 2, argv
         assert words in capsys.readouterr().err, argv
     assert foreign.read_bytes() == b'{"note": "not a batch record"}\n'  # left untouched
 
@@ -433,7 +434,7 @@ def test_cli_end_to_end_keeps_photos_off_disk(tiny_checkpoints, tmp_path):
         env = dict(os.environ, TMPDIR=str(private / "tmp"), XDG_CACHE_HOME=str(private / "cache"),
                    VLLM_CACHE_ROOT=str(private / "cache" / "vllm"), PYTHONPATH=str(REPO))
         done = subprocess.run(
-            [sys.executable, "-m", "serving.batch", str(tiny_checkpoints["llama"]),
+            [sys.executable, "-m", "serving.cli", "batch", str(tiny_checkpoints["llama"]),
              str(input_path), str(output), "--dtype", "float32", "--max-model-len", "1024"],
             cwd=private, env=env, capture_output=True, text=True, timeout=600,
         )

@@ -86,12 +86,12 @@ def batch_file(photos) -> tuple[str, dict]:
 
 def run_batch(model: Path, input_path: Path, output: Path, *extra: str,
               env: dict | None = None) -> subprocess.CompletedProcess:
-    """``python -m serving.batch`` from a short private folder (zmq's IPC paths under TMPDIR
+    """``python -m serving.cli batch`` from a short private folder (zmq's IPC paths under TMPDIR
     must fit in 107 characters)."""
     with tempfile.TemporaryDirectory(prefix="sk-br-") as folder:
         env = dict(os.environ, **(env or {}), TMPDIR=folder, PYTHONPATH=str(REPO))
         done = subprocess.run(
-            [sys.executable, "-m", "serving.batch", str(model), str(input_path), str(output),
+            [sys.executable, "-m", "serving.cli", "batch", str(model), str(input_path), str(output),
              *ENGINE_FLAGS, "--no-progress", *extra],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
         )

@@ -11,7 +11,7 @@ from serving.api.policy import ServePolicy
 from serving.batch.command import configure_parser
 from serving.cli import build_parser
 from serving.engine.flags import FLAGS, MODEL_FLAGS, MODELS, config_from_args
-from serving.engine.server import EmbeddedServerConfig
+from serving.engine.server import EngineConfig
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def test_every_flag_defaults_to_its_field(name):
 
 def test_defaults_give_the_models_defaults():
     config = config_from_args(serve_args())
-    assert config == EmbeddedServerConfig(model="/models/skin", policy=ServePolicy(
+    assert config == EngineConfig(model="/models/skin", policy=ServePolicy(
         api_keys=config.policy.api_keys))
 
 

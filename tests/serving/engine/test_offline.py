@@ -10,12 +10,12 @@ import pytest
 
 from serving import settings
 from serving.engine.offline import generate_engine_kwargs
-from serving.engine.server import EmbeddedServerConfig
+from serving.engine.server import EngineConfig
 from serving.settings import LOGGING_LEVEL_ENV, LOGGING_STREAM_ENV
 from tests.serving.engine.test_server_config import FRONTEND_ONLY
 
 
-def serve_engine_args(config: EmbeddedServerConfig, on_gpu: bool) -> dict:
+def serve_engine_args(config: EngineConfig, on_gpu: bool) -> dict:
     """What ``skingpt4 serve`` gives its engine, less the frontend's options."""
     options = config.engine_options(on_gpu=on_gpu)
     return {"model": config.model, **{k: v for k, v in options.items() if k not in FRONTEND_ONLY}}
@@ -23,14 +23,14 @@ def serve_engine_args(config: EmbeddedServerConfig, on_gpu: bool) -> dict:
 
 @pytest.mark.parametrize("on_gpu", [False, True], ids=["cpu", "gpu"])
 def test_generate_engine_kwargs_are_serves_engine_options(on_gpu):
-    config = EmbeddedServerConfig(model="m", dtype="float16", quantization="fp8",
+    config = EngineConfig(model="m", dtype="float16", quantization="fp8",
                                   gpu_memory_utilization=0.8)
     assert generate_engine_kwargs(config, 2, on_gpu) == serve_engine_args(config, on_gpu)
 
 
 def test_generate_engine_kwargs_fit_every_photo_given():
     """A local run is not held to serve's per-request photo limit (4); a seed is passed on."""
-    config = EmbeddedServerConfig(model="m")
+    config = EngineConfig(model="m")
     kwargs = generate_engine_kwargs(config, 6, on_gpu=False, seed=3)
     assert kwargs == serve_engine_args(config, False) | {
         "limit_mm_per_prompt": {"image": 6}, "seed": 3}
@@ -80,7 +80,7 @@ def test_generate_command_runs_serves_engine(monkeypatch, saved_environ, tiny_ch
                  "--seed", "5", "--max-tokens", "7", "--verbose"]) == 0
     assert capsys.readouterr().out == "a ring-shaped rash\n"
     (call,) = RecordingLLM.calls
-    serve = EmbeddedServerConfig(model=str(folder))
+    serve = EngineConfig(model=str(folder))
     assert call["kwargs"] == serve_engine_args(serve, on_gpu=False) | {"seed": 5}
     assert call["params"].stop == [settings.SEP] and call["params"].max_tokens == 7
     assert len(call["requests"][0]["multi_modal_data"]["image"]) == 2

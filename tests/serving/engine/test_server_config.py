@@ -11,7 +11,7 @@ import pytest
 from serving import settings
 from serving.settings import LOGGING_LEVEL_ENV, LOGGING_STREAM_ENV
 from serving.engine.server import (
-    EmbeddedServerConfig,
+    EngineConfig,
     cli_args,
     cpu_thread_binding,
     cpu_thread_binding_env,
@@ -40,7 +40,7 @@ def test_cli_args_parse_back_to_the_engine_options(on_gpu):
     """The embedded server's command line, read and checked by vLLM's own parser as serve and
     batch read it (parse_vllm_args), gives every engine option its value in the dict Ray
     receives as engine_kwargs."""
-    config = EmbeddedServerConfig(**GPU_CONFIG, dtype="float16", block_size=16)
+    config = EngineConfig(**GPU_CONFIG, dtype="float16", block_size=16)
     options = config.engine_options(on_gpu=on_gpu)
     assert options["mm_encoder_tp_mode"] == "data"  # ranks share the photos, not encode them all
     parsed = parse_vllm_args(config, on_gpu=on_gpu)
@@ -55,7 +55,7 @@ def test_cli_args_parse_back_to_the_engine_options(on_gpu):
 
 
 def test_engine_arguments_drop_only_the_frontend_options():
-    options = EmbeddedServerConfig(**GPU_CONFIG).engine_options(on_gpu=False)
+    options = EngineConfig(**GPU_CONFIG).engine_options(on_gpu=False)
     kept = engine_arguments(options)
     assert options.keys() - kept.keys() == FRONTEND_ONLY
     assert kept == {k: v for k, v in options.items() if k not in FRONTEND_ONLY}
@@ -64,7 +64,7 @@ def test_engine_arguments_drop_only_the_frontend_options():
 def test_one_environment_for_every_engine():
     """serve's environment is the default; generate and batch move vLLM's logs to stderr, drop
     the policy (no middleware) and keep engine traffic on loopback; the user's settings win."""
-    config = EmbeddedServerConfig(model="m")
+    config = EngineConfig(model="m")
     served = config.environment(on_gpu=False, environ={})
     assert settings.POLICY_ENV in served and served[settings.KVCACHE_ENV] == "1"
     assert served["VLLM_MAX_IMAGE_PIXELS"] == str(config.policy.max_image_pixels)
@@ -102,7 +102,7 @@ def test_gpu_defaults(monkeypatch):
     """With CUDA present: CUDA graphs, the memory share and quantization passed on, vLLM's own
     block size."""
     monkeypatch.setattr("serving.engine.server.cuda_available", lambda: True)
-    config = EmbeddedServerConfig(**GPU_CONFIG)
+    config = EngineConfig(**GPU_CONFIG)
     options = config.engine_options(on_gpu=True)
     assert "enforce_eager" not in options
     assert options["gpu_memory_utilization"] == 0.85
@@ -116,13 +116,13 @@ def test_gpu_defaults(monkeypatch):
     env = config.environment(environ={})
     assert settings.KVCACHE_ENV not in env and settings.CPU_THREADS_BIND_ENV not in env
     # CUDA graphs off on request.
-    eager = EmbeddedServerConfig(**GPU_CONFIG, enforce_eager=True).engine_options(on_gpu=True)
+    eager = EngineConfig(**GPU_CONFIG, enforce_eager=True).engine_options(on_gpu=True)
     assert eager["enforce_eager"] is True
 
 
 def test_cpu_defaults(monkeypatch):
     monkeypatch.setattr("serving.engine.server.cuda_available", lambda: False)
-    config = EmbeddedServerConfig(**GPU_CONFIG)
+    config = EngineConfig(**GPU_CONFIG)
     options = config.engine_options(on_gpu=False)
     assert options["enforce_eager"] is True
     assert options["block_size"] == 32
@@ -162,13 +162,13 @@ def test_cpu_thread_binding_env(monkeypatch, tmp_path):
     assert cpu_thread_binding_env(2, {}) == {}
     # Through the config: CPU engines only; Ray replicas bind on their own nodes.
     monkeypatch.setattr("serving.engine.server.numa_nodes_with", lambda cpus: 1)
-    config = EmbeddedServerConfig(model="m", tensor_parallel_size=2)
+    config = EngineConfig(model="m", tensor_parallel_size=2)
     assert config.environment(on_gpu=False, environ={})[settings.CPU_THREADS_BIND_ENV] == "0|1"
     assert settings.CPU_THREADS_BIND_ENV not in config.environment(on_gpu=True, environ={})
     unbound = config.environment(on_gpu=False, environ={}, bind_threads=False)
     assert settings.CPU_THREADS_BIND_ENV not in unbound
     with pytest.raises(ValueError, match="at least 4 CPUs"):
-        EmbeddedServerConfig(model="m", tensor_parallel_size=4).environment(on_gpu=False, environ={})
+        EngineConfig(model="m", tensor_parallel_size=4).environment(on_gpu=False, environ={})
 
 
 def test_numa_nodes_with(tmp_path):
@@ -242,12 +242,12 @@ def test_the_ray_config_file_validates_as_shipped_and_with_its_gpu_options():
     path = Path(__file__).resolve().parents[3] / "serving/ray/skingpt4-serve.yaml"
     text = path.read_text()
     shipped = yaml.safe_load(text)["applications"][0]["args"]["server"]
-    EmbeddedServerConfig.model_validate(shipped)
+    EngineConfig.model_validate(shipped)
     commented = [line.strip()[2:] for line in text.splitlines()
                  if line.startswith(" " * 8 + "# ") and ":" in line
-                 and line.strip()[2:].split(":")[0] in EmbeddedServerConfig.model_fields]
+                 and line.strip()[2:].split(":")[0] in EngineConfig.model_fields]
     assert {line.split(":")[0] for line in commented} == {"gpu_memory_utilization", "quantization"}
-    gpu = EmbeddedServerConfig.model_validate(shipped | yaml.safe_load("\n".join(commented)))
+    gpu = EngineConfig.model_validate(shipped | yaml.safe_load("\n".join(commented)))
     options = gpu.engine_options(on_gpu=True)
     assert options["gpu_memory_utilization"] == 0.9 and options["quantization"] == "fp8"
     assert "enforce_eager" not in options
