@@ -8,40 +8,26 @@
   and forwarded to vLLM as a small lossless image (:func:`serving.api.media.forward_photo`); at most
   ``max_images_per_request``;
 - ``n`` is bounded; SkinGPT-4's ``###`` separator is a stop string (except for JSON output);
-- ``response_format`` ``json_schema``: the schema must be valid and compile to a grammar; the
-  name ``dermatology_report`` without a schema selects the report schema shipped here.
+- ``response_format`` ``json_schema``: the schema is checked by :mod:`serving.api.json_schema`
+  (valid, compiles to a grammar; ``dermatology_report`` names the shipped report schema).
   ``json_object`` uses the grammar engine's built-in JSON grammar; other structured-output kinds
   are outside the contract.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import json
-from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 from serving.api.admission import Admission
 from serving.api.contract import check_fields
-from serving.api.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServerBusy, ServingError
+from serving.api.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServingError
+from serving.api.json_schema import check_json_schema
 from serving.api.media import data_url_payload_start, fetch_remote_image
 from serving.api.observe import note_photos
 from serving.api.policy import ServePolicy
 from serving.api.routes import CHAT, COMPLETIONS
 from serving.settings import RESERVED_TOKENS
 from serving.api.workers import JobError, JobFailed, JobTimeout
-
-REPORT_SCHEMA_NAME = "dermatology_report"
-MAX_SCHEMA_CHARS = 64 * 1024
-
-
-@lru_cache(maxsize=1)
-def report_schema() -> dict[str, Any]:
-    text = resources.files("serving.api").joinpath("schemas/dermatology_report.json").read_text()
-    return json.loads(text)
-
 
 MESSAGE_KEYS = {"role", "content", "name"}
 ROLES = ("system", "developer", "user", "assistant")
@@ -197,102 +183,6 @@ async def _check_response_format(body: dict, admission: Admission) -> None:
     spec["schema"] = await check_json_schema(
         spec.get("name"), spec.get("schema"), "response_format.json_schema.schema", admission,
         compile_param="response_format")
-
-
-async def check_json_schema(name: Any, schema: Any, where: str, admission: Admission, *,
-                            param: str | None = None, compile_param: str | None = None) -> dict:
-    """The schema a ``json_schema`` output format asks for (chat's ``response_format``, the
-    Responses API's ``text.format``): the shipped report schema for its name, else ``schema``,
-    checked: a JSON schema object, at most :data:`MAX_SCHEMA_CHARS`, valid, and compiling to a
-    grammar within the policy's bounds. ``where`` names it in messages."""
-    if schema is None and name == REPORT_SCHEMA_NAME:
-        schema = report_schema()
-    if not isinstance(schema, dict):
-        raise InvalidRequest(
-            f"{where} must be a JSON schema object (or use the name "
-            f"{REPORT_SCHEMA_NAME!r} for the built-in report schema)",
-            param=param,
-        )
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
-    text = json.dumps(schema, sort_keys=True)
-    if len(text) > MAX_SCHEMA_CHARS:
-        raise InvalidRequest(
-            f"{where} is {len(text)} characters; the limit is {MAX_SCHEMA_CHARS}", param=param
-        )
-    try:
-        Draft202012Validator.check_schema(schema)
-    except RecursionError:
-        raise InvalidRequest(f"{where} is nested too deeply", param=param) from None
-    except SchemaError as exc:
-        path = "/".join(str(p) for p in exc.path) or "(root)"
-        raise InvalidRequest(
-            f"{where} is not a valid JSON schema at {path}: {exc.message}", param=param
-        ) from None
-    reason = await grammar_error(text, admission)
-    if reason:
-        raise InvalidRequest(
-            f"{where} is valid JSON Schema but the structured-output engine cannot compile it "
-            f"({reason}); simplify it, e.g. keep pattern repetition bounds at or below 128",
-            param=compile_param or param,
-        )
-    return schema
-
-
-_GRAMMAR_VERDICTS: collections.OrderedDict[str, str | None] = collections.OrderedDict()
-GRAMMAR_CACHE_SIZE = 1024
-
-
-_GRAMMAR_COMPILING: dict[str, asyncio.Future] = {}
-
-
-async def grammar_error(schema_json: str, admission: Admission) -> str | None:
-    """Why the schema's grammar does not compile within the policy's time and memory bounds
-    (None: it does). Compiled in a schema worker that is stopped past its time (never on the
-    photo workers or the event loop); verdicts are cached by the schema's text, and requests
-    that send a schema being compiled wait for that compile, so each text compiles once."""
-    if schema_json in _GRAMMAR_VERDICTS:
-        _GRAMMAR_VERDICTS.move_to_end(schema_json)
-        return _GRAMMAR_VERDICTS[schema_json]
-    if schema_json in _GRAMMAR_COMPILING:
-        return await asyncio.shield(_GRAMMAR_COMPILING[schema_json])
-    future = asyncio.get_running_loop().create_future()
-    _GRAMMAR_COMPILING[schema_json] = future
-    try:
-        verdict = await _compile_verdict(schema_json, admission)
-    except BaseException as exc:
-        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-        future.exception()  # retrieved: waiters get it, nobody else must
-        raise
-    finally:
-        del _GRAMMAR_COMPILING[schema_json]
-    future.set_result(verdict)
-    _GRAMMAR_VERDICTS[schema_json] = verdict
-    if len(_GRAMMAR_VERDICTS) > GRAMMAR_CACHE_SIZE:
-        _GRAMMAR_VERDICTS.popitem(last=False)
-    return verdict
-
-
-async def _compile_verdict(schema_json: str, admission: Admission) -> str | None:
-    workers = admission.schema_workers
-    try:  # the wait for a schema worker is bounded like any admission wait
-        async with asyncio.timeout(admission.timeout_s):
-            await admission.schema_slots.acquire()
-    except TimeoutError:
-        retry = max(1, round(admission.timeout_s / 2))
-        raise ServerBusy(f"the server is busy (the request waited too long for a schema "
-                         f"compiler); retry in {retry} s", retry_after_s=retry) from None
-    try:
-        try:
-            reply, _ = await workers.run({}, schema_json.encode("utf-8"))
-            return reply["reason"]
-        except JobTimeout:
-            return f"compiling it takes longer than {workers.timeout_s:g} s"
-        except (JobFailed, JobError):
-            return f"compiling it needs more than {workers.memory_mb} MiB"
-    finally:
-        admission.schema_slots.release()
 
 
 def stop_strings(stop: Any, format_type: str | None, policy: ServePolicy) -> list[str] | None:

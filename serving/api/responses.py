@@ -51,7 +51,6 @@ from serving.api.chat import (
     IMAGE_DETAILS,
     ROLE_AS,
     ROLES,
-    check_json_schema,
     check_keys,
     check_text,
     check_text_size,
@@ -72,6 +71,7 @@ from serving.api.contract import (
     check_body,
 )
 from serving.api.errors import InvalidRequest
+from serving.api.json_schema import check_json_schema
 from serving.api.observe import note_photos
 from serving.api.policy import ServePolicy
 from serving.api.routes import RESPONSES

@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 
-from serving.api.chat import report_schema
+from serving.api.json_schema import report_schema
 from serving.api.errors import (
     InvalidImage,
     InvalidRequest,

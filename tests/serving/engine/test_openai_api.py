@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from plugins.skingpt4.template import CONSULT_QUESTIONS
-from serving.api.chat import report_schema
+from serving.api.json_schema import report_schema
 from tests.serving.helpers import image_message
 
 GREEDY = dict(temperature=0, max_tokens=12)
