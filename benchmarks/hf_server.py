@@ -121,7 +121,8 @@ def decode_data_url(url: str) -> Image.Image:
         raise InvalidRequest(
             f"image_url {url[:40]!r} is not a data URL; send the photo inline as data:image/jpeg;base64,..."
         )
-    with decode_photo(data_url_bytes(url, _POLICY, "image_url"), _POLICY, "image_url") as im:
+    limits = _POLICY.photo_limits()
+    with decode_photo(data_url_bytes(url, limits, "image_url"), limits, "image_url") as im:
         return im.convert("RGB")
 
 

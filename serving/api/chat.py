@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from serving.api.admission import Admission
@@ -143,13 +144,14 @@ async def forward_image_url(url: str, where: str, policy: ServePolicy, admission
     """The small lossless data URL the engine gets for the photo at ``url`` (a data URL, or an
     allowed remote URL), decoded in one of the admission's photo workers under a decode slot.
     Every route that takes photos goes through here."""
+    limits = policy.photo_limits()
     if url[:5].lower() == "data:":
         # Size and header checks need no decode slot: refuse oversized photos at once.
-        data_url_payload_start(url, policy, where)
+        data_url_payload_start(url, limits, where)
         header, data = {"data_url": True}, url.encode("ascii", "replace")
     else:
         header, data = {"data_url": False}, await fetch_remote_image(url, policy, where)
-    header |= {"where": where, "policy": policy.model_dump(mode="json")}
+    header |= {"where": where, "limits": asdict(limits)}
     async with admission.decode_slot(admission.deadline()):
         try:
             _, out = await admission.photo_workers.run(header, data)

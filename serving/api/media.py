@@ -27,14 +27,14 @@ from serving.api.errors import (
     RemoteImageFailed,
     RemoteImageRefused,
 )
-from serving.api.policy import ServePolicy
+from serving.api.policy import PhotoLimits, ServePolicy
 
 ACCEPTED_FORMATS = {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"}
 
 Resolver = Callable[[str, int], list[str]]
 
 
-def data_url_payload_start(url: str, policy: ServePolicy, where: str) -> int:
+def data_url_payload_start(url: str, limits: PhotoLimits, where: str) -> int:
     """Check a ``data:image/...;base64,...`` URL's header and size; return where its base64
     payload starts (no copy of the payload is made here)."""
     comma = url.find(",", 0, 256)
@@ -44,37 +44,37 @@ def data_url_payload_start(url: str, policy: ServePolicy, where: str) -> int:
     if not header.endswith(";base64"):
         raise InvalidImage(f"{where}: data URL must be base64-encoded (data:image/<type>;base64,...)")
     approx = (len(url) - comma - 1) * 3 // 4
-    if approx > policy.max_image_bytes:
+    if approx > limits.max_image_bytes:
         raise PayloadTooLarge(
             f"{where}: image is about {approx // 2**20} MiB; "
-            f"the limit is {policy.max_image_bytes // 2**20} MiB"
+            f"the limit is {limits.max_image_bytes // 2**20} MiB"
         )
     return comma + 1
 
 
-def data_url_bytes(url: str, policy: ServePolicy, where: str) -> bytes:
+def data_url_bytes(url: str, limits: PhotoLimits, where: str) -> bytes:
     """The bytes of a ``data:image/...;base64,...`` URL, size-checked before decoding."""
-    start = data_url_payload_start(url, policy, where)
+    start = data_url_payload_start(url, limits, where)
     try:
         return base64.b64decode(url[start:], validate=True)
     except (binascii.Error, ValueError):
         raise InvalidImage(f"{where}: invalid base64 in the image data URL") from None
 
 
-def photo_from_data_url(url: str, policy: ServePolicy, where: str) -> str:
+def photo_from_data_url(url: str, limits: PhotoLimits, where: str) -> str:
     """A data URL -> the data URL of the photo as the engine gets it (see
     :func:`forward_photo`). CPU-bound: run it off the event loop, one decode slot each."""
-    return forward_photo(data_url_bytes(url, policy, where), policy, where)
+    return forward_photo(data_url_bytes(url, limits, where), limits, where)
 
 
-def forward_photo(data: bytes, policy: ServePolicy, where: str) -> str:
+def forward_photo(data: bytes, limits: PhotoLimits, where: str) -> str:
     """Decode a photo once, check it, and return what the engine receives: a lossless PNG data
     URL of the photo turned upright (EXIF orientation), RGB and resized to the model's input
     size with the model's own resize, so the engine's preprocessing leaves it unchanged. The
     full-size pixels are dropped before this returns."""
-    image = decode_photo(data, policy, where)
+    image = decode_photo(data, limits, where)
     del data
-    small = resize_rgb(image, policy.image_size)
+    small = resize_rgb(image, limits.image_size)
     image.close()
     del image
     buf = io.BytesIO()
@@ -125,17 +125,17 @@ def jpeg_scan_count(data: bytes, stop_after: int) -> int:
     return scans
 
 
-def decode_photo(data: bytes, policy: ServePolicy, where: str) -> Image.Image:
+def decode_photo(data: bytes, limits: PhotoLimits, where: str) -> Image.Image:
     """Open, bound and fully decode a photo in memory, upright (EXIF orientation applied)."""
-    if len(data) > policy.max_image_bytes:
+    if len(data) > limits.max_image_bytes:
         raise PayloadTooLarge(
             f"{where}: image is {len(data) // 2**20} MiB; the limit is "
-            f"{policy.max_image_bytes // 2**20} MiB"
+            f"{limits.max_image_bytes // 2**20} MiB"
         )
-    scans = jpeg_scan_count(data, policy.max_jpeg_scans)
-    if scans > policy.max_jpeg_scans:
+    scans = jpeg_scan_count(data, limits.max_jpeg_scans)
+    if scans > limits.max_jpeg_scans:
         raise InvalidImage(
-            f"{where}: the JPEG has more than {policy.max_jpeg_scans} progressive scans (cameras "
+            f"{where}: the JPEG has more than {limits.max_jpeg_scans} progressive scans (cameras "
             "write at most a few dozen); re-encode it, e.g. as a baseline JPEG"
         )
     try:
@@ -145,22 +145,22 @@ def decode_photo(data: bytes, policy: ServePolicy, where: str) -> Image.Image:
     except Image.DecompressionBombError:
         raise PayloadTooLarge(  # PIL's own bound: twice Image.MAX_IMAGE_PIXELS
             f"{where}: image is over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; the limit "
-            f"is {policy.max_image_pixels / 1e6:.0f} megapixels"
+            f"is {limits.max_image_pixels / 1e6:.0f} megapixels"
         ) from None
     except Exception:
         raise InvalidImage(f"{where}: the data is not an image PIL can read (JPEG, PNG, WebP...)") from None
     w, h = image.size
-    if w * h > policy.max_image_pixels:
+    if w * h > limits.max_image_pixels:
         raise PayloadTooLarge(
             f"{where}: image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels); the limit is "
-            f"{policy.max_image_pixels / 1e6:.0f} megapixels"
+            f"{limits.max_image_pixels / 1e6:.0f} megapixels"
         )
     if image.format not in ACCEPTED_FORMATS:
         raise InvalidImage(f"{where}: image format {image.format} is not accepted")
-    if min(w, h) < policy.min_image_side_px:
+    if min(w, h) < limits.min_image_side_px:
         raise InvalidImage(
             f"{where}: image is {w}x{h} pixels; each side must be at least "
-            f"{policy.min_image_side_px} pixels"
+            f"{limits.min_image_side_px} pixels"
         )
     try:
         image.load()  # decodes everything: truncated or corrupt files fail here

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -34,6 +35,18 @@ def default_inflight_bytes() -> int:
 
 def default_decodes() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
+
+
+@dataclass(frozen=True)
+class PhotoLimits:
+    """The limits a photo is decoded and shrunk under: all that a photo worker is given
+    (:meth:`ServePolicy.photo_limits`; the fields are the policy's, by the same names)."""
+
+    max_image_bytes: int
+    max_image_pixels: int
+    max_jpeg_scans: int
+    min_image_side_px: int
+    image_size: int
 
 
 class ServePolicy(BaseModel):
@@ -169,6 +182,9 @@ class ServePolicy(BaseModel):
                 f"body, {BODY_COST_FACTOR} x max_body_bytes ({need})"
             )
         return self
+
+    def photo_limits(self) -> PhotoLimits:
+        return PhotoLimits(**{f.name: getattr(self, f.name) for f in fields(PhotoLimits)})
 
     def to_env(self) -> dict[str, str]:
         return {POLICY_ENV: self.model_dump_json()}

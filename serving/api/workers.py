@@ -301,14 +301,13 @@ def _photo_job(header: dict, data: bytes) -> tuple[dict, bytes]:
     """A photo (raw bytes, or a data URL's ASCII text) -> the data URL the engine gets."""
     # Loaded in the photo worker only (PIL and the preprocessing), not by the server's import.
     from serving.api.media import forward_photo, photo_from_data_url
-    from serving.api.policy import ServePolicy
+    from serving.api.policy import PhotoLimits
 
-    policy = ServePolicy.model_validate(header["policy"])
-    where = header["where"]
+    limits, where = PhotoLimits(**header["limits"]), header["where"]
     if header.get("data_url"):
-        url = photo_from_data_url(data.decode("ascii", "replace"), policy, where)
+        url = photo_from_data_url(data.decode("ascii", "replace"), limits, where)
     else:
-        url = forward_photo(data, policy, where)
+        url = forward_photo(data, limits, where)
     return {}, url.encode("ascii")
 
 
