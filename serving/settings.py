@@ -8,7 +8,7 @@ the code they configure: vLLM's (``VLLM_*``) in
 :meth:`serving.engine.server.EngineConfig.environment`, the one builder of the engine's
 environment; Ray Serve's switches (``RAY_SERVE_*``, ``RAY_USAGE_STATS_ENABLED``) in
 :mod:`serving.cluster.session` and :mod:`serving.batch.ray_serve`; the Batch API's master key
-(``SKINGPT4_DATA_KEY``) in :mod:`serving.api.jobs.sealed`. Constants that ``plugins/`` or
+(``SKINGPT4_DATA_KEY``) in :mod:`serving.api.batch_api.sealed`. Constants that ``plugins/`` or
 ``encoders/`` define stay defined there (those folders may not import ``serving/``) and are
 re-exported here for ``serving/``: one definition of each. Importing this module stays light
 (``skingpt4 --help`` must not wait for torch): the separator comes from a module without

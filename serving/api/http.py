@@ -1,5 +1,5 @@
 """ASGI plumbing shared by the request policy (:mod:`serving.api.middleware`) and the Files and
-Batch API (:mod:`serving.api.jobs.service`): error and JSON answers, headers, the upload clock
+Batch API (:mod:`serving.api.batch_api.service`): error and JSON answers, headers, the upload clock
 and the one read loop behind JSON bodies and multipart uploads, readable refusals, the checked
 body replayed to the app, the app's answers shaped (errors, event streams), and a request run
 through an app in-process."""

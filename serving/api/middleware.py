@@ -9,7 +9,7 @@
    version); others get 404, so no vLLM route takes input past these checks. A POST body must
    be declared JSON (``Content-Type: application/json``), or 415 before it is read. With a data
    folder, ``/v1/files`` and ``/v1/batches`` go to the Batch API
-   (:class:`serving.api.jobs.service.BatchService`), whose tenant is the key the request
+   (:class:`serving.api.batch_api.service.BatchService`), whose tenant is the key the request
    carries; live requests there take precedence over batch lines
    (:class:`serving.api.admission.LiveTraffic`).
 4. Upload time (:class:`UploadClock`): a body must arrive within ``upload_timeout_s`` and, after
@@ -55,7 +55,7 @@ from serving.api.http import (
     replay,
     send_error,
 )
-from serving.api.jobs.service import BatchService
+from serving.api.batch_api.service import BatchService
 from serving.api.max_tokens import MaxTokensCheck
 from serving.api.metrics import metrics
 from serving.api.observe import (
@@ -67,7 +67,7 @@ from serving.api.observe import (
 )
 from serving.api.pipeline import prepare_request
 from serving.api.policy import ServePolicy, policy_from_env
-from serving.api.routes import ANSWER_ROUTES, GET_ROUTES, OPEN_PATHS, is_jobs_path
+from serving.api.routes import ANSWER_ROUTES, GET_ROUTES, OPEN_PATHS, is_batch_api_path
 from serving.api.strict_json import dump_json, parse_json
 from serving.api.ui import is_page_path, serve_page
 
@@ -118,9 +118,9 @@ class RequestPolicyMiddleware:
         self.live = LiveTraffic(self.policy.batch_max_inflight)
         if self.policy.access_log:
             enable_access_log()
-        self.jobs = None
+        self.batch_api = None
         if self.policy.data_dir:
-            self.jobs = BatchService(self.policy, app, self.admission, self.max_tokens, self.live)
+            self.batch_api = BatchService(self.policy, app, self.admission, self.max_tokens, self.live)
         self._started = False
 
     async def __call__(self, scope, receive, send):
@@ -132,8 +132,8 @@ class RequestPolicyMiddleware:
                                                    context=contextvars.Context())
         if scope["type"] == "websocket":
             return await self._websocket(scope, receive, send)
-        if scope["type"] == "lifespan" and self.jobs is not None:
-            return await self.jobs.lifespan(scope, receive, send, self.app)
+        if scope["type"] == "lifespan" and self.batch_api is not None:
+            return await self.batch_api.lifespan(scope, receive, send, self.app)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         exchange = Exchange.begin(scope, trust_header=self.proxied_ids)
@@ -162,11 +162,11 @@ class RequestPolicyMiddleware:
             check_header_size(scope, self.policy.max_header_bytes)
             key = check_api_key(scope, self.policy.api_keys)
             exchange.key(key)
-            if is_jobs_path(scope.get("path", "")):
-                if self.jobs is None:
+            if is_batch_api_path(scope.get("path", "")):
+                if self.batch_api is None:
                     raise NotFound("the Files and Batch API is off on this server; it is served "
                                    "when the server is started with --data-dir")
-                return await self.jobs.handle(scope, receive, send, key, clock)
+                return await self.batch_api.handle(scope, receive, send, key, clock)
             check_route(scope)
             if clock is None:
                 return await call_shaped(self.app, scope, receive, send)
@@ -193,8 +193,8 @@ class RequestPolicyMiddleware:
             try:
                 m.admission_reserved.set(self.admission.max_bytes - self.admission.free_bytes)
                 m.admission_waiting.set(self.admission.waiting)
-                if self.jobs is not None:
-                    await self.jobs.sample(m)
+                if self.batch_api is not None:
+                    await self.batch_api.sample(m)
             except Exception:  # a gauge left as it was is better than none at all
                 logger.exception("the policy's gauges could not be sampled")
             await asyncio.sleep(SAMPLE_EVERY_S)

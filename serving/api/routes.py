@@ -47,7 +47,7 @@ OPEN_PATHS = (HEALTH,)
 PROBES = (HEALTH, PING, METRICS)
 
 
-def is_jobs_path(path: str) -> bool:
+def is_batch_api_path(path: str) -> bool:
     """Whether ``path`` is one of the Files or Batch API's routes."""
     return path in (FILES, BATCHES) or path.startswith((FILES + "/", BATCHES + "/"))
 
@@ -58,7 +58,7 @@ def route_template(path: str, page_paths: tuple[str, ...] = ()) -> str:
     of random paths cannot grow the metrics. ``page_paths``: the consult page's files."""
     if path in ANSWER_ROUTES or path in GET_ROUTES or path in page_paths:
         return path
-    if is_jobs_path(path):
+    if is_batch_api_path(path):
         parts = path.rstrip("/").split("/")  # "", "v1", "files" | "batches", id, action
         base, name = "/".join(parts[:3]), "{file_id}" if parts[2] == "files" else "{batch_id}"
         action = {FILES: "content", BATCHES: "cancel"}[base]

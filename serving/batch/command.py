@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from serving.batch import run as batch_run
-from serving.api.jobs.runner import DEFAULT_MAX_CONCURRENCY, BatchSummary, run_batch
+from serving.api.batch_api.runner import DEFAULT_MAX_CONCURRENCY, BatchSummary, run_batch
 from serving.batch.run import OutputError, OutputLog, open_engine
 from serving.engine.flags import add_model_arguments, config_error, config_from_args
 from serving.engine.server import EngineConfig

@@ -1,7 +1,7 @@
 """``skingpt4 batch --ray``: the accepted lines of a batch file answered by the LLM replicas of
 ``serve --ray``.
 
-:mod:`serving.api.jobs.runner` reads, checks, refuses and records every line, and resumes, exactly
+:mod:`serving.api.batch_api.runner` reads, checks, refuses and records every line, and resumes, exactly
 as without ``--ray``; this module answers the requests that passed the checks. It deploys the
 Ray Serve application of ``skingpt4 serve --ray`` (:func:`serving.cluster.app.build_serve_app`:
 the same engine options, environment and replica placement) under an application name of its

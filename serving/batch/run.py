@@ -30,7 +30,7 @@ by ``custom_id``, as with OpenAI)::
   batch validation errors. So no ``custom_id`` ever has two records, and the first line with a
   ``custom_id`` is the one that runs.
 
-Reading, checks, refusals and records are :mod:`serving.api.jobs.runner`'s, shared with the
+Reading, checks, refusals and records are :mod:`serving.api.batch_api.runner`'s, shared with the
 HTTP Batch API.
 
 Resume: OUTPUT is an append-only log, locked (``flock``) while a run writes it. Each record is
@@ -54,8 +54,8 @@ writes OUTPUT only at the end (no resume), has no ``/v1/completions`` and puts e
 
 ``--ray``: the same run, with the accepted requests answered by the LLM replicas of
 ``serve --ray`` across a cluster (:mod:`serving.batch.ray_serve`). Reading, checks, refusals,
-records and resuming are :class:`serving.api.jobs.runner.BatchRun`'s either way; only the
-:class:`serving.api.jobs.runner.AnswerEngine` differs.
+records and resuming are :class:`serving.api.batch_api.runner.BatchRun`'s either way; only the
+:class:`serving.api.batch_api.runner.AnswerEngine` differs.
 
 Privacy: photos are decoded and shrunk in memory (:func:`serving.api.chat.prepare_chat_request`),
 never written to disk; request logging stays off and no message here echoes a request body.
@@ -73,8 +73,8 @@ from pathlib import Path
 
 from serving.api.routes import CHAT, COMPLETIONS
 from serving.api.errors import ServingError, error_for_status
-from serving.api.jobs.lines import DoneRecords, encode_record
-from serving.api.jobs.runner import Answer
+from serving.api.batch_api.lines import DoneRecords, encode_record
+from serving.api.batch_api.runner import Answer
 from serving.api.policy import ServePolicy
 from serving.engine.server import EngineConfig, parse_vllm_args
 

@@ -136,7 +136,7 @@ def _run_generate(args) -> int:
 def check_data_store(data_dir: Path, key_file: Path | None) -> None:
     """The Batch API's master key (``SKINGPT4_DATA_KEY`` or the key file) must open the store
     in ``data_dir``; read only, so a refused start changes nothing there."""
-    from serving.api.jobs.store import DataKeyError, check_data_key
+    from serving.api.batch_api.store import DataKeyError, check_data_key
 
     try:
         check_data_key(data_dir.expanduser().absolute(),

@@ -17,8 +17,8 @@ import openai
 import pytest
 
 from encoders.samples import encode_image, synthetic_skin_photo
-from serving.api.jobs import sealed
-from serving.api.jobs.worker import BATCH_PRIORITY
+from serving.api.batch_api import sealed
+from serving.api.batch_api.worker import BATCH_PRIORITY
 from serving.api.middleware import RequestPolicyMiddleware
 from serving.api.policy import ServePolicy
 
@@ -94,7 +94,7 @@ async def service(data_dir: Path, app: EchoApp | None = None, **policy):
     try:
         yield app, middleware, sdk(middleware)
     finally:
-        await middleware.jobs.stop()
+        await middleware.batch_api.stop()
         await middleware.admission.close()
 
 
@@ -274,10 +274,10 @@ def test_delete_removes_the_bytes_and_the_key(tmp_path):
         async with service(data) as (_, middleware, client):
             upload = await client.files.create(file=("a.jsonl", jsonl([chat_line("a", "q")])),
                                                purpose="batch")
-            path = middleware.jobs.store.path(upload.id)
+            path = middleware.batch_api.store.path(upload.id)
             existed = path.exists()
             deleted = await client.files.delete(upload.id)
-            row = middleware.jobs.store.db.execute(
+            row = middleware.batch_api.store.db.execute(
                 "SELECT COUNT(*) FROM files WHERE id = ?", (upload.id,)).fetchone()[0]
             with pytest.raises(openai.NotFoundError):
                 await client.files.content(upload.id)
@@ -353,8 +353,8 @@ def test_a_stopped_server_resumes_its_batch_exactly_once(tmp_path):
             batch = await submit(client, lines)
             while len(app.bodies) < 4:
                 await asyncio.sleep(0.02)
-            _, out_id, _ = middleware.jobs.store.batch_files(batch.id)
-            out_path = middleware.jobs.store.path(out_id)
+            _, out_id, _ = middleware.batch_api.store.batch_files(batch.id)
+            out_path = middleware.batch_api.store.path(out_id)
         with open(out_path, "ab") as torn:  # a crash in the middle of a record's frame
             torn.write(b"\x00\x00\x10\x00" + os.urandom(40))
         return batch.id, app
@@ -362,7 +362,7 @@ def test_a_stopped_server_resumes_its_batch_exactly_once(tmp_path):
     async def second(batch_id):
         app = EchoApp()
         async with service(data, app) as (_, middleware, client):
-            await middleware.jobs.start({})  # as the server's lifespan starts it
+            await middleware.batch_api.start({})  # as the server's lifespan starts it
             done = await finished(client, batch_id)
             return done, await records(client, done.output_file_id), app
 
@@ -379,7 +379,7 @@ def test_files_expire_after_the_retention(tmp_path):
     async def go():
         async with service(tmp_path / "data", file_retention_hours=1 / 3600) as (_, m, client):
             upload = await client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
-            path = m.jobs.store.path(upload.id)
+            path = m.batch_api.store.path(upload.id)
             await asyncio.sleep(2.5)
             with pytest.raises(openai.NotFoundError):
                 await client.files.retrieve(upload.id)
@@ -524,7 +524,7 @@ def test_batch_requests_yield_to_live_ones():
 
 
 def test_places_go_to_the_tenants_in_turn():
-    from serving.api.jobs.share import FairShare
+    from serving.api.batch_api.share import FairShare
 
     async def go():
         pool = FairShare(2)
@@ -584,7 +584,7 @@ def test_a_tenants_small_batch_is_not_held_behind_anothers_big_one(tmp_path):
 
 
 def test_batches_of_one_tenant_run_oldest_first():
-    from serving.api.jobs.worker import next_to_run as _next_to_run
+    from serving.api.batch_api.worker import next_to_run as _next_to_run
 
     pending = [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("a4", "a"), ("c1", "c")]
     assert _next_to_run(pending, {}) == [("a1", "a"), ("b1", "b"), ("c1", "c"), ("a2", "a")]
@@ -655,8 +655,8 @@ def test_an_upload_cut_short_is_refused_and_nothing_of_it_is_kept(tmp_path):
         async with service(tmp_path / "data") as (_, middleware, client):
             answers = {name: await raw_upload(middleware, *shape)
                        for name, shape in shapes.items()}
-            stored = sorted(p.name for p in middleware.jobs.store.files_dir.iterdir())
-            rows = middleware.jobs.store.db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+            stored = sorted(p.name for p in middleware.batch_api.store.files_dir.iterdir())
+            rows = middleware.batch_api.store.db.execute("SELECT COUNT(*) FROM files").fetchone()[0]
             listed = [f.id async for f in client.files.list()]
             good = await raw_upload(middleware, [whole[:3000], whole[3000:]], len(whole))
             back = (await client.files.content(good[1]["id"])).content
@@ -714,7 +714,7 @@ def test_a_line_whose_photo_worker_died_is_tried_again_and_a_bad_photo_is_refuse
         tmp_path, monkeypatch):
     import signal
 
-    from serving.api.jobs import worker as jobs_service
+    from serving.api.batch_api import worker as jobs_service
 
     monkeypatch.setattr(jobs_service, "RETRY_DELAYS_S", (0.05, 0.05))
     photo = base64.b64encode(encode_image(synthetic_skin_photo(seed=5))).decode()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.api.jobs import sealed
-from serving.api.jobs.store import DataKeyError, Store, check_data_key
+from serving.api.batch_api import sealed
+from serving.api.batch_api.store import DataKeyError, Store, check_data_key
 from tests.serving.api.test_batches import chat_line, finished, jsonl, records, service
 
 ROOT = Path(__file__).resolve().parents[3]

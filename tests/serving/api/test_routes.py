@@ -16,7 +16,7 @@ from serving.api.routes import (
     CHAT,
     COMPLETIONS,
     RESPONSES,
-    is_jobs_path,
+    is_batch_api_path,
     route_template,
 )
 from serving.api.ui import PAGE
@@ -44,8 +44,8 @@ def test_the_consult_page_is_a_route_only_where_it_is_served():
 
 
 def test_jobs_paths():
-    assert is_jobs_path("/v1/files") and is_jobs_path("/v1/batches/batch_1/cancel")
-    assert not is_jobs_path("/v1/filesystem") and not is_jobs_path(CHAT)
+    assert is_batch_api_path("/v1/files") and is_batch_api_path("/v1/batches/batch_1/cancel")
+    assert not is_batch_api_path("/v1/filesystem") and not is_batch_api_path(CHAT)
 
 
 def test_every_answer_route_goes_through_the_pipeline_and_only_those_batch():

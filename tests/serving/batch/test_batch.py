@@ -28,8 +28,8 @@ from openai.types.chat import ChatCompletion
 from encoders.samples import encode_image, synthetic_skin_photo
 from serving.batch.command import add_batch_command, batch_environment, run_batch_command
 from serving.cli import main as skingpt4
-from serving.api.jobs.lines import TooLarge, count_lines, read_lines
-from serving.api.jobs.runner import BatchSummary, run_batch
+from serving.api.batch_api.lines import TooLarge, count_lines, read_lines
+from serving.api.batch_api.runner import BatchSummary, run_batch
 from serving.batch.run import BatchEngine, OutputLog, open_engine
 from serving.engine.server import EngineConfig
 from tests.serving.helpers import data_url, image_message

@@ -1,5 +1,5 @@
 """The Batch API's store with an async face: :class:`AsyncStore` runs each blocking method of
-:class:`serving.api.jobs.store.Store`, and the sealed files' reads, writes and syncs, on one
+:class:`serving.api.batch_api.store.Store`, and the sealed files' reads, writes and syncs, on one
 thread of its own, off the event loop and one at a time (the store is called from one thread)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from serving.api.jobs import sealed
-from serving.api.jobs.store import FileRow, Store
+from serving.api.batch_api import sealed
+from serving.api.batch_api.store import FileRow, Store
 
 T = TypeVar("T")
 

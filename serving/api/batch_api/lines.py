@@ -1,6 +1,6 @@
 """Batch files in OpenAI's Batch format: the input's lines and their envelope, and the records
 a run writes. Shared by ``skingpt4 batch`` and the HTTP Batch API through
-:mod:`serving.api.jobs.runner`.
+:mod:`serving.api.batch_api.runner`.
 
 Input, one JSON object a line::
 
@@ -87,7 +87,7 @@ class DoneRecords:
     """What a record log holds already, for a resumed run to skip: the ``custom_id`` of each
     request with a record (``ids``), and the number of each line refused before a custom_id
     could be read (``lines``). The one reading of records that the Batch API's
-    :class:`serving.api.jobs.records.SplitLog` and ``skingpt4 batch``'s OUTPUT file share."""
+    :class:`serving.api.batch_api.records.SplitLog` and ``skingpt4 batch``'s OUTPUT file share."""
 
     def __init__(self) -> None:
         self.ids: set[str] = set()

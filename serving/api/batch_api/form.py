@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from serving.api.errors import InvalidRequest, PayloadTooLarge, QuotaExceeded, ServingError
 from serving.api.http import next_message
-from serving.api.jobs import sealed
+from serving.api.batch_api import sealed
 
 MAX_FORM_FIELD = 1024
 

@@ -1,11 +1,11 @@
 """One pass over a batch file in OpenAI's Batch format: read, check, answer, record, resume.
 
 Shared by ``skingpt4 batch`` (:mod:`serving.batch`, records in an OUTPUT file) and the HTTP
-Batch API (:mod:`serving.api.jobs.service`, records in encrypted files), so a line is read,
+Batch API (:mod:`serving.api.batch_api.service`, records in encrypted files), so a line is read,
 checked, refused and recorded the same way wherever it comes from. What answers the checked
 requests is an :class:`AnswerEngine`; where records go is a :class:`RecordLog`.
 
-The lines and records, in OpenAI's Batch format, are :mod:`serving.api.jobs.lines`'s.
+The lines and records, in OpenAI's Batch format, are :mod:`serving.api.batch_api.lines`'s.
 Imports neither vLLM nor Ray.
 """
 
@@ -21,7 +21,7 @@ from typing import BinaryIO, Protocol
 
 from serving.api.admission import Admission, BodyReservation
 from serving.api.errors import ServingError
-from serving.api.jobs.lines import (
+from serving.api.batch_api.lines import (
     BatchLine,
     LineError,
     TooLarge,
@@ -60,7 +60,7 @@ class RecordLog(Protocol):
 class AnswerEngine(Protocol):
     """What answers the requests that passed the checks: :class:`serving.batch.run.BatchEngine`
     (one in-process engine), :class:`serving.batch.ray_serve.ServeEngine` (the LLM replicas of
-    ``serve --ray``) or :class:`serving.api.jobs.worker.AppEngine` (the server's own routes, for
+    ``serve --ray``) or :class:`serving.api.batch_api.worker.AppEngine` (the server's own routes, for
     the HTTP Batch API). Everything else about a run (reading, checks, refusals, records,
     resuming) is :class:`BatchRun`'s, the same for all."""
 
@@ -100,7 +100,7 @@ class BatchSummary:
 
 class Slots(Protocol):
     """Places for requests in flight: an ``asyncio.Semaphore``, or the HTTP service's share of
-    a limit that several batches use at once (:class:`serving.api.jobs.share.Share`)."""
+    a limit that several batches use at once (:class:`serving.api.batch_api.share.Share`)."""
 
     async def acquire(self) -> bool: ...
 

@@ -72,7 +72,7 @@ class FairShare:
 
 class Share:
     """One batch's claim on the places: :meth:`acquire` one (waiting its turn), :meth:`release`
-    it. The interface of an ``asyncio.Semaphore``, so a :class:`serving.api.jobs.runner.BatchRun`
+    it. The interface of an ``asyncio.Semaphore``, so a :class:`serving.api.batch_api.runner.BatchRun`
     takes either."""
 
     def __init__(self, pool: FairShare, tenant: str, rank: Any) -> None:

@@ -8,8 +8,8 @@ import io
 import uuid
 from collections.abc import Callable
 
-from serving.api.jobs import sealed
-from serving.api.jobs.lines import (
+from serving.api.batch_api import sealed
+from serving.api.batch_api.lines import (
     BatchLine,
     DoneRecords,
     LineError,
@@ -30,7 +30,7 @@ def batch_error(code: str, message: str, param: str | None = None, line: int | N
 
 
 class SplitLog:
-    """A batch's :class:`serving.api.jobs.runner.RecordLog`: answered requests (status 200) to
+    """A batch's :class:`serving.api.batch_api.runner.RecordLog`: answered requests (status 200) to
     the output file, everything else to the error file, one sealed frame per record, synced.
     Opening it reads back the records a crashed run left."""
 

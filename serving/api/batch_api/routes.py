@@ -1,8 +1,8 @@
 """The Files and Batch API's HTTP routes: ``/v1/files`` (upload, list, retrieve, delete,
 content) and ``/v1/batches`` (create, list, retrieve, cancel), for one tenant a request (each
 API key is a tenant: another key's ids answer 404). Uploads are read as they stream in
-(:mod:`serving.api.jobs.form`); a created or cancelled batch is the worker's to advance
-(:class:`serving.api.jobs.worker.BatchWorker`)."""
+(:mod:`serving.api.batch_api.form`); a created or cancelled batch is the worker's to advance
+(:class:`serving.api.batch_api.worker.BatchWorker`)."""
 
 from __future__ import annotations
 
@@ -33,11 +33,11 @@ from serving.api.http import (
     refuse,
     send_json,
 )
-from serving.api.jobs import sealed
-from serving.api.jobs.async_store import AsyncStore
-from serving.api.jobs.form import UploadForm, read_form
-from serving.api.jobs.store import FileRow, new_batch_id, new_file_id, tenant_of
-from serving.api.jobs.worker import BatchWorker
+from serving.api.batch_api import sealed
+from serving.api.batch_api.async_store import AsyncStore
+from serving.api.batch_api.form import UploadForm, read_form
+from serving.api.batch_api.store import FileRow, new_batch_id, new_file_id, tenant_of
+from serving.api.batch_api.worker import BatchWorker
 from serving.api.policy import ServePolicy
 from serving.api.routes import BATCH_ROUTES
 from serving.api.strict_json import parse_json

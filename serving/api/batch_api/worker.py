@@ -1,10 +1,10 @@
 """The Batch API's worker: the state machine that takes each batch from ``validating`` through
 ``in_progress`` and ``finalizing`` to ``completed``, ``failed``, ``cancelled`` or ``expired``,
 tenants side by side (each tenant's oldest :data:`BATCHES_PER_TENANT`; the places for
-requests in flight shared by :class:`serving.api.jobs.share.FairShare`), and the expiry of
+requests in flight shared by :class:`serving.api.batch_api.share.FairShare`), and the expiry of
 stored files.
 
-A batch's requests run through :class:`serving.api.jobs.runner.BatchRun`, answered by the
+A batch's requests run through :class:`serving.api.batch_api.runner.BatchRun`, answered by the
 server's own app in this process (:class:`AppEngine`) at vLLM priority :data:`BATCH_PRIORITY`.
 Records are written as each request finishes; a batch a stopped or killed server left resumes
 on its next start, its recorded lines skipped, so every ``custom_id`` gets exactly one record.
@@ -24,13 +24,13 @@ from typing import Any
 from serving.api.admission import Admission, LiveTraffic
 from serving.api.errors import InternalError, error_for_status
 from serving.api.http import call_app, error_message
-from serving.api.jobs import sealed
-from serving.api.jobs.async_store import AsyncStore
-from serving.api.jobs.lines import response_record
-from serving.api.jobs.records import SplitLog, batch_error, record_unrun, validate_lines
-from serving.api.jobs.runner import Answer, BatchRun
-from serving.api.jobs.share import FairShare
-from serving.api.jobs.store import UNFINISHED, tenant_key_id
+from serving.api.batch_api import sealed
+from serving.api.batch_api.async_store import AsyncStore
+from serving.api.batch_api.lines import response_record
+from serving.api.batch_api.records import SplitLog, batch_error, record_unrun, validate_lines
+from serving.api.batch_api.runner import Answer, BatchRun
+from serving.api.batch_api.share import FairShare
+from serving.api.batch_api.store import UNFINISHED, tenant_key_id
 from serving.api.metrics import metrics
 from serving.api.observe import with_request_id
 from serving.api.policy import ServePolicy
@@ -63,7 +63,7 @@ def sub_scope(template: dict, route: str, body: bytes) -> dict:
 
 
 class AppEngine:
-    """An :class:`serving.api.jobs.runner.AnswerEngine` that answers a checked request through
+    """An :class:`serving.api.batch_api.runner.AnswerEngine` that answers a checked request through
     the server's own app in this process (vLLM's routes embedded, the ingress's on Ray), at the
     batch priority, after the same context check as a live request."""
 

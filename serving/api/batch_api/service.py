@@ -7,36 +7,36 @@ SDK. :class:`BatchService` serves those routes for :class:`serving.api.middlewar
 RequestPolicyMiddleware`, on the embedded server and on the Ray ingress alike (docs/batch.md).
 It puts together, by role:
 
-- the HTTP routes (:class:`serving.api.jobs.routes.JobsRoutes`), with the multipart upload
-  read as it streams in (:mod:`serving.api.jobs.form`);
+- the HTTP routes (:class:`serving.api.batch_api.routes.JobsRoutes`), with the multipart upload
+  read as it streams in (:mod:`serving.api.batch_api.form`);
 - the worker that takes each batch from ``validating`` to its final status
-  (:class:`serving.api.jobs.worker.BatchWorker`), with what its files hold
-  (:mod:`serving.api.jobs.records`) and the tenants' fair share (:mod:`serving.api.jobs.share`);
-- the store, awaited (:class:`serving.api.jobs.async_store.AsyncStore` over
-  :class:`serving.api.jobs.store.Store`).
+  (:class:`serving.api.batch_api.worker.BatchWorker`), with what its files hold
+  (:mod:`serving.api.batch_api.records`) and the tenants' fair share (:mod:`serving.api.batch_api.share`);
+- the store, awaited (:class:`serving.api.batch_api.async_store.AsyncStore` over
+  :class:`serving.api.batch_api.store.Store`).
 
-- **The same answers.** A batch runs through :class:`serving.api.jobs.runner.BatchRun`, the pass
+- **The same answers.** A batch runs through :class:`serving.api.batch_api.runner.BatchRun`, the pass
   ``skingpt4 batch`` makes: the same line checks, request pipeline and records. Each checked
-  request then goes through the app in this process (:class:`serving.api.jobs.worker.AppEngine`),
+  request then goes through the app in this process (:class:`serving.api.batch_api.worker.AppEngine`),
   the route a live request takes after the middleware, so its body is the server's.
 - **Live traffic first.** Batch requests run at vLLM priority
-  :data:`serving.api.jobs.worker.BATCH_PRIORITY` (live requests have 0 and are scheduled
+  :data:`serving.api.batch_api.worker.BATCH_PRIORITY` (live requests have 0 and are scheduled
   first), at most ``batch_max_inflight`` being checked or answered at once, and only one while
   live requests are in flight or were a moment ago (:class:`serving.api.admission.LiveTraffic`),
   so a batch's photo decodes do not hold the photo workers either; their photos are checked one
   at a time, within a byte budget of their own.
 - **Tenants side by side.** Batches of different API keys run at once, each tenant's oldest
-  :data:`serving.api.jobs.worker.BATCHES_PER_TENANT`; the ``batch_max_inflight`` places go to
-  the tenants in turn (:class:`serving.api.jobs.share.FairShare`), so one tenant's big batch, or
+  :data:`serving.api.batch_api.worker.BATCHES_PER_TENANT`; the ``batch_max_inflight`` places go to
+  the tenants in turn (:class:`serving.api.batch_api.share.FairShare`), so one tenant's big batch, or
   many, do not hold another tenant's small one.
 - **Durable.** Records go to the batch's output and error files as each request finishes,
   one sealed frame each, synced. A server killed mid-batch resumes it on its next start
   (:meth:`BatchService.start`): lines with a record are skipped, so every ``custom_id`` gets
   exactly one record. Lines that failed with a server error (a 5xx, a photo worker that
-  died under them) are tried again (at most :data:`serving.api.jobs.worker.MAX_PASSES`
+  died under them) are tried again (at most :data:`serving.api.batch_api.worker.MAX_PASSES`
   passes) before they are recorded as failed; only refusals that belong to the line (4xx) are
   recorded at once.
-- **Private.** Files are encrypted at rest (:mod:`serving.api.jobs.sealed`); a delete removes
+- **Private.** Files are encrypted at rest (:mod:`serving.api.batch_api.sealed`); a delete removes
   the bytes and the key; files expire after ``file_retention_hours``; no request content is
   logged. Each API key is a tenant: another key's ids answer 404.
 - **Bounded.** Upload size, lines per batch, files and bytes per key, free disk; uploads are
@@ -49,12 +49,12 @@ import asyncio
 from pathlib import Path
 
 from serving.api.admission import Admission, LiveTraffic
-from serving.api.jobs.async_store import AsyncStore
-from serving.api.jobs.routes import JobsRoutes
-from serving.api.jobs.runner import ADMISSION_TIMEOUT_S
-from serving.api.jobs.share import FairShare
-from serving.api.jobs.store import Store, tenant_key_id
-from serving.api.jobs.worker import MAX_BATCHES_RUNNING, BatchWorker
+from serving.api.batch_api.async_store import AsyncStore
+from serving.api.batch_api.routes import JobsRoutes
+from serving.api.batch_api.runner import ADMISSION_TIMEOUT_S
+from serving.api.batch_api.share import FairShare
+from serving.api.batch_api.store import Store, tenant_key_id
+from serving.api.batch_api.worker import MAX_BATCHES_RUNNING, BatchWorker
 from serving.api.metrics import Metrics
 from serving.api.policy import ServePolicy
 

@@ -4,7 +4,7 @@ A data directory (``--data-dir``, mode 0700) holds::
 
     store.db      SQLite (WAL, secure_delete): files, batches, and a check value sealed
                   under the master key
-    files/<id>    each file's contents, sealed (serving.api.jobs.sealed)
+    files/<id>    each file's contents, sealed (serving.api.batch_api.sealed)
     data.key      the master key, unless SKINGPT4_DATA_KEY gives it
 
 The database holds no photo, question or answer: a file's name and a batch's metadata are
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.api.jobs import sealed
+from serving.api.batch_api import sealed
 from serving.api.metrics import NO_TENANT
 
 SCHEMA = """
