@@ -14,6 +14,7 @@ import hashlib
 from ray.serve.llm.request_router import PrefixCacheAffinityRouter
 
 from serving.api.metrics import metrics
+from serving.api.responses import as_chat_messages
 from serving.cluster.routing import ConsultRing
 
 # The consult header (Ray Serve's RAY_SERVE_SESSION_ID_HEADER_KEY, default x-session-id): the proxy
@@ -55,11 +56,12 @@ class PrefixAffinityRouter(PrefixCacheAffinityRouter):
         # serving.cluster.app.PRIVATE_RAY_NAMES says why it is overridden). Ray's reads `messages`
         # (chat) or `prompt` (completions); vLLM's ResponsesRequest has no messages, and its
         # `prompt` is a stored-prompt reference (always None here), on which Ray's raises. Its
-        # text is what chat's would be for the same conversation: the system message
-        # (`instructions`), then the messages' text.
+        # text is chat's for the same conversation: the policy's one Responses -> chat
+        # translation (`as_chat_messages`, which the max_tokens check also counts by).
         for arg in pending_request.args:
             if hasattr(arg, "input") and hasattr(arg, "instructions"):
-                return (arg.instructions or "") + self._normalize_prompt_to_string(arg.input)
+                body = {"instructions": arg.instructions, "input": arg.input}
+                return self._normalize_prompt_to_string(as_chat_messages(body))
         return super()._extract_text_from_request(pending_request)
 
 
