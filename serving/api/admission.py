@@ -157,7 +157,7 @@ class Admission:
             self.free_bytes -= amount
             return
         if self.waiting >= self.queue_size:
-            raise self._busy("its admission queue is full", "queue_full")
+            raise self.busy("its admission queue is full", "queue_full")
         wait = _Wait(amount, asyncio.get_running_loop().create_future(), body)
         self._byte_waiters.append(wait)
         self._wake_bytes()  # this wait may close a hold-and-wait circle: break it now
@@ -173,7 +173,7 @@ class Admission:
                 self._wake_bytes()  # a smaller request behind this one may fit now
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise self._busy("the request waited too long for memory to be free",
+            raise self.busy("the request waited too long for memory to be free",
                              "timeout") from None
 
     def _grant(self, wait: _Wait) -> None:
@@ -214,7 +214,7 @@ class Admission:
         self.free_bytes += victim.body.held
         victim.body.held = 0
         self.gave_way += 1
-        victim.future.set_exception(self._busy(
+        victim.future.set_exception(self.busy(
             "its memory was needed to finish earlier uploads that arrived at the same time",
             "gave_way"))
         return True
@@ -226,7 +226,7 @@ class Admission:
             self.free_decodes -= 1
             return
         if self.waiting >= self.queue_size:
-            raise self._busy("its admission queue is full", "queue_full")
+            raise self.busy("its admission queue is full", "queue_full")
         future = asyncio.get_running_loop().create_future()
         self._decode_waiters.append((1, future))
         try:
@@ -241,7 +241,7 @@ class Admission:
                     self._decode_waiters.remove((1, future))
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise self._busy("the request waited too long for a photo decoder",
+            raise self.busy("the request waited too long for a photo decoder",
                              "timeout") from None
 
     def _wake_decodes(self) -> None:
@@ -254,7 +254,7 @@ class Admission:
                 self.free_decodes -= 1
                 future.set_result(None)
 
-    def _busy(self, why: str, reason: str) -> ServerBusy:
+    def busy(self, why: str, reason: str) -> ServerBusy:
         """The 503 of a request that does not fit; ``reason``: its metrics label."""
         if self.reports:
             metrics().admission_refusals.inc((reason,))

@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 
 from serving.api.admission import Admission
-from serving.api.errors import InvalidRequest, ServerBusy
+from serving.api.errors import InvalidRequest
 from serving.api.workers import JobError, JobFailed, JobTimeout
 
 REPORT_SCHEMA_NAME = "dermatology_report"
@@ -108,9 +108,8 @@ async def _compile_verdict(schema_json: str, admission: Admission) -> str | None
         async with asyncio.timeout(admission.timeout_s):
             await admission.schema_slots.acquire()
     except TimeoutError:
-        retry = max(1, round(admission.timeout_s / 2))
-        raise ServerBusy(f"the server is busy (the request waited too long for a schema "
-                         f"compiler); retry in {retry} s", retry_after_s=retry) from None
+        raise admission.busy("the request waited too long for a schema compiler",
+                             "timeout") from None
     try:
         try:
             reply, _ = await workers.run({}, schema_json.encode("utf-8"))

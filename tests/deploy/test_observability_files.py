@@ -399,6 +399,7 @@ def ray_named(page: bytes) -> bytes:
                   lambda m: (m.group(1) or b"") + b"ray_" + m.group(2).replace(b":", b"_"), page)
 
 
+@pytest.mark.slow  # a real Prometheus: about 8 s
 def test_queries_return_series_on_embedded_and_ray_scrapes(tmp_path):
     """Prometheus scrapes both pages with the Ray job's renaming and the rules loaded: the Ray
     names become the embedded ones, and every panel's query and every recording rule returns

@@ -27,6 +27,7 @@ def metrics_page() -> bytes:
     return generate_latest(registry)
 
 
+@pytest.mark.slow  # a real Prometheus: about 8 s
 def test_scrapes_queries_and_evaluates_rules(tmp_path):
     rules = tmp_path / "rules.yml"
     rules.write_text(RULES)
