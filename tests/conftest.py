@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # an engine without one of these fixtures carry the marker themselves.
 MARKERS_BY_FIXTURE: dict[str, tuple[str, ...]] = {
     "server": ("engine",),  # tests/serving/conftest.py: the shared embedded server
-    "batch_server": ("engine",),  # tests/serving/api/test_batches_server.py: one with a data folder
+    "batch_server": ("engine",),  # tests/serving/api/batch_api/test_batches_server.py: one with a data folder
     "observed_server": ("engine",),  # tests/serving/api/test_observability_server.py: another
     "clients_server": ("engine",),  # tests/serving/clients/conftest.py: the real clients' server
     "engines": ("engine",),  # tests/plugins/test_vllm_parity.py: vLLM LLM + HF reference

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serving.api.test_batches_server import BatchServer
+from tests.serving.api.batch_api.test_batches_server import BatchServer
 from tests.serving.clients.helpers import MAX_TOKENS, SCHEMA, SCHEMA_NAME
 from tests.serving.helpers import data_url
 

@@ -18,9 +18,9 @@ import pytest
 
 from serving.api.batch_api import sealed
 from serving.api.batch_api.store import DataKeyError, Store, check_data_key
-from tests.serving.api.test_batches import chat_line, finished, jsonl, records, service
+from tests.serving.api.batch_api.test_batches import chat_line, finished, jsonl, records, service
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 def new_key() -> str:

@@ -24,7 +24,7 @@ MODEL = "skingpt4"
 GREEDY = {"temperature": 0, "max_tokens": 8}
 QUESTION = "a-scaly-patch-behind-the-left-ear-for-three-weeks"
 OTHER_KEY = "test-key-tenant-b-9876"  # a second tenant of the same server
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 
 
 @dataclass

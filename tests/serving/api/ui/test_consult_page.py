@@ -9,7 +9,7 @@ console error other than the browser's own line for a refused request. Refusals 
 cannot be made to give (413, 503, 429, 500, a dropped connection, a stream that ends on an
 error event) and a model answer holding markup are answered by Playwright's request routing.
 
-    .venv/bin/python -m pytest -q tests/serving/ui -p no:cacheprovider
+    .venv/bin/python -m pytest -q tests/serving/api/ui -p no:cacheprovider
 """
 
 from __future__ import annotations
