@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--verbose", action="store_true", help="vLLM's INFO logs on stderr")
 
-    from serving.batch.command import add_batch_command
+    from serving.cli.batch import add_batch_command
     from serving.cli.serve import add_serving_commands
 
     add_serving_commands(sub)

@@ -26,7 +26,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from encoders.samples import encode_image, synthetic_skin_photo
-from serving.batch.command import add_batch_command, batch_environment, run_batch_command
+from serving.cli.batch import add_batch_command, batch_environment, run_batch_command
 from serving.cli import main as skingpt4
 from serving.api.batch_api.lines import TooLarge, count_lines, read_lines
 from serving.api.batch_api.runner import BatchSummary, run_batch

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from serving.api.policy import ServePolicy
-from serving.batch.command import configure_parser
+from serving.cli.batch import configure_parser
 from serving.cli import build_parser
 from serving.engine.flags import FLAGS, MODEL_FLAGS, MODELS, config_from_args
 from serving.engine.server import EngineConfig
