@@ -36,6 +36,8 @@ access_logger = logging.getLogger("skingpt4.access")
 MAX_REQUEST_ID = 128
 REQUEST_ID_CHARS = re.compile(r"[A-Za-z0-9._:/+=@-]+")
 MAX_ERROR_BODY = 64 * 1024  # error bodies read for their code and given the request id
+# Methods named in metrics and the log as they are; any other token a client sends is "other".
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 # "usage" fields of chat/completions (prompt/completion) and of responses (input/output).
 _PROMPT = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
@@ -96,6 +98,7 @@ class Exchange:
     @classmethod
     def begin(cls, scope, trust_header: bool = False) -> Exchange:
         method = scope.get("method", "")
+        method = method if method in METHODS else "other"
         return cls(request_id_from(scope, trust_header), method,
                    route_template(scope.get("path", ""), tuple(PAGE)), time.monotonic())
 
