@@ -216,7 +216,9 @@ def test_a_sigkill_mid_batch_and_a_restart_lose_and_repeat_nothing(batch_server)
 
     client = batch_server.server.client(timeout=120)
     resumed = client.batches.retrieve(batch.id)
-    assert resumed.status in ("in_progress", "completed") and resumed.request_counts.completed >= 4
+    # The restarted server may finish the rest before this first look, so any state on the way.
+    assert resumed.status in ("in_progress", "finalizing", "completed")
+    assert resumed.request_counts.completed >= 4
     done = wait_final(client, batch.id)
     assert done.status == "completed", done
     records = download(client, done.output_file_id)
