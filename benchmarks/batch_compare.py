@@ -36,7 +36,14 @@ from pathlib import Path
 import psutil
 
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
-from benchmarks.report import machine_info, package_versions, run_record, summary_of, write_json
+from benchmarks.report import (
+    machine_info,
+    machine_line,
+    package_versions,
+    run_record,
+    summary_of,
+    write_json,
+)
 from benchmarks.scenarios import Conversation, build_conversations
 from benchmarks.sweep import WARMUP_SEED, measure
 from benchmarks.targets import REPO_ROOT, LaunchedTarget, Target, api_key, child_env
@@ -312,7 +319,8 @@ def compare_markdown(summary: dict) -> str:
         f"\n{summary['num_requests']} `single` requests ({summary['image_size']} photos), greedy, at most "
         f"{summary['max_tokens']} tokens. Batch: from its engine ready to its last record "
         f"(whole command {b['wall_s']:.1f} s, of which {b['startup_s']:.1f} s starting). CPU cores "
-        f"busy during the run: server {server_cpu} (its process tree), batch {cpu}.\n"
+        f"busy during the run: server {server_cpu} (its process tree), batch {cpu}. Machine: "
+        f"{machine_line(summary.get('machine', {}), summary.get('versions'))}.\n"
     )
     return "\n".join(lines) + "\n" + notes
 

