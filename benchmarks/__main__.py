@@ -12,6 +12,8 @@
     python -m benchmarks batch-vs-server --num-requests 96 --concurrency 32 --out bench-results/batch
     # live requests' TTFT at concurrency 4, alone and while a 200-line Batch API batch runs
     python -m benchmarks live-vs-batch --num-requests 48 --concurrency 4 --batch-lines 200 --out bench-results/live-batch
+    # where the engine's CPU goes (py-spy on vLLM's engine processes) at concurrency 1 and 32
+    python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
     # 12 MP phone photos, 32 at once: this project, plain vLLM, and an older checkout of it
     git worktree add ../before 3cb75e0
     python -m benchmarks sweep --targets embedded,vllm --before-checkout ../before \
@@ -35,6 +37,8 @@ from benchmarks.batch_compare import CompareConfig, compare_markdown, run_compar
 from benchmarks.live_batch import LiveBatchConfig, run_live_vs_batch
 from benchmarks.live_batch import markdown as live_markdown
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
+from benchmarks.profile import ProfileConfig, main_profile
+from benchmarks.profile import markdown as profile_markdown
 from benchmarks.report import run_record, summary_of, write_json
 from benchmarks.scenarios import (
     DEFAULT_IMAGE_SIZE,
@@ -171,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--batch-max-inflight", type=int, default=None,
                       help="serve --batch-max-inflight (default: the server's)")
     _common(live)
+
+    prof = sub.add_parser("profile", help="py-spy samples of the engine's processes under load, by category")
+    prof.add_argument("--target", choices=TARGETS, default=ProfileConfig.target)
+    prof.add_argument("--concurrency", type=_int_list, default=ProfileConfig.concurrency)
+    prof.add_argument("--num-requests", type=int, default=None, help="per level (default max(16, 3 x concurrency))")
+    prof.add_argument("--rate", type=int, default=ProfileConfig.rate, help="py-spy samples per second")
+    _common(prof)
     return parser
 
 
@@ -291,6 +302,20 @@ def cmd_live(args, argv: list[str]) -> int:
     return 0 if summary["batch"]["status"] == "completed" else 1
 
 
+def cmd_profile(args, argv: list[str]) -> int:
+    cfg = ProfileConfig(
+        out=args.out, model=ensure_model(args.model, args.family), target=args.target,
+        concurrency=args.concurrency, num_requests=args.num_requests, max_tokens=args.max_tokens,
+        image_size=args.image_size or DEFAULT_IMAGE_SIZE, rate=args.rate,
+        startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,
+        seed=args.seed, command="python -m benchmarks " + shlex.join(argv),
+    )
+    summary = main_profile(cfg)
+    print(profile_markdown(summary))
+    print(f"{cfg.out / 'profile.json'}, {cfg.out / 'profile.md'}")
+    return 0 if all(r["answered"] == r["requests"] for r in summary["runs"]) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
@@ -300,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_compare(args, argv)
     if args.command == "live-vs-batch":
         return cmd_live(args, argv)
+    if args.command == "profile":
+        return cmd_profile(args, argv)
     return cmd_sweep(args, argv)
 
 

@@ -1,0 +1,240 @@
+"""Where the engine's CPU goes: ``py-spy`` samples of vLLM's engine processes under load.
+
+    python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
+    # the same with the engine compiled, or two engine threads
+    python -m benchmarks profile --target embedded-compiled --out bench-results/profile-compiled
+
+The harness starts the target (``embedded`` unless ``--target``), warms it up, then for each
+concurrency attaches ``py-spy record`` (``--format raw``: one line per distinct stack with its
+sample count; idle threads are not sampled, so a sample is a thread on the CPU or about to be)
+to every ``VLLM::EngineCore`` and ``VLLM::Worker`` process of its tree and runs the ``single``
+scenario. Each stack goes to the first category of :data:`CATEGORIES` whose pattern it matches
+(vision encoder, language model by kind of layer, sampling, input preparation, scheduler,
+structured output, output and IPC, other Python). Samples are converted to CPU milliseconds per
+answered request (samples / rate / answered), and the process's measured CPU time per request
+is written beside them: what py-spy cannot see (native threads without a Python frame, such as
+OpenMP workers spinning between kernels) is the difference.
+
+Writes ``profile.json`` (per run: the categories, the top stacks, the load's summary, the
+machine) and ``profile.md`` (the table of ``docs/benchmarks.md``). ``py-spy`` must be installed
+(``pip install py-spy``) and allowed to read other processes (root, or ``ptrace_scope`` 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from benchmarks.loadgen import LoadConfig, make_client, warm_up
+from benchmarks.metrics import compute_metrics
+from benchmarks.report import machine_info, machine_line, package_versions, write_json
+from benchmarks.scenarios import DEFAULT_IMAGE_SIZE, build_conversations
+from benchmarks.sweep import WARMUP_SEED, measure
+from benchmarks.targets import LaunchedTarget, Target, api_key
+from serving.engine.process import process_label
+
+ENGINE_LABELS = ("VLLM::EngineCore", "VLLM::Worker")
+RATE = 250  # samples per second per process
+
+# (category, pattern over a whole collapsed stack), first match wins: the specific before the
+# general. Frames read "function (file:line)".
+CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pattern)) for name, pattern in (
+    ("vision encoder (EVA ViT, Q-Former, projection)",
+     r"plugins/skingpt4/|encoders/|embed_multimodal|get_multimodal_embeddings|_execute_mm_encoder"),
+    ("sampling and logits",
+     r"/sample/|sampler\.py|compute_logits|logits_processor|_sample\b|sample_tokens"),
+    ("structured output", r"structured_output|xgrammar|grammar_bitmask"),
+    ("attention (paged KV cache)", r"attention|Attention|attn\b|_attn|cpu_attn|kv_cache"),
+    ("language model: linear layers, norms, MLP",
+     r"models/llama\.py|models/falcon\.py|layers/linear\.py|layernorm|activation\.py|"
+     r"rotary_embedding|vocab_parallel_embedding|torch/nn/modules"),
+    ("model runner: input preparation and state",
+     r"_prepare_inputs|_update_states|input_batch|block_table|_prepare|_preprocess|"
+     r"_calc_|_gather_mm|_bookkeeping|_to_list"),
+    ("scheduler and KV-cache manager", r"core/sched/|kv_cache_manager|block_pool|kv_cache_utils"),
+    ("outputs, serialisation and IPC",
+     r"serial_utils|msgspec|msgpack|zmq|shm_broadcast|process_input_sockets|"
+     r"process_output_sockets|multiproc_executor|message_queue|pickle"),
+))
+OTHER = "other Python (engine loop, bookkeeping)"
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    out: Path
+    model: Path
+    target: str = "embedded"
+    concurrency: tuple[int, ...] = (1, 32)
+    num_requests: int | None = None
+    """Per run; ``None``: ``max(16, 3 x concurrency)``."""
+    max_tokens: int = 64
+    image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
+    rate: int = RATE
+    startup_timeout_s: float = 300.0
+    request_timeout_s: float = 300.0
+    seed: int = 0
+    command: str = ""
+
+
+def categorize(stack: str) -> str:
+    for name, pattern in CATEGORIES:
+        if pattern.search(stack):
+            return name
+    return OTHER
+
+
+def read_raw(path: Path) -> Counter:
+    """py-spy's ``--format raw`` file: ``{stack: samples}``."""
+    stacks: Counter = Counter()
+    if not path.exists():
+        return stacks
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            stacks[stack] += int(count)
+    return stacks
+
+
+def breakdown(stacks: Counter, rate: int, answered: int) -> dict[str, float]:
+    """CPU milliseconds per answered request by category."""
+    per_category: Counter = Counter()
+    for stack, samples in stacks.items():
+        per_category[categorize(stack)] += samples
+    return {name: 1000.0 * samples / rate / max(answered, 1)
+            for name, samples in per_category.most_common()}
+
+
+def engine_pids(root: int) -> dict[int, str]:
+    """The engine processes under ``root``: pid -> label (``VLLM::EngineCore``...)."""
+    found = {}
+    for child in psutil.Process(root).children(recursive=True):
+        label = process_label(child)
+        if label.startswith(ENGINE_LABELS):
+            found[child.pid] = label
+    return found
+
+
+def cpu_of(pids) -> dict[int, float]:
+    times = {}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            times[pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return times
+
+
+class Recorders:
+    """One ``py-spy record`` per process, from ``start`` to ``stop`` (SIGINT: py-spy writes its
+    file and exits)."""
+
+    def __init__(self, pids: dict[int, str], folder: Path, rate: int) -> None:
+        self.pids, self.folder, self.rate = pids, folder, rate
+        self.procs: list[subprocess.Popen] = []
+        self.files: dict[int, Path] = {}
+
+    def __enter__(self) -> Recorders:
+        spy = shutil.which("py-spy")
+        if spy is None:
+            raise RuntimeError("py-spy is not installed: pip install py-spy")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for pid, label in self.pids.items():
+            path = self.folder / f"{label.replace('::', '-').replace(' ', '_')}-{pid}.txt"
+            self.files[pid] = path
+            self.procs.append(subprocess.Popen(
+                [spy, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw",
+                 "--output", str(path), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1.0)  # attached before the load starts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def profile_run(server: LaunchedTarget, cfg: ProfileConfig, concurrency: int) -> dict:
+    pids = engine_pids(server.pid)
+    n = cfg.num_requests or max(16, 3 * concurrency)
+    convs = build_conversations("single", n, cfg.image_size, cfg.seed + concurrency)
+    load_cfg = LoadConfig(max_concurrency=concurrency, max_tokens=cfg.max_tokens, show_progress=False)
+    client = make_client(server.base_url, cfg.request_timeout_s, api_key())
+    folder = cfg.out / "stacks" / f"c{concurrency}"
+    cpu0 = cpu_of(pids)
+    with Recorders(pids, folder, cfg.rate) as recorders:
+        load, usage = await measure(server, client, convs, load_cfg, f"profile c{concurrency}")
+    cpu1 = cpu_of(pids)
+    metrics = compute_metrics(load.results, load.duration)
+    answered = metrics.completed
+    processes = {}
+    for pid, label in pids.items():
+        stacks = read_raw(recorders.files[pid])
+        processes[f"{label} {pid}"] = {
+            "label": label,
+            "cpu_ms_per_request": 1000.0 * (cpu1.get(pid, 0) - cpu0.get(pid, 0)) / max(answered, 1),
+            "sampled_ms_per_request": 1000.0 * sum(stacks.values()) / cfg.rate / max(answered, 1),
+            "categories_ms_per_request": breakdown(stacks, cfg.rate, answered),
+            "top_stacks": [{"samples": s, "category": categorize(k), "leaf": k.split(";")[-3:]}
+                           for k, s in stacks.most_common(15)],
+        }
+    return {"concurrency": concurrency, "requests": n, "answered": answered,
+            "load": metrics.to_json(), "server_cpu_s_by_process": usage.cpu_by_process,
+            "processes": processes}
+
+
+def markdown(summary: dict) -> str:
+    """One table per run: each engine process's CPU per request, split by category."""
+    out = [f"Machine: {machine_line(summary['machine'], summary['versions'])}. Target "
+           f"`{summary['target']}`, {summary['max_tokens']} greedy tokens per answer, "
+           f"sampling at {summary['rate']} Hz.\n"]
+    for run in summary["runs"]:
+        load = run["load"]
+        out += [f"### Concurrency {run['concurrency']}: {run['answered']} answered, "
+                f"{load['request_throughput']:.2f} req/s, median TTFT {load['median_ttft_ms']:.0f} ms, "
+                f"median TPOT {load['median_tpot_ms']:.1f} ms\n",
+                "| process | category | CPU ms / request | share of sampled |",
+                "|---|---|---:|---:|"]
+        for name, proc in sorted(run["processes"].items(), key=lambda kv: -kv[1]["cpu_ms_per_request"]):
+            sampled = proc["sampled_ms_per_request"] or 1e-9
+            for category, ms in proc["categories_ms_per_request"].items():
+                out.append(f"| `{proc['label']}` | {category} | {ms:.1f} | {100 * ms / sampled:.0f}% |")
+            out.append(f"| `{proc['label']}` | **sampled (Python threads)** | **{proc['sampled_ms_per_request']:.1f}** | |")
+            out.append(f"| `{proc['label']}` | **measured CPU (all threads)** | **{proc['cpu_ms_per_request']:.1f}** | |")
+        out.append("")
+    return "\n".join(out)
+
+
+async def run_profile(cfg: ProfileConfig) -> dict:
+    target = Target.named(cfg.target, cfg.model)
+    with LaunchedTarget(target, cfg.out / "logs" / f"{cfg.target}.log",
+                        startup_timeout_s=cfg.startup_timeout_s) as server:
+        warm = LoadConfig(max_concurrency=2, max_tokens=cfg.max_tokens, show_progress=False)
+        await warm_up(make_client(server.base_url, cfg.request_timeout_s, api_key()), server.model,
+                      build_conversations("single", 2, cfg.image_size, WARMUP_SEED), warm)
+        runs = [await profile_run(server, cfg, c) for c in cfg.concurrency]
+        command = server.describe()
+    summary = {"command": cfg.command, "target": cfg.target, "server_command": command,
+               "max_tokens": cfg.max_tokens, "rate": cfg.rate, "runs": runs,
+               "machine": machine_info(), "versions": package_versions()}
+    write_json(cfg.out / "profile.json", summary)
+    (cfg.out / "profile.md").write_text(markdown(summary))
+    return summary
+
+
+def main_profile(cfg: ProfileConfig) -> dict:
+    return asyncio.run(run_profile(cfg))

@@ -1,0 +1,56 @@
+"""The engine profile's arithmetic: py-spy's raw stacks to CPU milliseconds per request by
+category (the profile itself is a benchmark run, not a test)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from benchmarks.profile import OTHER, breakdown, categorize, markdown, read_raw
+
+ROOT = "run_engine_core (vllm/v1/engine/core.py:900);step (vllm/v1/engine/core.py:400)"
+FORWARD = ROOT + ";execute_model (vllm/v1/worker/gpu_model_runner.py:3000)"
+STACKS = {
+    FORWARD + ";_execute_mm_encoder (vllm/v1/worker/gpu_model_runner.py:2100);"
+    "forward (plugins/skingpt4/model.py:80)": 30,
+    FORWARD + ";forward (vllm/model_executor/models/llama.py:300);"
+    "forward (vllm/model_executor/layers/attention/attention.py:200)": 20,
+    FORWARD + ";forward (vllm/model_executor/models/llama.py:250);"
+    "forward (vllm/model_executor/layers/linear.py:500)": 40,
+    FORWARD + ";sample_tokens (vllm/v1/worker/gpu_model_runner.py:3500);"
+    "forward (vllm/v1/sample/sampler.py:60)": 5,
+    ROOT + ";schedule (vllm/v1/core/sched/scheduler.py:300)": 4,
+    ROOT + ";encode (vllm/v1/serial_utils.py:100)": 3,
+    ROOT + ";_loop (vllm/v1/engine/core.py:1000)": 2,
+}
+
+
+def test_each_stack_goes_to_the_most_specific_category():
+    names = [categorize(stack) for stack in STACKS]
+    assert names == ["vision encoder (EVA ViT, Q-Former, projection)", "attention (paged KV cache)",
+                     "language model: linear layers, norms, MLP", "sampling and logits",
+                     "scheduler and KV-cache manager", "outputs, serialisation and IPC", OTHER]
+
+
+def test_raw_samples_become_milliseconds_per_request(tmp_path):
+    raw = tmp_path / "stacks.txt"
+    raw.write_text("".join(f"{stack} {n}\n" for stack, n in STACKS.items()) + "garbage line\n")
+    stacks = read_raw(raw)
+    assert stacks == Counter(STACKS) and read_raw(tmp_path / "missing.txt") == Counter()
+    ms = breakdown(stacks, rate=100, answered=2)  # 100 Hz: a sample is 10 ms; 2 requests
+    assert ms["vision encoder (EVA ViT, Q-Former, projection)"] == 150.0
+    assert ms[OTHER] == 10.0 and abs(sum(ms.values()) - 10 * 104 / 2) < 1e-9
+    assert list(ms)[0].startswith("language model")  # largest first
+
+
+def test_the_markdown_names_the_machine_and_every_category():
+    run = {"concurrency": 32, "requests": 4, "answered": 4,
+           "load": {"request_throughput": 2.0, "median_ttft_ms": 300.0, "median_tpot_ms": 30.0},
+           "processes": {"VLLM::Worker 7": {
+               "label": "VLLM::Worker", "cpu_ms_per_request": 120.0, "sampled_ms_per_request": 100.0,
+               "categories_ms_per_request": {"attention (paged KV cache)": 60.0, OTHER: 40.0}}}}
+    md = markdown({"machine": {"cpu_model": "EPYC", "isa": "AVX2", "cpu_count": 2, "memory_bytes": 2**33},
+                   "versions": {"vllm": "0.32.0", "torch": "2.13.0"}, "target": "embedded",
+                   "max_tokens": 64, "rate": 250, "runs": [run]})
+    assert md.startswith("Machine: EPYC, AVX2, 2 CPUs, 8 GiB, vLLM 0.32.0, torch 2.13.0.")
+    assert "| `VLLM::Worker` | attention (paged KV cache) | 60.0 | 60% |" in md
+    assert "**measured CPU (all threads)** | **120.0**" in md
