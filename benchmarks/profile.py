@@ -23,10 +23,12 @@ machine) and ``profile.md`` (the table of ``docs/benchmarks.md``). ``py-spy`` mu
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -48,15 +50,20 @@ RATE = 250  # samples per second per process
 # (category, pattern over a whole collapsed stack), first match wins: the specific before the
 # general. Frames read "function (file:line)".
 CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pattern)) for name, pattern in (
+    # vLLM's CPU engine is two processes that pass each step through a shared-memory queue; a
+    # reader spins on it (sched_yield) for a second after each read before it sleeps on a socket.
+    ("waiting on the other process (shared-memory queue spin)",
+     r"SpinCondition\.wait|MessageQueue\.acquire_read|acquire_read\.<locals>"),
     ("vision encoder (EVA ViT, Q-Former, projection)",
-     r"plugins/skingpt4/|encoders/|embed_multimodal|get_multimodal_embeddings|_execute_mm_encoder"),
+     r"timm/|encoders/|_execute_mm_encoder|embed_multimodal|qformer|QFormer"),
     ("sampling and logits",
-     r"/sample/|sampler\.py|compute_logits|logits_processor|_sample\b|sample_tokens"),
+     r"/sample/|sampler\.py|compute_logits|logits_processor|sample_tokens"),
     ("structured output", r"structured_output|xgrammar|grammar_bitmask"),
-    ("attention (paged KV cache)", r"attention|Attention|attn\b|_attn|cpu_attn|kv_cache"),
-    ("language model: linear layers, norms, MLP",
-     r"models/llama\.py|models/falcon\.py|layers/linear\.py|layernorm|activation\.py|"
-     r"rotary_embedding|vocab_parallel_embedding|torch/nn/modules"),
+    ("attention (paged KV cache)", r"attention|Attention|attn\b|_attn|cpu_attn"),
+    ("language model: linear layers (oneDNN GEMM)", r"layers/linear\.py|onednn_mm|unquantized_gemm"),
+    ("language model: norms, activation, rotary, embedding",
+     r"models/llama\.py|models/falcon\.py|layernorm|activation\.py|rotary_embedding|"
+     r"vocab_parallel_embedding"),
     ("model runner: input preparation and state",
      r"_prepare_inputs|_update_states|input_batch|block_table|_prepare|_preprocess|"
      r"_calc_|_gather_mm|_bookkeeping|_to_list"),
@@ -144,7 +151,7 @@ class Recorders:
         self.files: dict[int, Path] = {}
 
     def __enter__(self) -> Recorders:
-        spy = shutil.which("py-spy")
+        spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
         if spy is None:
             raise RuntimeError("py-spy is not installed: pip install py-spy")
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -175,6 +182,10 @@ async def profile_run(server: LaunchedTarget, cfg: ProfileConfig, concurrency: i
     load_cfg = LoadConfig(max_concurrency=concurrency, max_tokens=cfg.max_tokens, show_progress=False)
     client = make_client(server.base_url, cfg.request_timeout_s, api_key())
     folder = cfg.out / "stacks" / f"c{concurrency}"
+    # An unmeasured pass at the same concurrency first: oneDNN builds its kernels for each new
+    # batch shape, which a first pass at a new concurrency pays for.
+    await measure(server, client, build_conversations("single", n, cfg.image_size, WARMUP_SEED + concurrency),
+                  load_cfg, f"warm c{concurrency}")
     cpu0 = cpu_of(pids)
     with Recorders(pids, folder, cfg.rate) as recorders:
         load, usage = await measure(server, client, convs, load_cfg, f"profile c{concurrency}")

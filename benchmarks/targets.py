@@ -17,6 +17,8 @@ gets SIGTERM, then its process group and any descendant that left it (Ray's work
 | `ray-one`    | ``benchmarks.ray_one_deployment``: one Serve deployment that is ingress and replica |
 | `ray-one-direct` | the same, clients straight to the replica (Ray's direct ingress, no proxy) |
 | `vllm`       | vLLM's own OpenAI server on the same folder: no middleware, vLLM's defaults |
+| `embedded-compiled` | ``serving.cli serve --cpu-compile``: the engine compiled, not eager |
+| `embedded-all-cores` | ``serving.cli serve`` with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``: the engine's threads on every core |
 | `before`     | ``serving.cli serve`` of another checkout (``--before-checkout DIR``) |
 
 ``vllm`` runs ``vllm.entrypoints.launchers.api_server.entry.run_server`` from ``python -c`` with
@@ -69,8 +71,18 @@ TARGET_ARGS: dict[str, tuple[str, ...]] = {
     # and eager mode as `embedded` (whose --max-model-len default is 2048).
     "vllm": ("-c", "{vllm_script}", "--model", "{model}", "--dtype", "float32", "--max-model-len", "2048",
              "--enforce-eager", "--host", "{host}", "--port", "{port}"),
+    # The engine's CPU choices, against `embedded` (docs/benchmarks.md, "The engine's own speed"):
+    # compiled instead of eager, and the engine's OpenMP threads on every core (TARGET_ENV).
+    "embedded-compiled": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--cpu-compile"),
+    "embedded-all-cores": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32"),
     # `embedded` as another checkout has it (cwd and PYTHONPATH: the checkout).
     "before": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32"),
+}
+# Environment of a target on top of the harness's own (CHILD_ENV_DEFAULTS). vLLM's CPU engine
+# keeps one core per rank free of its OpenMP threads by default (for the API server); 0 gives it
+# every core.
+TARGET_ENV: dict[str, dict[str, str]] = {
+    "embedded-all-cores": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"},
 }
 CHECKOUT_TARGETS = frozenset({"before"})
 """Targets that run another checkout's code and need one (``--before-checkout``)."""
@@ -177,7 +189,7 @@ class Target:
         fill = {"model": str(Path(model).resolve()), "host": host, "port": str(port), "vllm_script": VLLM_SERVER_SCRIPT}
         argv = (sys.executable, *(a.format(**fill) for a in TARGET_ARGS[name]))
         if checkout is None:
-            return cls(name, argv, host, port)
+            return cls(name, argv, host, port, env=dict(TARGET_ENV.get(name, {})))
         checkout = Path(checkout).resolve()
         return cls(name, argv, host, port, cwd=checkout, env=checkout_env(checkout), checkout=checkout)
 

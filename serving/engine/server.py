@@ -74,8 +74,14 @@ class EngineConfig(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1)
     enforce_eager: bool = Field(
         default=False,
-        description="No CUDA graphs on a GPU (a quicker start, slower decoding). A CPU always "
-        "runs eager.",
+        description="No CUDA graphs on a GPU (a quicker start, slower decoding). A CPU runs "
+        "eager unless cpu_compile is set.",
+    )
+    cpu_compile: bool = Field(
+        default=False,
+        description="On a CPU, compile the language model (vLLM's torch.compile mode, inductor "
+        "C++ kernels) instead of running eager: a slower start; docs/benchmarks.md measures "
+        "both. No effect on a GPU.",
     )
     gpu_memory_utilization: float | None = Field(
         default=None, gt=0, le=1,
@@ -123,7 +129,7 @@ class EngineConfig(BaseModel):
             # Each rank encodes its share of the photos instead of all of them (the vision stack
             # is replicated, not sharded); the embeddings are gathered on every rank.
             options["mm_encoder_tp_mode"] = "data"
-        if self.enforce_eager or not on_gpu:
+        if self.enforce_eager or not (on_gpu or self.cpu_compile):
             options["enforce_eager"] = True
         if on_gpu and self.gpu_memory_utilization is not None:
             options["gpu_memory_utilization"] = self.gpu_memory_utilization

@@ -132,6 +132,14 @@ def test_cpu_defaults(monkeypatch):
     assert argv[argv.index("--block-size") + 1] == "32"
     assert config.environment(environ={})[settings.KVCACHE_ENV] == "1"
     assert config.environment(environ={settings.KVCACHE_ENV: "4"})[settings.KVCACHE_ENV] == "4"
+    # Compiled on request: no enforce_eager, so vLLM's CPU platform picks its compile mode.
+    compiled = EngineConfig(**GPU_CONFIG, cpu_compile=True)
+    assert "enforce_eager" not in compiled.engine_options(on_gpu=False)
+    assert "--enforce-eager" not in compiled.vllm_args()
+    # enforce_eager wins over it, and on a GPU it changes nothing.
+    assert EngineConfig(**GPU_CONFIG, cpu_compile=True, enforce_eager=True).engine_options(
+        on_gpu=False)["enforce_eager"] is True
+    assert compiled.engine_options(on_gpu=True) == EngineConfig(**GPU_CONFIG).engine_options(on_gpu=True)
 
 
 @pytest.mark.parametrize("ranks, cpus, binding", [
@@ -193,14 +201,16 @@ def test_serve_flags_reach_the_config(monkeypatch, tiny_checkpoints):
     monkeypatch.setattr(serving.engine.server, "run_embedded", run_embedded)
     model = str(tiny_checkpoints["llama"])
     assert main(["serve", model, "--port", "0", "--enforce-eager", "--gpu-memory-utilization",
-                 "0.8", "--quantization", "fp8"]) == 0
+                 "0.8", "--quantization", "fp8", "--cpu-compile"]) == 0
     config = seen["c"]
     assert (config.enforce_eager, config.gpu_memory_utilization, config.quantization) == (True, 0.8, "fp8")
+    assert config.cpu_compile is True
     assert config.dtype == "auto"
     seen.clear()
     assert main(["serve", model, "--port", "0"]) == 0
     assert (seen["c"].enforce_eager, seen["c"].gpu_memory_utilization, seen["c"].quantization) == (
         False, None, None)
+    assert seen["c"].cpu_compile is False
 
 
 def test_tiny_checkpoint_names_its_dtype(tiny_checkpoints):
