@@ -133,3 +133,30 @@ def test_prompt_logprobs_and_penalties_over_image_positions(engines, photos):
     got, _ = _vllm_tokens(llm, prompt, [photos[0]])
     want, _ = _ref_tokens(ref, prompt, [photos[0]])
     assert got == want
+
+
+def test_the_compiled_cpu_engine_matches_reference(tiny_checkpoints, photos):
+    """``serve --cpu-compile``'s engine options (vLLM's compiled CPU mode instead of eager) give
+    the reference's tokens: one photo, and two in one prompt."""
+    from vllm import LLM
+
+    from benchmarks.reference import ReferencePipeline
+    from serving.engine.offline import generate_engine_kwargs
+    from serving.engine.server import EngineConfig
+
+    folder = tiny_checkpoints["llama"]
+    config = EngineConfig(model=str(folder), dtype="float32", max_model_len=1024, cpu_compile=True)
+    kwargs = generate_engine_kwargs(config, 2, on_gpu=False, seed=0)
+    assert "enforce_eager" not in kwargs
+    llm = LLM(**kwargs)
+    try:
+        ref = ReferencePipeline(folder)
+        for prompt, images in (
+            (build_prompt([("user", image_question())]), [photos[0]]),
+            (build_prompt([("user", image_question("Compare the two photos.", 2))]), photos[:2]),
+        ):
+            assert _vllm_tokens(llm, prompt, images)[0] == _ref_tokens(ref, prompt, images)[0]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
