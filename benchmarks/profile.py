@@ -1,19 +1,20 @@
 """Where the engine's CPU goes: ``py-spy`` samples of vLLM's engine processes under load.
 
     python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
-    # the same with the engine compiled, or two engine threads
+    # the same with the engine compiled (or --target embedded-all-cores: its threads on every core)
     python -m benchmarks profile --target embedded-compiled --out bench-results/profile-compiled
 
 The harness starts the target (``embedded`` unless ``--target``), warms it up, then for each
 concurrency attaches ``py-spy record`` (``--format raw``: one line per distinct stack with its
-sample count; idle threads are not sampled, so a sample is a thread on the CPU or about to be)
+sample count; threads asleep are not sampled, threads that spin are)
 to every ``VLLM::EngineCore`` and ``VLLM::Worker`` process of its tree and runs the ``single``
 scenario. Each stack goes to the first category of :data:`CATEGORIES` whose pattern it matches
-(vision encoder, language model by kind of layer, sampling, input preparation, scheduler,
-structured output, output and IPC, other Python). Samples are converted to CPU milliseconds per
+(waiting on the other engine process, vision encoder, sampling, structured output, attention,
+the language model's other layers, input preparation, scheduler, outputs and IPC, other Python). Samples are converted to CPU milliseconds per
 answered request (samples / rate / answered), and the process's measured CPU time per request
-is written beside them: what py-spy cannot see (native threads without a Python frame, such as
-OpenMP workers spinning between kernels) is the difference.
+is written beside them. The two differ both ways: native threads without a Python frame (OpenMP
+workers) are not sampled, and a thread spinning on ``sched_yield`` is sampled as busy while it
+hands most of its core to others.
 
 Writes ``profile.json`` (per run: the categories, the top stacks, the load's summary, the
 machine) and ``profile.md`` (the table of ``docs/benchmarks.md``). ``py-spy`` must be installed
