@@ -14,6 +14,9 @@
     python -m benchmarks live-vs-batch --num-requests 48 --concurrency 4 --batch-lines 200 --out bench-results/live-batch
     # where the engine's CPU goes (py-spy on vLLM's engine processes) at concurrency 1 and 32
     python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
+    # the pinned layout: the engine alone on the last core, the front end and the client on the rest
+    python -m benchmarks sweep --targets embedded,ray --pin-engine --concurrency 32 --out bench-results/pinned
+    python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
     # 12 MP phone photos, 32 at once: this project, plain vLLM, and an older checkout of it
     git worktree add ../before 3cb75e0
     python -m benchmarks sweep --targets embedded,vllm --before-checkout ../before \
@@ -37,6 +40,7 @@ from benchmarks.batch_compare import CompareConfig, compare_markdown, run_compar
 from benchmarks.live_batch import LiveBatchConfig, run_live_vs_batch
 from benchmarks.live_batch import markdown as live_markdown
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
+from benchmarks.pinning import Layout
 from benchmarks.profile import ProfileConfig, main_profile
 from benchmarks.profile import markdown as profile_markdown
 from benchmarks.report import run_record, summary_of, write_json
@@ -48,7 +52,14 @@ from benchmarks.scenarios import (
     parse_image_size,
 )
 from benchmarks.sweep import WARMUP_SEED, SweepConfig, measure, run_sweep
-from benchmarks.targets import CHECKOUT_TARGETS, TARGETS, ExternalTarget, LaunchedTarget, Target, api_key
+from benchmarks.targets import (
+    CHECKOUT_TARGETS,
+    TARGETS,
+    ExternalTarget,
+    LaunchedTarget,
+    Target,
+    api_key,
+)
 from encoders.presets import LLM_FAMILIES
 
 ARTIFACTS = Path("artifacts")
@@ -124,6 +135,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-results"))
 
 
+def _pin_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pin-engine", type=int, nargs="?", const=1, default=None, metavar="N",
+                   help="the pinned layout: vLLM's engine processes on the last N CPUs (default 1), "
+                   "everything else and the client on the rest (benchmarks/pinning.py)")
+
+
+def _layout(args) -> Layout | None:
+    if not args.pin_engine:
+        return None
+    try:
+        return Layout.split(args.pin_engine)
+    except ValueError as exc:
+        raise SystemExit(f"python -m benchmarks: {exc}") from None
+
+
 def _stream_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="ask for whole answers instead of streamed ones (TTFT = latency, no TPOT)")
@@ -141,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (default inf)")
     run.add_argument("--num-requests", type=int, default=16)
     _stream_flag(run)
+    _pin_flag(run)
     _common(run)
 
     sweep = sub.add_parser("sweep", help="all targets x concurrency levels; JSON, PNG, Markdown")
@@ -158,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--budget-s", type=float, default=SweepConfig.budget_s, help="bound on the whole sweep")
     sweep.add_argument("--endpoint", type=_endpoint, action="append", default=[], help="NAME=URL: use, don't start")
     _stream_flag(sweep)
+    _pin_flag(sweep)
     _common(sweep)
     sweep.set_defaults(max_duration_s=SweepConfig.max_duration_s)
 
@@ -181,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--concurrency", type=_int_list, default=ProfileConfig.concurrency)
     prof.add_argument("--num-requests", type=int, default=None, help="per level (default max(16, 3 x concurrency))")
     prof.add_argument("--rate", type=int, default=ProfileConfig.rate, help="py-spy samples per second")
+    _pin_flag(prof)
     _common(prof)
     return parser
 
@@ -213,6 +242,8 @@ def _mib(value: int | float | None, scale: float = 2**-20) -> str:
 
 def cmd_run(args) -> int:
     if args.base_url:
+        if args.pin_engine:
+            raise SystemExit("python -m benchmarks run: --pin-engine pins a target it starts, not --base-url")
         server = ExternalTarget(args.target or "external", args.base_url)
     elif args.target:
         checkout = args.before_checkout if args.target in CHECKOUT_TARGETS else None
@@ -220,7 +251,8 @@ def cmd_run(args) -> int:
             target = Target.named(args.target, ensure_model(args.model, args.family), checkout=checkout)
         except ValueError as exc:
             raise SystemExit(f"python -m benchmarks run: {exc}") from None
-        server = LaunchedTarget(target, args.out / "logs" / f"{args.target}.log", args.startup_timeout_s)
+        server = LaunchedTarget(target, args.out / "logs" / f"{args.target}.log", args.startup_timeout_s,
+                                layout=_layout(args))
     else:
         raise SystemExit("give --target to start one, or --base-url for a running endpoint")
     with server:
@@ -249,6 +281,7 @@ def _sweep_targets(args) -> tuple[str, ...]:
 
 
 def cmd_sweep(args, argv: list[str]) -> int:
+    _layout(args)  # refuses a layout this machine cannot hold, before anything starts
     cfg = SweepConfig(
         out=args.out, model=ensure_model(args.model, args.family), targets=_sweep_targets(args),
         concurrency=args.concurrency, scenario=args.scenario, num_requests=args.num_requests,
@@ -260,7 +293,7 @@ def cmd_sweep(args, argv: list[str]) -> int:
         warmup_requests=args.warmup_requests, max_duration_s=args.max_duration_s, budget_s=args.budget_s,
         startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,
         endpoints=dict(args.endpoint), seed=args.seed, session_ids=args.session_ids,
-        stream=args.stream, show_progress=not args.no_progress,
+        stream=args.stream, show_progress=not args.no_progress, pin_engine=args.pin_engine,
         command="python -m benchmarks " + shlex.join(argv),
     )
     summary = run_sweep(cfg)
@@ -308,7 +341,7 @@ def cmd_profile(args, argv: list[str]) -> int:
         concurrency=args.concurrency, num_requests=args.num_requests, max_tokens=args.max_tokens,
         image_size=args.image_size or DEFAULT_IMAGE_SIZE, rate=args.rate,
         startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,
-        seed=args.seed, command="python -m benchmarks " + shlex.join(argv),
+        seed=args.seed, layout=_layout(args), command="python -m benchmarks " + shlex.join(argv),
     )
     summary = main_profile(cfg)
     print(profile_markdown(summary))

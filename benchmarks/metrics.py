@@ -304,6 +304,8 @@ class ServerUsage:
     rss_bytes: list[int] = field(default_factory=list)
     cpu_by_process: dict[str, float] | None = None
     """``cpu_s`` by kind of process (``serving.engine.process.process_label``)."""
+    layout: dict | None = None
+    """The pinned layout the run had (``--pin-engine``): CPUs and processes on each side."""
 
     @classmethod
     def of(cls, cpu_s: float | None, api_cpu_s: float | None, memory: MemorySampler | None) -> ServerUsage:

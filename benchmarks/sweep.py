@@ -40,6 +40,7 @@ from pathlib import Path
 
 from benchmarks.loadgen import LoadConfig, LoadResult, make_client, run_load, warm_up
 from benchmarks.metrics import ServerUsage
+from benchmarks.pinning import Layout
 from benchmarks.report import (
     cpu_by_process_markdown,
     machine_info,
@@ -58,7 +59,14 @@ from benchmarks.scenarios import (
     ScenarioName,
     build_conversations,
 )
-from benchmarks.targets import CHECKOUT_TARGETS, ExternalTarget, LaunchedTarget, Target, TargetError, api_key
+from benchmarks.targets import (
+    CHECKOUT_TARGETS,
+    ExternalTarget,
+    LaunchedTarget,
+    Target,
+    TargetError,
+    api_key,
+)
 
 DEFAULT_TARGETS = ("reference", "hf-batched", "embedded", "ray", "vllm")
 DEFAULT_CONCURRENCY = (1, 4, 16, 32)
@@ -108,6 +116,8 @@ class SweepConfig:
     """Send ``x-session-id`` with every turn (Ray's session affinity; see ``LoadConfig``)."""
     stream: bool = True
     """Streamed answers (``--no-stream``: whole ones; see ``LoadConfig``)."""
+    pin_engine: int | None = None
+    """Engine CPUs of the pinned layout (:mod:`benchmarks.pinning`); None: nothing pinned."""
     show_progress: bool = True
     command: str = ""
 
@@ -178,12 +188,15 @@ def open_target(cfg: SweepConfig, name: str) -> AbstractContextManager:
     if name in cfg.endpoints:
         return ExternalTarget(name, cfg.endpoints[name])
     target = Target.named(name, cfg.model, checkout=cfg.before_checkout if name in CHECKOUT_TARGETS else None)
-    return LaunchedTarget(target, cfg.out / "logs" / f"{name}.log", startup_timeout_s=cfg.startup_timeout_s)
+    layout = Layout.split(cfg.pin_engine) if cfg.pin_engine else None
+    return LaunchedTarget(target, cfg.out / "logs" / f"{name}.log", startup_timeout_s=cfg.startup_timeout_s,
+                          layout=layout)
 
 
 async def measure(server, client, convs: list[Conversation], config: LoadConfig, label: str) -> tuple[LoadResult, ServerUsage]:
     """One load run, with the server's CPU time (tree and API server) and its tree's RSS sampled
     throughout (the idle reading just before)."""
+    layout = server.pin() if hasattr(server, "pin") else None
     with server.memory_sampler() or contextlib.nullcontext() as sampler:
         cpu0, api0 = server.cpu_seconds(), server.api_cpu_seconds()
         kinds0 = server.cpu_by_process()
@@ -196,6 +209,10 @@ async def measure(server, client, convs: list[Conversation], config: LoadConfig,
     if kinds0 is not None and kinds1 is not None:
         usage = dataclasses.replace(usage, cpu_by_process={
             k: v - kinds0.get(k, 0.0) for k, v in kinds1.items() if v - kinds0.get(k, 0.0) > 0})
+    if layout is not None:
+        usage = dataclasses.replace(usage, layout={
+            "engine_cpus": sorted(server.layout.engine), "front_cpus": sorted(server.layout.front),
+            "processes": layout})
     return load, usage
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.metrics import MemorySampler
+from benchmarks.pinning import Layout, pin_tree
 from serving import settings
 from serving.engine.process import ServerProcess, free_port
 
@@ -237,10 +238,15 @@ class LaunchedTarget:
     one start/stop policy) and stops; use as a context manager. A target that will not start
     raises :class:`serving.engine.process.ServerStartError` with the tail of its log."""
 
-    def __init__(self, target: Target, log_path: Path, startup_timeout_s: float = 300.0, stop_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, target: Target, log_path: Path, startup_timeout_s: float = 300.0,
+        stop_timeout_s: float = 60.0, layout: Layout | None = None,
+    ) -> None:
         self.target = target
         self.log_path = log_path
-        self.env = {**child_env(), **target.env}
+        self.layout = layout
+        """The pinned layout (:mod:`benchmarks.pinning`), or None: every process free."""
+        self.env = {**child_env(), **target.env, **(layout.target_env() if layout else {})}
         self.process = ServerProcess(
             target.argv, root_url=target.root_url, log_path=log_path, cwd=target.cwd, env=self.env,
             name=f"target {target.name!r}", startup_timeout_s=startup_timeout_s,
@@ -272,7 +278,16 @@ class LaunchedTarget:
         except BaseException:
             self.process.stop()
             raise
+        self.pin()
         return self
+
+    def pin(self) -> dict[str, int] | None:
+        """With a layout: pin the server's tree and this process (again before each run, for
+        processes started since); how many processes went to the engine's and the front's CPUs."""
+        if self.layout is None:
+            return None
+        self.layout.pin_self()
+        return pin_tree(self.pid, self.layout)
 
     def __exit__(self, *exc) -> None:
         self.process.stop()
@@ -300,7 +315,11 @@ class LaunchedTarget:
         return MemorySampler(self.pid, interval_s=interval_s)
 
     def describe(self) -> str:
-        return self.target.command_line()
+        line = self.target.command_line()
+        if self.layout is not None:
+            line += (f"  # pinned: engine on CPUs {sorted(self.layout.engine)}, everything else "
+                     f"(and the client) on {sorted(self.layout.front)}")
+        return line
 
 
 class ExternalTarget:
