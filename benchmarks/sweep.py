@@ -184,11 +184,11 @@ class Clock:
         return self.end - time.monotonic()
 
 
-def open_target(cfg: SweepConfig, name: str) -> AbstractContextManager:
+def open_target(cfg: SweepConfig, name: str, layout: Layout | None = None) -> AbstractContextManager:
+    """``name`` started (or, from ``cfg.endpoints``, used as it runs); ``layout``: pinned so."""
     if name in cfg.endpoints:
         return ExternalTarget(name, cfg.endpoints[name])
     target = Target.named(name, cfg.model, checkout=cfg.before_checkout if name in CHECKOUT_TARGETS else None)
-    layout = Layout.split(cfg.pin_engine) if cfg.pin_engine else None
     return LaunchedTarget(target, cfg.out / "logs" / f"{name}.log", startup_timeout_s=cfg.startup_timeout_s,
                           layout=layout)
 
@@ -263,6 +263,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     runs: list[dict] = []
     failures: dict[str, str] = {}
     commands: dict[str, str] = {}
+    # Once, from the harness's affinity before the first pinning narrows it to the front's CPUs.
+    layout = Layout.split(cfg.pin_engine) if cfg.pin_engine else None
     for name in cfg.targets:
         mine = runs_for(cfg, plan, name)
         if not mine:
@@ -272,7 +274,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
             failures[name] = "skipped: the sweep's time budget is spent"
             continue
         try:
-            server = open_target(cfg, name)
+            server = open_target(cfg, name, layout)
             commands[name] = server.describe()
             with server:
                 if getattr(server, "origins", None):
