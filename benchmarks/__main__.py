@@ -16,7 +16,6 @@
     python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
     # the pinned layout: the engine alone on the last core, the front end and the client on the rest
     python -m benchmarks sweep --targets embedded,ray --pin-engine --concurrency 32 --out bench-results/pinned
-    python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
     # 12 MP phone photos, 32 at once: this project, plain vLLM, and an older checkout of it
     git worktree add ../before 3cb75e0
     python -m benchmarks sweep --targets embedded,vllm --before-checkout ../before \
