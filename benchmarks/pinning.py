@@ -30,6 +30,11 @@ from serving.engine.process import process_label
 ENGINE_LABELS = ("VLLM::EngineCore", "VLLM::Worker")
 
 
+def is_engine(label: str) -> bool:
+    """Whether a process of this kind (``serving.engine.process.process_label``) is vLLM's engine."""
+    return label.startswith(ENGINE_LABELS)
+
+
 @dataclass(frozen=True)
 class Layout:
     engine: frozenset[int]
@@ -64,7 +69,7 @@ def pin_tree(root: int, layout: Layout) -> dict[str, int]:
     except psutil.NoSuchProcess:
         return counts
     for proc in procs:
-        side = "engine" if process_label(proc).startswith(ENGINE_LABELS) else "front"
+        side = "engine" if is_engine(process_label(proc)) else "front"
         cpus = layout.engine if side == "engine" else layout.front
         try:
             threads = proc.threads()

@@ -39,7 +39,7 @@ import psutil
 
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
 from benchmarks.metrics import compute_metrics
-from benchmarks.pinning import ENGINE_LABELS, Layout
+from benchmarks.pinning import Layout, is_engine
 from benchmarks.report import machine_info, machine_line, package_versions, write_json
 from benchmarks.scenarios import DEFAULT_IMAGE_SIZE, build_conversations
 from benchmarks.sweep import WARMUP_SEED, measure
@@ -128,20 +128,9 @@ def engine_pids(root: int) -> dict[int, str]:
     found = {}
     for child in psutil.Process(root).children(recursive=True):
         label = process_label(child)
-        if label.startswith(ENGINE_LABELS):
+        if is_engine(label):
             found[child.pid] = label
     return found
-
-
-def cpu_of(pids) -> dict[int, float]:
-    times = {}
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            times[pid] = t.user + t.system
-        except psutil.Error:
-            pass
-    return times
 
 
 class Recorders:
@@ -189,18 +178,17 @@ async def profile_run(server: LaunchedTarget, cfg: ProfileConfig, concurrency: i
     # batch shape, which a first pass at a new concurrency pays for.
     await measure(server, client, build_conversations("single", n, cfg.image_size, WARMUP_SEED + concurrency),
                   load_cfg, f"warm c{concurrency}")
-    cpu0 = cpu_of(pids)
     with Recorders(pids, folder, cfg.rate) as recorders:
         load, usage = await measure(server, client, convs, load_cfg, f"profile c{concurrency}")
-    cpu1 = cpu_of(pids)
     metrics = compute_metrics(load.results, load.duration)
     answered = metrics.completed
     processes = {}
-    for pid, label in pids.items():
-        stacks = read_raw(recorders.files[pid])
-        processes[f"{label} {pid}"] = {
+    for label in sorted(set(pids.values())):  # the processes of a kind together (ranks)
+        stacks = sum((read_raw(recorders.files[pid]) for pid, of in pids.items() if of == label), Counter())
+        processes[label] = {
             "label": label,
-            "cpu_ms_per_request": 1000.0 * (cpu1.get(pid, 0) - cpu0.get(pid, 0)) / max(answered, 1),
+            # measured by the run itself, over the same requests
+            "cpu_ms_per_request": 1000.0 * (usage.cpu_by_process or {}).get(label, 0.0) / max(answered, 1),
             "sampled_ms_per_request": 1000.0 * sum(stacks.values()) / cfg.rate / max(answered, 1),
             "categories_ms_per_request": breakdown(stacks, cfg.rate, answered),
             "top_stacks": [{"samples": s, "category": categorize(k), "leaf": k.split(";")[-3:]}

