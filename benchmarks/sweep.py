@@ -196,7 +196,7 @@ def open_target(cfg: SweepConfig, name: str, layout: Layout | None = None) -> Ab
 async def measure(server, client, convs: list[Conversation], config: LoadConfig, label: str) -> tuple[LoadResult, ServerUsage]:
     """One load run, with the server's CPU time (tree and API server) and its tree's RSS sampled
     throughout (the idle reading just before)."""
-    layout = server.pin() if hasattr(server, "pin") else None
+    layout = server.pin()
     with server.memory_sampler() or contextlib.nullcontext() as sampler:
         cpu0, api0 = server.cpu_seconds(), server.api_cpu_seconds()
         kinds0 = server.cpu_by_process()

@@ -349,5 +349,8 @@ class ExternalTarget:
     def memory_sampler(self, interval_s: float = 0.05) -> None:
         return None
 
+    def pin(self) -> None:
+        return None  # not our processes: --pin-engine is refused for them
+
     def describe(self) -> str:
         return self.base_url
