@@ -34,10 +34,13 @@ def engine_core(pid: int) -> psutil.Process:
     raise AssertionError("no EngineCore process under the server")
 
 
-def stream_events(server, route: str, first_delta: threading.Event, killed: list[float]):
+def stream_events(server, route: str, started: threading.Event, first_delta: threading.Event,
+                  killed: list[float]):
     """A long streamed answer's events as (name, data) pairs, read until the stream ends; and
-    seconds from the kill to its end. Chat's answer is held long by ``min_tokens``; a Responses
-    answer is sampled, and may end early (its number of tokens is the model's choice)."""
+    seconds from the kill to its end. ``started`` is set once the answer's headers arrived (the
+    request is in the engine's queue), ``first_delta`` once it has text. Chat's answer is held
+    long by ``min_tokens``; a Responses answer is sampled, and may end early (its number of
+    tokens is the model's choice)."""
     question = [{"role": "user", "content": "Describe the lesion in detail."}]
     body = ({"messages": question, "max_tokens": 900, "min_tokens": 900}
             if route == "/v1/chat/completions" else {"input": question, "max_output_tokens": 900})
@@ -45,6 +48,7 @@ def stream_events(server, route: str, first_delta: threading.Event, killed: list
     with httpx.Client(timeout=EXIT_WITHIN_S) as client, client.stream(
             "POST", f"{server.base_url}{route}", headers=server.headers(),
             json={"model": server.model, "temperature": 1.0, "stream": True, **body}) as r:
+        started.set()
         assert r.status_code == 200, r.read()
         try:
             for line in r.iter_lines():
@@ -58,6 +62,7 @@ def stream_events(server, route: str, first_delta: threading.Event, killed: list
                     name = None
         except httpx.TransportError as exc:
             events.append(("dropped", type(exc).__name__))
+    started.set()
     first_delta.set()
     return events, time.monotonic() - killed[0] if killed else None
 
@@ -70,13 +75,17 @@ def test_engine_death_exits_non_zero_and_ends_streams_with_their_error_events(ti
     try:
         killed: list[float] = []
         routes = ["/v1/chat/completions", "/v1/responses"] * STREAMS
+        starts = [threading.Event() for _ in routes]
         deltas = [threading.Event() for _ in routes]
         engine = engine_core(proc.pid)
-        engine.suspend()  # every answer starts in the same engine step once it runs again
+        # Every answer starts in the same engine step once the engine runs again, so that none
+        # can finish before the last has text (a chat answer then still has ~900 tokens to go).
+        engine.suspend()
         with ThreadPoolExecutor(len(routes)) as pool:
-            streams = [pool.submit(stream_events, server, route, delta, killed)
-                       for route, delta in zip(routes, deltas)]
-            time.sleep(2)  # the requests reach the engine's queue
+            streams = [pool.submit(stream_events, server, route, started, delta, killed)
+                       for route, started, delta in zip(routes, starts, deltas)]
+            assert all(started.wait(EXIT_WITHIN_S) for started in starts)
+            time.sleep(1)  # the last request's message reaches the engine's socket
             engine.resume()
             assert all(delta.wait(EXIT_WITHIN_S) for delta in deltas)
             engine.send_signal(signal.SIGKILL)  # mid-answer: each has sent text
@@ -101,8 +110,8 @@ def test_engine_death_exits_non_zero_and_ends_streams_with_their_error_events(ti
     for route, (events, after_kill) in zip(routes, results):
         assert events and events[-1][0] != "dropped", (route, events[-3:])
         if route == "/v1/chat/completions":  # min_tokens: no answer ends before the kill
+            assert events[-1][1] == "[DONE]" and "error" in events[-2][1], events[-3:]
             error = events[-2][1]["error"]
-            assert events[-1][1] == "[DONE]"
             assert isinstance(error["code"], str) and error["type"] == "InternalServerError"
         else:
             if events[-1][0] in ("response.completed", "response.incomplete"):
