@@ -97,6 +97,11 @@ PRIVATE_RAY_NAMES = {
     "here; Ray wraps chat and completions, not the Responses API, and looks the tokenize object "
     "(which counts prompts for the replica's max_tokens check) up under a name vLLM 0.32 no "
     "longer gives it.",
+    "DEFAULT_LLM_ROUTER_HTTP_TIMEOUT": "Ray Serve LLM's bound on the wait for a chat answer's "
+    "first output (RAY_SERVE_LLM_ROUTER_HTTP_TIMEOUT), read from its ingress module so that "
+    "/v1/responses waits exactly as long.",
+    "OpenAIHTTPException": "the exception Ray's ingress raises when that bound passes (a 408): "
+    "caught so that every route answers the same 408 in the project's shape.",
     "perform_graceful_shutdown": "the replica actor's stop method (Serve's controller calls "
     "it): a replica whose engine died drains and leaves at once, instead of after three failed "
     "health checks. Without it the replica is killed (ray.kill).",

@@ -68,6 +68,22 @@ def replica_failure(exc: BaseException) -> ServingError | None:
     return None
 
 
+def first_output_timeout_s() -> float:
+    """How long a request waits for its answer's first output (Ray Serve LLM's bound on its chat
+    and completions routes, ``RAY_SERVE_LLM_ROUTER_HTTP_TIMEOUT``, 600 s unless set), after which
+    it gets a 408 (:func:`first_output_timeout`). ``/v1/responses`` waits as long."""
+    from ray.llm._internal.serve.core.ingress import ingress as ray_ingress
+
+    return ray_ingress.DEFAULT_LLM_ROUTER_HTTP_TIMEOUT
+
+
+def first_output_timeout() -> ServingError:
+    """The client's error for a request with no first output within :func:`first_output_timeout_s`
+    (every route the same: Ray's own is ``"Request server side timeout"``)."""
+    return error_for_status(408, f"the model gave no first output within "
+                                 f"{first_output_timeout_s():g} s; send the request again later")
+
+
 def error_response(error: ServingError) -> Response:
     return Response(error.body(), status_code=error.status, media_type="application/json",
                     headers={k.decode(): v.decode() for k, v in error.headers()})
@@ -85,8 +101,9 @@ def with_image_input(model_cards: dict) -> dict:
 class SkinGPT4Ingress(OpenAiIngress):
     """``OpenAiIngress`` with :class:`RequestPolicyMiddleware` in front of every route, a
     ``/health`` route that answers 200 once every LLM deployment passes its health check, a
-    ``/v1/responses`` route (:meth:`responses`), and requests refused by a replica whose engine
-    died sent again (:meth:`_get_response`)."""
+    ``/v1/responses`` route (:meth:`responses`), requests refused by a replica whose engine
+    died sent again (:meth:`_get_response`), and one first-output timeout on every route
+    (:func:`first_output_timeout_s`)."""
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, policy: dict | None = None):
         super().__init__(llm_deployments, with_image_input(model_cards), lora_paths=lora_paths)
@@ -160,10 +177,16 @@ class SkinGPT4Ingress(OpenAiIngress):
             yield f"data: {failure.body().decode()}\n\n"
 
     async def _process_llm_request(self, body, call_method: str, raw_request=None) -> Response:
+        from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+
         try:
             return await super()._process_llm_request(body, call_method, raw_request)
         except ServingError as error:
             return error_response(error)
+        except OpenAIHTTPException as exc:
+            if exc.status_code != 408:  # Ray's own errors otherwise, as Ray answers them
+                raise
+            return error_response(first_output_timeout())
 
     async def responses(self, request: Request) -> Response:
         """``POST /v1/responses``, as vLLM's server answers it: the body (checked by the policy
@@ -181,9 +204,12 @@ class SkinGPT4Ingress(OpenAiIngress):
             return error_response(InvalidRequest(f"{where}: {exc.errors()[0]['msg']}", param=where))
         stream = self._get_response(body=body, call_method="responses", raw_request=request)
         try:
-            first = await anext(stream)
+            async with asyncio.timeout(first_output_timeout_s()):  # as Ray's chat route
+                first = await anext(stream)
         except ServingError as error:  # the replica's error responses included
             return error_response(error)
+        except TimeoutError:
+            return error_response(first_output_timeout())
         if isinstance(first, dict):
             return JSONResponse(first)
 

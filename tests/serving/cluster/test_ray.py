@@ -324,6 +324,29 @@ def test_ingress_answers_responses_as_vllm_does(ingress):
     assert status == 400 and json.loads(text)["error"]["param"] == "input"
 
 
+def test_responses_wait_for_their_first_output_as_long_as_chat(ingress, monkeypatch):
+    """Ray's bound on the wait for a chat answer's first output holds for /v1/responses too, and
+    both routes answer it with the same 408 in the project's shape."""
+    import asyncio
+
+    from ray.llm._internal.serve.core.ingress import ingress as ray_module
+    from ray.serve.llm.ingress import OpenAiIngress
+
+    async def silent(self, *, body, call_method, raw_request=None):
+        await asyncio.Event().wait()  # a replica that never answers
+        yield "never"
+
+    monkeypatch.setattr(OpenAiIngress, "_get_response", silent)
+    monkeypatch.setattr(ray_module, "DEFAULT_LLM_ROUTER_HTTP_TIMEOUT", 0.05)
+    chat = asyncio.run(ingress._process_llm_request(None, call_method="chat"))
+    status, _, text = _respond(ingress, {"model": MODEL, "input": "Hello"})
+    assert chat.status_code == status == 408
+    assert json.loads(chat.body) == json.loads(text)
+    error = json.loads(text)["error"]
+    assert (error["type"], error["code"]) == ("RequestTimeoutError", "request_timeout")
+    assert "no first output within 0.05 s" in error["message"]
+
+
 @pytest.mark.filterwarnings("ignore:coroutine 'LLMServer.__del__' was never awaited")
 def test_replica_refuses_max_tokens_beyond_the_context_as_the_embedded_server(monkeypatch):
     """SkinGPT4Server runs the policy's max_tokens check with its own engine's tokenizer (the
