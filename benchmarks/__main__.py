@@ -14,6 +14,8 @@
     python -m benchmarks live-vs-batch --num-requests 48 --concurrency 4 --batch-lines 200 --out bench-results/live-batch
     # where the engine's CPU goes (py-spy on vLLM's engine processes) at concurrency 1 and 32
     python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
+    # where Ray's front end's CPU goes (proxy, ingress, LLM replica), the engine on a core of its own
+    python -m benchmarks profile --target ray --processes front --pin-engine --concurrency 32 --out bench-results/profile-ray
     # the pinned layout: the engine alone on the last core, the front end and the client on the rest
     python -m benchmarks sweep --targets embedded,ray --pin-engine --concurrency 32 --out bench-results/pinned
     # 12 MP phone photos, 32 at once: this project, plain vLLM, and an older checkout of it
@@ -40,7 +42,7 @@ from benchmarks.live_batch import LiveBatchConfig, run_live_vs_batch
 from benchmarks.live_batch import markdown as live_markdown
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
 from benchmarks.pinning import Layout
-from benchmarks.profile import ProfileConfig, main_profile
+from benchmarks.profile import PROCESSES, ProfileConfig, main_profile
 from benchmarks.profile import markdown as profile_markdown
 from benchmarks.report import run_record, summary_of, write_json
 from benchmarks.scenarios import (
@@ -203,11 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="serve --batch-max-inflight (default: the server's)")
     _common(live)
 
-    prof = sub.add_parser("profile", help="py-spy samples of the engine's processes under load, by category")
+    prof = sub.add_parser("profile", help="py-spy samples of the engine's (or the front end's) processes "
+                                          "under load, by category")
     prof.add_argument("--target", choices=TARGETS, default=ProfileConfig.target)
     prof.add_argument("--concurrency", type=_int_list, default=ProfileConfig.concurrency)
     prof.add_argument("--num-requests", type=int, default=None, help="per level (default max(16, 3 x concurrency))")
     prof.add_argument("--rate", type=int, default=ProfileConfig.rate, help="py-spy samples per second")
+    prof.add_argument("--processes", choices=PROCESSES, default=ProfileConfig.processes,
+                      help="sample vLLM's engine processes, the front end's (API server, Ray's proxy, "
+                           "ingress and replica actors), or all")
+    _stream_flag(prof)
     _pin_flag(prof)
     _common(prof)
     return parser
@@ -340,7 +347,8 @@ def cmd_profile(args, argv: list[str]) -> int:
         concurrency=args.concurrency, num_requests=args.num_requests, max_tokens=args.max_tokens,
         image_size=args.image_size or DEFAULT_IMAGE_SIZE, rate=args.rate,
         startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,
-        seed=args.seed, layout=_layout(args), command="python -m benchmarks " + shlex.join(argv),
+        seed=args.seed, layout=_layout(args), processes=args.processes, stream=args.stream,
+        command="python -m benchmarks " + shlex.join(argv),
     )
     summary = main_profile(cfg)
     print(profile_markdown(summary))

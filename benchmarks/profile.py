@@ -1,18 +1,27 @@
-"""Where the engine's CPU goes: ``py-spy`` samples of vLLM's engine processes under load.
+"""Where the CPU goes: ``py-spy`` samples of vLLM's engine processes, or of the front end's
+(the API server; Ray's proxy, ingress and replica actors), under load.
 
     python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
     # the same with the engine compiled (or --target embedded-all-cores: its threads on every core)
     python -m benchmarks profile --target embedded-compiled --out bench-results/profile-compiled
+    # Ray's front end with the engine on a core of its own, beside the embedded server's
+    python -m benchmarks profile --target ray --processes front --pin-engine --concurrency 32 --out bench-results/profile-ray
+    python -m benchmarks profile --target embedded --processes front --pin-engine --concurrency 32 --out bench-results/profile-front
 
 The harness starts the target (``embedded`` unless ``--target``), warms it up, then for each
 concurrency attaches ``py-spy record`` (``--format raw``: one line per distinct stack with its
 sample count; threads asleep are not sampled, threads that spin are)
-to every ``VLLM::EngineCore`` and ``VLLM::Worker`` process of its tree and runs the ``single``
-scenario. Each stack goes to the first category of :data:`CATEGORIES` whose pattern it matches
-(waiting on the other engine process, vision encoder, sampling, structured output, attention,
-the language model's other layers, input preparation, scheduler, outputs and IPC, other Python). Samples are converted to CPU milliseconds per
-answered request (samples / rate / answered), and the process's measured CPU time per request
-is written beside them. The two differ both ways: native threads without a Python frame (OpenMP
+to every ``VLLM::EngineCore`` and ``VLLM::Worker`` process of its tree (``--processes engine``),
+to its other Python processes (``front``: Ray's idle workers and its native daemons are left
+out), or to both (``all``), and runs the ``single`` scenario. An engine stack goes to the first
+category of :data:`CATEGORIES` whose pattern it matches (waiting on the other engine process,
+vision encoder, sampling, structured output, attention, the language model's other layers,
+input preparation, scheduler, outputs and IPC, other Python); a front-end stack to the category
+of :data:`FRONT_CATEGORIES` of its innermost frame that matches one (photos, Ray's actor calls
+and serialisation, Ray Serve's machinery, Ray Serve LLM, metrics and logging, pydantic, vLLM's
+engine client, vLLM's OpenAI layer, the policy layer, the HTTP server, JSON, the event loop).
+Samples are converted to CPU milliseconds per answered request (samples / rate / answered), and
+the process's measured CPU time per request is written beside them. The two differ both ways: native threads without a Python frame (OpenMP
 workers) are not sampled, and a thread spinning on ``sched_yield`` is sampled as busy while it
 hands most of its core to others.
 
@@ -75,6 +84,37 @@ CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pattern
 ))
 OTHER = "other Python (engine loop, bookkeeping)"
 
+# The front end's processes (the API server; Ray's proxy, ingress and LLM replica actors): each
+# stack goes to the category of its innermost frame that matches one, so that time is charged to
+# the library doing the work, not to the server loop every stack starts in.
+FRONT_CATEGORIES: tuple[tuple[str, re.Pattern], ...] = tuple((name, re.compile(pattern)) for name, pattern in (
+    ("photos: base64, decode, resize", r"base64|PIL/|serving/api/media\.py|serving/api/workers\.py|"
+     r"encoders/preprocess|image_load"),
+    ("Ray: actor calls, object transfer, serialisation",
+     r"ray/_raylet|_raylet\.pyx|ray/_private/(serialization|worker|function_manager)|cloudpickle|"
+     r"pickle|ray/actor\.py|ray/serve/handle\.py|ray/serve/_private/(replica_result|router|"
+     r"request_router)|ray/experimental/|object_ref"),
+    ("Ray Serve: proxy and replica machinery",
+     r"ray/serve/_private/|ray/serve/"),
+    ("Ray Serve LLM: ingress and LLMServer", r"ray/llm/"),
+    ("metrics and logging", r"prometheus_client|opentelemetry|ray/util/metrics|/logging/|"
+     r"serving/api/(metrics|observe)\.py"),
+    ("pydantic: request and response models", r"pydantic"),
+    ("vLLM's engine client: inputs, outputs, detokenizing",
+     r"vllm/v1/engine/(async_llm|output_processor|detokenizer|core_client|input_processor|"
+     r"processor)|vllm/inputs/|vllm/multimodal/"),
+    ("vLLM's OpenAI layer: chat template, tokenizer, streaming chunks",
+     r"vllm/entrypoints/|vllm/renderers/|vllm/tokenizers/|transformers/|tokenizers|jinja2"),
+    ("the policy layer (serving/api)", r"serving/api/|serving/cluster/"),
+    ("HTTP server and ASGI (uvicorn, Starlette, FastAPI)",
+     r"uvicorn|starlette|fastapi|h11|httptools|anyio"),
+    ("JSON", r"\bjson/|orjson|msgspec"),
+    ("asyncio event loop", r"asyncio/|uvloop|selectors\.py"),
+))
+FRONT_OTHER = "other Python"
+# Front-end processes not sampled: Ray's idle worker pool and non-Python daemons (raylet, GCS).
+NOT_SAMPLED = ("ray::IDLE",)
+
 
 @dataclass(frozen=True)
 class ProfileConfig:
@@ -92,14 +132,33 @@ class ProfileConfig:
     seed: int = 0
     layout: Layout | None = None
     """The pinned layout (``--pin-engine``), or None."""
+    processes: str = "engine"
+    """Which processes to sample (:data:`PROCESSES`): vLLM's engine, the front end's, or all."""
+    stream: bool = True
     command: str = ""
 
 
 def categorize(stack: str) -> str:
+    """An engine process's stack: the first category whose pattern matches anywhere in it."""
     for name, pattern in CATEGORIES:
         if pattern.search(stack):
             return name
     return OTHER
+
+
+def categorize_front(stack: str) -> str:
+    """A front-end process's stack: the category of its innermost frame that matches one (the
+    first pattern of :data:`FRONT_CATEGORIES` matching that frame)."""
+    for frame in reversed(stack.split(";")):
+        for name, pattern in FRONT_CATEGORIES:
+            if pattern.search(frame):
+                return name
+    return FRONT_OTHER
+
+
+def category_of(label: str, stack: str) -> str:
+    """The category of ``stack`` sampled in a process of kind ``label``."""
+    return categorize(stack) if is_engine(label) else categorize_front(stack)
 
 
 def read_raw(path: Path) -> Counter:
@@ -114,22 +173,36 @@ def read_raw(path: Path) -> Counter:
     return stacks
 
 
-def breakdown(stacks: Counter, rate: int, answered: int) -> dict[str, float]:
-    """CPU milliseconds per answered request by category."""
+def breakdown(stacks: Counter, rate: int, answered: int, label: str = "VLLM::Worker") -> dict[str, float]:
+    """CPU milliseconds per answered request by category (``label``: the process's kind)."""
     per_category: Counter = Counter()
     for stack, samples in stacks.items():
-        per_category[categorize(stack)] += samples
+        per_category[category_of(label, stack)] += samples
     return {name: 1000.0 * samples / rate / max(answered, 1)
             for name, samples in per_category.most_common()}
 
 
-def engine_pids(root: int) -> dict[int, str]:
-    """The engine processes under ``root``: pid -> label (``VLLM::EngineCore``...)."""
+PROCESSES = ("engine", "front", "all")
+
+
+def wanted(label: str, which: str) -> bool:
+    """Whether a process of kind ``label`` is sampled when profiling ``which`` processes
+    (:data:`PROCESSES`): the engine's, the front end's Python processes, or both."""
+    if is_engine(label):
+        return which in ("engine", "all")
+    python = label.startswith(("ray::", "-m ", "python"))
+    return which in ("front", "all") and python and not label.startswith(NOT_SAMPLED)
+
+
+def profiled_pids(root: int, which: str = "engine") -> dict[int, str]:
+    """The processes of ``root``'s tree (``root`` included) to sample: pid -> label
+    (``VLLM::EngineCore``, ``ray::ProxyActor``, ...)."""
     found = {}
-    for child in psutil.Process(root).children(recursive=True):
-        label = process_label(child)
-        if is_engine(label):
-            found[child.pid] = label
+    top = psutil.Process(root)
+    for proc in [top, *top.children(recursive=True)]:
+        label = process_label(proc)
+        if wanted(label, which):
+            found[proc.pid] = label
     return found
 
 
@@ -168,10 +241,11 @@ class Recorders:
 
 
 async def profile_run(server: LaunchedTarget, cfg: ProfileConfig, concurrency: int) -> dict:
-    pids = engine_pids(server.pid)
+    pids = profiled_pids(server.pid, cfg.processes)
     n = cfg.num_requests or max(16, 3 * concurrency)
     convs = build_conversations("single", n, cfg.image_size, cfg.seed + concurrency)
-    load_cfg = LoadConfig(max_concurrency=concurrency, max_tokens=cfg.max_tokens, show_progress=False)
+    load_cfg = LoadConfig(max_concurrency=concurrency, max_tokens=cfg.max_tokens, show_progress=False,
+                          stream=cfg.stream)
     client = make_client(server.base_url, cfg.request_timeout_s, api_key())
     folder = cfg.out / "stacks" / f"c{concurrency}"
     # An unmeasured pass at the same concurrency first: oneDNN builds its kernels for each new
@@ -190,8 +264,8 @@ async def profile_run(server: LaunchedTarget, cfg: ProfileConfig, concurrency: i
             # measured by the run itself, over the same requests
             "cpu_ms_per_request": 1000.0 * (usage.cpu_by_process or {}).get(label, 0.0) / max(answered, 1),
             "sampled_ms_per_request": 1000.0 * sum(stacks.values()) / cfg.rate / max(answered, 1),
-            "categories_ms_per_request": breakdown(stacks, cfg.rate, answered),
-            "top_stacks": [{"samples": s, "category": categorize(k), "leaf": k.split(";")[-3:]}
+            "categories_ms_per_request": breakdown(stacks, cfg.rate, answered, label),
+            "top_stacks": [{"samples": s, "category": category_of(label, k), "leaf": k.split(";")[-3:]}
                            for k, s in stacks.most_common(15)],
         }
     return {"concurrency": concurrency, "requests": n, "answered": answered,
@@ -201,9 +275,10 @@ async def profile_run(server: LaunchedTarget, cfg: ProfileConfig, concurrency: i
 
 def markdown(summary: dict) -> str:
     """One table per run: each engine process's CPU per request, split by category."""
+    answers = "streamed" if summary.get("stream", True) else "whole"
     out = [f"Machine: {machine_line(summary['machine'], summary['versions'])}. Target "
-           f"`{summary['target']}`, {summary['max_tokens']} greedy tokens per answer, "
-           f"sampling at {summary['rate']} Hz.\n"]
+           f"`{summary['target']}`, {summary['max_tokens']} greedy tokens per {answers} answer, "
+           f"{summary.get('processes', 'engine')} processes sampled at {summary['rate']} Hz.\n"]
     for run in summary["runs"]:
         load = run["load"]
         out += [f"### Concurrency {run['concurrency']}: {run['answered']} answered, "
@@ -231,6 +306,7 @@ async def run_profile(cfg: ProfileConfig) -> dict:
         runs = [await profile_run(server, cfg, c) for c in cfg.concurrency]
         command = server.describe()
     summary = {"command": cfg.command, "target": cfg.target, "server_command": command,
+               "processes": cfg.processes, "stream": cfg.stream,
                "max_tokens": cfg.max_tokens, "rate": cfg.rate, "runs": runs,
                "machine": machine_info(), "versions": package_versions()}
     write_json(cfg.out / "profile.json", summary)

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from benchmarks.profile import OTHER, breakdown, categorize, markdown, read_raw
+from benchmarks.profile import (
+    FRONT_OTHER,
+    OTHER,
+    breakdown,
+    categorize,
+    categorize_front,
+    markdown,
+    read_raw,
+    wanted,
+)
 
 ROOT = "run_engine_core (vllm/v1/engine/core.py:900);step (vllm/v1/engine/core.py:400)"
 FORWARD = ROOT + ";execute_model (vllm/v1/worker/gpu_model_runner.py:3000)"
@@ -57,3 +66,47 @@ def test_the_markdown_names_the_machine_and_every_category():
     assert md.startswith("Machine: EPYC, AVX2, 2 CPUs, 8 GiB, vLLM 0.32.0, torch 2.13.0.")
     assert "| `VLLM::Worker` | attention (paged KV cache) | 60.0 | 60% |" in md
     assert "**measured CPU (all threads)** | **120.0**" in md
+
+
+LOOP = ("run (uvicorn/server.py:60);_run_once (asyncio/base_events.py:1900);"
+        "_run (asyncio/events.py:80)")
+FRONT_STACKS = {
+    # the innermost frame that matches a category decides, not the server loop around it
+    LOOP + ";__call__ (serving/api/middleware.py:130);b64decode (base64.py:80)":
+        "photos: base64, decode, resize",
+    LOOP + ";__call__ (starlette/middleware/base.py:100);__call__ (serving/api/middleware.py:130);"
+    "remote (ray/serve/handle.py:700);serialize (ray/_private/serialization.py:500);"
+    "dumps (cloudpickle/cloudpickle.py:1400)": "Ray: actor calls, object transfer, serialisation",
+    LOOP + ";handle_request (ray/serve/_private/proxy.py:900)": "Ray Serve: proxy and replica machinery",
+    LOOP + ";chat (ray/llm/_internal/serve/core/server/llm_server.py:400);"
+    "model_dump_json (pydantic/main.py:400)": "pydantic: request and response models",
+    LOOP + ";chat_completion_stream_generator (vllm/entrypoints/openai/chat_completion/serving.py:600);"
+    "dumps (json/__init__.py:230)": "JSON",
+    LOOP + ";generate (vllm/v1/engine/async_llm.py:500);"
+    "process_outputs (vllm/v1/engine/output_processor.py:400)":
+        "vLLM's engine client: inputs, outputs, detokenizing",
+    LOOP + ";feed (serving/api/streams.py:70)": "the policy layer (serving/api)",
+    LOOP + ";send (h11/_connection.py:500)": "HTTP server and ASGI (uvicorn, Starlette, FastAPI)",
+    LOOP: "asyncio event loop",
+    "main (worker.py:10);loop (somewhere.py:5)": FRONT_OTHER,
+}
+
+
+def test_a_front_end_stack_goes_to_its_innermost_matching_frame():
+    assert {stack: categorize_front(stack) for stack in FRONT_STACKS} == FRONT_STACKS
+
+
+def test_breakdown_reads_a_process_by_its_kind():
+    stack = LOOP + ";feed (serving/api/streams.py:70)"
+    assert breakdown(Counter({stack: 4}), rate=100, answered=1, label="ray::ProxyActor") == {
+        "the policy layer (serving/api)": 40.0}
+    assert breakdown(Counter({stack: 4}), rate=100, answered=1, label="VLLM::EngineCore") == {OTHER: 40.0}
+
+
+def test_which_processes_are_sampled():
+    engine, front = "VLLM::EngineCore", ["ray::ProxyActor", "ray::ServeReplica:skingpt4:SkinGPT4Ingress",
+                                         "-m serving.cli serve", "-m serving.api.workers photo"]
+    native = ["raylet", "gcs_server", "ray::IDLE"]
+    assert [wanted(engine, w) for w in ("engine", "front", "all")] == [True, False, True]
+    assert all(wanted(x, "front") and wanted(x, "all") and not wanted(x, "engine") for x in front)
+    assert not any(wanted(x, w) for x in native for w in ("engine", "front", "all"))
