@@ -35,9 +35,18 @@ def test_engine_processes_and_the_rest_of_the_tree_are_pinned_apart():
     tree = subprocess.Popen(["bash", "-c", "(exec -a VLLM::Worker sleep 60) & "
                              "(exec -a photo-worker sleep 60) & wait"])
     try:
+        def titles() -> set[str]:  # a child is bash until its exec has run
+            found = set()
+            for child in psutil.Process(tree.pid).children():
+                try:
+                    found.add(child.cmdline()[0])
+                except (psutil.NoSuchProcess, IndexError):
+                    pass
+            return found
+
         deadline = time.monotonic() + 10
-        while len(psutil.Process(tree.pid).children()) < 2:
-            assert time.monotonic() < deadline
+        while titles() != {"VLLM::Worker", "photo-worker"}:
+            assert time.monotonic() < deadline, titles()
             time.sleep(0.05)
         assert pin_tree(tree.pid, layout) == {"engine": 1, "front": 2}
         seen = {}

@@ -195,11 +195,15 @@ def test_a_real_prometheus_gets_data_for_every_dashboard_and_rule_query(observed
             client.chat.completions.create(model=MODEL, messages=[image_message([photo], str(i))],
                                            **ANSWER_CHECK)
         prom.wait_for("skingpt4:http_requests:rate5m", bool, timeout_s=30)
-        time.sleep(3)  # another scrape and evaluation, for the rules built on other rules
-        empty = {}
+        # Rules built on other rules get data an evaluation or two later: each query is given
+        # until a shared deadline (Prometheus scrapes and evaluates every second here).
         queries = {f"record {name}": name for name in records()} | dashboard_queries(dashboard())
+        deadline, empty = time.monotonic() + 30, {}
         for where, expr in queries.items():
-            if not prom.query(expr):  # raises with Prometheus's message if it does not parse
+            # raises with Prometheus's message if the query does not parse
+            while not prom.query(expr) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            if not prom.query(expr):
                 empty[where] = expr
         assert not empty, f"no data for {len(empty)} queries: {empty}"
         requests = prom.query('sum(skingpt4_http_requests_total{route="/v1/chat/completions",'

@@ -261,8 +261,9 @@ def test_scan_count_walks_segments():
 
 
 def test_a_jpeg_scan_bomb_is_refused_before_decoding():
+    body = chat(photo_url(jpeg_scan_bomb(20_000)), {"type": "text", "text": "hi"})
     start = time.monotonic()
-    _, r = post(chat(photo_url(jpeg_scan_bomb(20_000)), {"type": "text", "text": "hi"}))
+    _, r = post(body)
     error = error_of(r, 400)
     assert error["code"] == "invalid_image" and "progressive scans" in error["message"]
     assert time.monotonic() - start < 5  # a decode would take about 45 s

@@ -62,6 +62,9 @@ def stalled_upload(server, trickle: bool) -> tuple[bytes, float]:
 
 def test_ordinary_photos_keep_their_latency_beside_stalled_uploads_and_bombs(server, photo_urls):
     photo = photo_urls[0]
+    # The schema worker is up before the bombs: its start is not counted against the sixth.
+    assert ask(server, photo, response_format={"type": "json_schema", "json_schema": {
+        "name": "r", "schema": {"type": "object"}}})[0] == 200
     idle = [ask(server, photo)[1] for _ in range(4)][1:]
     idle_p50 = statistics.median(idle)
     scan_bomb = data_url(jpeg_scan_bomb(20_000))
@@ -88,7 +91,9 @@ def test_ordinary_photos_keep_their_latency_beside_stalled_uploads_and_bombs(ser
     assert all(status == 200 for status, _, _ in busy), busy
     busy_s = [took for _, took, _ in busy]
     assert statistics.median(busy_s) < max(1.0, 3 * idle_p50), (idle, busy_s)
-    assert max(busy_s) < 3.0, busy_s
+    # Held behind the bombs, a request would wait seconds per compile (six, 2 s each); the
+    # bound leaves room for a loaded 2-core machine, where one core compiles.
+    assert max(busy_s) < max(4.0, 4 * max(idle)), (idle, busy_s)
     for i, (line, took) in enumerate(stalled):
         # a stalled body stops short of its Content-Length (400); a trickle is too slow (408)
         assert line.split(b" ")[1:2] == ([b"408"] if i % 2 else [b"400"]), line

@@ -101,15 +101,18 @@ def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, p
         the semaphore is released at its first event. An answer cut off by the engine's death
         ends as vLLM ends it: an error event, then ``[DONE]``."""
         events = []
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body(IN_FLIGHT_TOKENS, True),
-                          headers={**headers, "x-session-id": session}, timeout=120) as r:
-            if r.status_code != 200:
-                return r.status_code, [r.read().decode()]
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
-                    if len(events) == 1:
-                        streaming.release()
+        try:  # one that had not reached the engine waits for the new replica, as `after-*` do
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body(IN_FLIGHT_TOKENS, True),
+                              headers={**headers, "x-session-id": session}, timeout=WAIT_BOUND_S) as r:
+                if r.status_code != 200:
+                    return r.status_code, [r.read().decode()]
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 1:
+                            streaming.release()
+        except httpx.HTTPError as exc:
+            return -1, [repr(exc)]
         return 200, events
 
     def responses_in_flight(session: str) -> tuple[int, list[tuple[str | None, str]]]:
@@ -118,17 +121,20 @@ def test_requests_wait_for_the_replacement_of_the_only_replica(single_replica, p
         events, name = [], None
         request = {"model": "skingpt4", "input": "Describe the lesion in detail.",
                    "max_output_tokens": IN_FLIGHT_TOKENS, "temperature": 1.0, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/responses", json=request,
-                          headers={**headers, "x-session-id": session}, timeout=120) as r:
-            if r.status_code != 200:
-                return r.status_code, [(None, r.read().decode())]
-            for line in r.iter_lines():
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    events.append((name, line[6:]))
-                    if name == "response.output_text.delta" and len(events) < 6:
-                        streaming.release()
+        try:
+            with httpx.stream("POST", f"{base}/v1/responses", json=request,
+                              headers={**headers, "x-session-id": session}, timeout=WAIT_BOUND_S) as r:
+                if r.status_code != 200:
+                    return r.status_code, [(None, r.read().decode())]
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        name = line[7:]
+                    elif line.startswith("data: "):
+                        events.append((name, line[6:]))
+                        if name == "response.output_text.delta" and len(events) < 6:
+                            streaming.release()
+        except httpx.HTTPError as exc:
+            return -1, [(None, repr(exc))]
         return 200, events
 
     assert chat(4, "warm", 120)[0] == 200
