@@ -195,25 +195,33 @@ def wanted(label: str, which: str) -> bool:
 
 
 def profiled_pids(root: int, which: str = "engine") -> dict[int, str]:
-    """The processes of ``root``'s tree (``root`` included) to sample: pid -> label
-    (``VLLM::EngineCore``, ``ray::ProxyActor``, ...)."""
-    found = {}
-    top = psutil.Process(root)
-    for proc in [top, *top.children(recursive=True)]:
+    """The processes of ``root``'s tree to sample: pid -> label (``VLLM::EngineCore``,
+    ``ray::ProxyActor``, ...; ``server`` for ``root`` itself, as the run's CPU measurement
+    names it)."""
+    found = {root: "server"} if which in ("front", "all") else {}
+    for proc in psutil.Process(root).children(recursive=True):
         label = process_label(proc)
         if wanted(label, which):
             found[proc.pid] = label
     return found
 
 
+READY = "Sampling process"  # what py-spy record prints once it samples
+READY_TIMEOUT_S = 120.0
+
+
 class Recorders:
     """One ``py-spy record`` per process, from ``start`` to ``stop`` (SIGINT: py-spy writes its
-    file and exits)."""
+    file and exits). Each is started, and sampling, before the next starts: py-spy reads a large
+    process's memory maps first, which on a busy core can take long enough for it to give up
+    when all start at once. py-spy's own output goes to ``<file>.log``; a process it could not
+    attach to is named in :attr:`failed`."""
 
     def __init__(self, pids: dict[int, str], folder: Path, rate: int) -> None:
         self.pids, self.folder, self.rate = pids, folder, rate
         self.procs: list[subprocess.Popen] = []
         self.files: dict[int, Path] = {}
+        self.failed: dict[int, str] = {}
 
     def __enter__(self) -> Recorders:
         spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
@@ -222,12 +230,21 @@ class Recorders:
         self.folder.mkdir(parents=True, exist_ok=True)
         for pid, label in self.pids.items():
             path = self.folder / f"{label.replace('::', '-').replace(' ', '_')}-{pid}.txt"
+            log = path.with_suffix(".log")
             self.files[pid] = path
-            self.procs.append(subprocess.Popen(
-                [spy, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw",
-                 "--output", str(path), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(1.0)  # attached before the load starts
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [spy, "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw",
+                     "--output", str(path), "--nonblocking"],
+                    stdout=out, stderr=subprocess.STDOUT)
+            self.procs.append(proc)
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while READY not in log.read_text(errors="replace") and time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            if READY not in log.read_text(errors="replace"):
+                self.failed[pid] = log.read_text(errors="replace").strip()[-500:] or "no output"
         return self
 
     def __exit__(self, *exc) -> None:
@@ -261,6 +278,7 @@ async def profile_run(server: LaunchedTarget, cfg: ProfileConfig, concurrency: i
         stacks = sum((read_raw(recorders.files[pid]) for pid, of in pids.items() if of == label), Counter())
         processes[label] = {
             "label": label,
+            "not_sampled": {str(pid): why for pid, why in recorders.failed.items() if pids[pid] == label},
             # measured by the run itself, over the same requests
             "cpu_ms_per_request": 1000.0 * (usage.cpu_by_process or {}).get(label, 0.0) / max(answered, 1),
             "sampled_ms_per_request": 1000.0 * sum(stacks.values()) / cfg.rate / max(answered, 1),
@@ -290,6 +308,9 @@ def markdown(summary: dict) -> str:
             sampled = proc["sampled_ms_per_request"] or 1e-9
             for category, ms in proc["categories_ms_per_request"].items():
                 out.append(f"| `{proc['label']}` | {category} | {ms:.1f} | {100 * ms / sampled:.0f}% |")
+            if proc.get("not_sampled"):
+                out.append(f"| `{proc['label']}` | **not sampled: py-spy could not attach to "
+                           f"{len(proc['not_sampled'])} process(es)** | | |")
             out.append(f"| `{proc['label']}` | **sampled (Python threads)** | **{proc['sampled_ms_per_request']:.1f}** | |")
             out.append(f"| `{proc['label']}` | **measured CPU (all threads)** | **{proc['cpu_ms_per_request']:.1f}** | |")
         out.append("")

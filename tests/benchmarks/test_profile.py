@@ -12,6 +12,7 @@ from benchmarks.profile import (
     categorize,
     categorize_front,
     markdown,
+    profiled_pids,
     read_raw,
     wanted,
 )
@@ -110,3 +111,10 @@ def test_which_processes_are_sampled():
     assert [wanted(engine, w) for w in ("engine", "front", "all")] == [True, False, True]
     assert all(wanted(x, "front") and wanted(x, "all") and not wanted(x, "engine") for x in front)
     assert not any(wanted(x, w) for x in native for w in ("engine", "front", "all"))
+
+
+def test_the_server_process_itself_is_sampled_under_the_runs_own_name():
+    import os
+
+    assert profiled_pids(os.getpid(), "front")[os.getpid()] == "server"  # as cpu_by_process names it
+    assert os.getpid() not in profiled_pids(os.getpid(), "engine")
