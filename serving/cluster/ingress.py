@@ -177,7 +177,9 @@ class SkinGPT4Ingress(OpenAiIngress):
             yield f"data: {failure.body().decode()}\n\n"
 
     async def _process_llm_request(self, body, call_method: str, raw_request=None) -> Response:
-        from ray.llm._internal.serve.core.configs.openai_api_models import OpenAIHTTPException
+        from ray.llm._internal.serve.core.configs.openai_api_models import (
+            OpenAIHTTPException,
+        )
 
         try:
             return await super()._process_llm_request(body, call_method, raw_request)
