@@ -14,8 +14,8 @@
     python -m benchmarks live-vs-batch --num-requests 48 --concurrency 4 --batch-lines 200 --out bench-results/live-batch
     # where the engine's CPU goes (py-spy on vLLM's engine processes) at concurrency 1 and 32
     python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
-    # where Ray's front end's CPU goes (proxy, ingress, LLM replica), the engine on a core of its own
-    python -m benchmarks profile --target ray --processes front --pin-engine --concurrency 32 --out bench-results/profile-ray
+    # where Ray's front end's CPU goes (proxy, ingress, LLM replica actor)
+    python -m benchmarks profile --target ray --processes front --concurrency 32 --rate 100 --out bench-results/profile-ray
     # the pinned layout: the engine alone on the last core, the front end and the client on the rest
     python -m benchmarks sweep --targets embedded,ray --pin-engine --concurrency 32 --out bench-results/pinned
     # 12 MP phone photos, 32 at once: this project, plain vLLM, and an older checkout of it

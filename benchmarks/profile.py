@@ -4,8 +4,8 @@
     python -m benchmarks profile --concurrency 1,32 --out bench-results/profile
     # the same with the engine compiled (or --target embedded-all-cores: its threads on every core)
     python -m benchmarks profile --target embedded-compiled --out bench-results/profile-compiled
-    # Ray's front end with the engine on a core of its own, beside the embedded server's
-    python -m benchmarks profile --target ray --processes front --pin-engine --concurrency 32 --out bench-results/profile-ray
+    # the front end's processes: Ray's (unpinned: pinned, py-spy reads every Ray thread as idle)
+    python -m benchmarks profile --target ray --processes front --concurrency 32 --rate 100 --out bench-results/profile-ray
     python -m benchmarks profile --target embedded --processes front --pin-engine --concurrency 32 --out bench-results/profile-front
 
 The harness starts the target (``embedded`` unless ``--target``), warms it up, then for each
@@ -21,9 +21,9 @@ of :data:`FRONT_CATEGORIES` of its innermost frame that matches one (photos, Ray
 and serialisation, Ray Serve's machinery, Ray Serve LLM, metrics and logging, pydantic, vLLM's
 engine client, vLLM's OpenAI layer, the policy layer, the HTTP server, JSON, the event loop).
 Samples are converted to CPU milliseconds per answered request (samples / rate / answered), and
-the process's measured CPU time per request is written beside them. The two differ both ways: native threads without a Python frame (OpenMP
-workers) are not sampled, and a thread spinning on ``sched_yield`` is sampled as busy while it
-hands most of its core to others.
+the process's measured CPU time per request is written beside them. The two differ both ways:
+native threads without a Python frame (OpenMP workers, Ray's core worker) are not sampled, and a
+thread spinning on ``sched_yield`` is sampled as busy while it hands most of its core to others.
 
 Writes ``profile.json`` (per run: the categories, the top stacks, the load's summary, the
 machine) and ``profile.md`` (the table of ``docs/benchmarks.md``). ``py-spy`` must be installed
