@@ -173,7 +173,7 @@ def read_raw(path: Path) -> Counter:
     return stacks
 
 
-def breakdown(stacks: Counter, rate: int, answered: int, label: str = "VLLM::Worker") -> dict[str, float]:
+def breakdown(stacks: Counter, rate: int, answered: int, label: str) -> dict[str, float]:
     """CPU milliseconds per answered request by category (``label``: the process's kind)."""
     per_category: Counter = Counter()
     for stack, samples in stacks.items():
@@ -239,12 +239,11 @@ class Recorders:
                     stdout=out, stderr=subprocess.STDOUT)
             self.procs.append(proc)
             deadline = time.monotonic() + READY_TIMEOUT_S
-            while READY not in log.read_text(errors="replace") and time.monotonic() < deadline:
-                if proc.poll() is not None:
+            while READY not in (said := log.read_text(errors="replace")):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    self.failed[pid] = said.strip()[-500:] or "no output"
                     break
                 time.sleep(0.1)
-            if READY not in log.read_text(errors="replace"):
-                self.failed[pid] = log.read_text(errors="replace").strip()[-500:] or "no output"
         return self
 
     def __exit__(self, *exc) -> None:

@@ -49,7 +49,8 @@ def test_raw_samples_become_milliseconds_per_request(tmp_path):
     raw.write_text("".join(f"{stack} {n}\n" for stack, n in STACKS.items()) + "garbage line\n")
     stacks = read_raw(raw)
     assert stacks == Counter(STACKS) and read_raw(tmp_path / "missing.txt") == Counter()
-    ms = breakdown(stacks, rate=100, answered=2)  # 100 Hz: a sample is 10 ms; 2 requests
+    # 100 Hz: a sample is 10 ms; 2 requests
+    ms = breakdown(stacks, rate=100, answered=2, label="VLLM::Worker")
     assert ms["vision encoder (EVA ViT, Q-Former, projection)"] == 150.0
     assert ms[OTHER] == 10.0 and abs(sum(ms.values()) - 10 * 110 / 2) < 1e-9
     assert list(ms)[0].startswith("language model")  # largest first

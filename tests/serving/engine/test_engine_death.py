@@ -62,7 +62,6 @@ def stream_events(server, route: str, started: threading.Event, first_delta: thr
                     name = None
         except httpx.TransportError as exc:
             events.append(("dropped", type(exc).__name__))
-    started.set()
     first_delta.set()
     return events, time.monotonic() - killed[0] if killed else None
 
