@@ -45,6 +45,7 @@ FLAGS = {f.name: f for f in (
     Flag("port", "server", "port", int),
     Flag("enforce-eager", "server", "enforce_eager"),
     Flag("cpu-compile", "server", "cpu_compile"),
+    Flag("cpu-worker-process", "server", "cpu_worker_process"),
     Flag("gpu-memory-utilization", "server", "gpu_memory_utilization", float),
     Flag("quantization", "server", "quantization"),
     Flag("max-inflight-mb", "policy", "max_inflight_bytes", int, 2**20, " MiB"),
@@ -72,7 +73,8 @@ FLAGS = {f.name: f for f in (
 
 # The flags ``serve`` and ``batch`` share: the model, its photos and its engine.
 MODEL_FLAGS = ("model-name", "max-images-per-request", "allowed-media-domains", "max-image-pixels",
-               "dtype", "max-model-len", "max-num-seqs", "tensor-parallel-size", "cpu-compile")
+               "dtype", "max-model-len", "max-num-seqs", "tensor-parallel-size", "cpu-compile",
+               "cpu-worker-process")
 # The Batch and Files API's store and limits (``serve``).
 BATCH_API_FLAGS = ("data-dir", "data-key-file", "file-retention-hours", "max-file-mb",
                    "max-batch-lines", "max-files-per-key", "max-storage-gb-per-key",

@@ -18,7 +18,8 @@ all of them.
 
 Where the engine runs decides a few of them. On a GPU (CUDA present): CUDA graphs (eager only
 with ``enforce_eager``), vLLM's own KV-cache block size, ``gpu_memory_utilization`` passed on.
-On a CPU: eager, 32-token blocks, ``VLLM_CPU_KVCACHE_SPACE`` (1 GiB unless set) and, for tensor
+On a CPU: eager, 32-token blocks, one engine process for one rank (vLLM's model worker inside
+its engine core: :mod:`serving.engine.cpu_executor`), ``VLLM_CPU_KVCACHE_SPACE`` (1 GiB unless set) and, for tensor
 parallel, a per-rank thread binding when vLLM's NUMA-based one cannot work. Both: ``dtype``
 ``auto`` (the model folder's ``config.json``) and ``quantization`` passed on. docs/gpu.md sizes
 GPU deployments.
@@ -48,6 +49,8 @@ CPU_BLOCK_SIZE = 32
 NO_MEDIA_DOMAINS = ("media.invalid",)
 MIDDLEWARE = "serving.api.middleware.RequestPolicyMiddleware"
 NUMA_NODES = Path("/sys/devices/system/node")
+# serving.engine.cpu_executor.QUALNAME, named here without importing vLLM.
+INLINE_CPU_EXECUTOR = "serving.engine.cpu_executor.InlineCPUExecutor"
 
 
 class EngineConfig(BaseModel):
@@ -82,6 +85,13 @@ class EngineConfig(BaseModel):
         description="On a CPU, compile the language model (vLLM's torch.compile mode, inductor "
         "C++ kernels) instead of running eager: a slower start; docs/benchmarks.md measures "
         "both. No effect on a GPU.",
+    )
+    cpu_worker_process: bool = Field(
+        default=False,
+        description="On a CPU, run vLLM's model worker in a process of its own beside the "
+        "engine core, as vLLM does, instead of in the engine core's process "
+        "(serving.engine.cpu_executor): more CPU per request; docs/benchmarks.md measures both. "
+        "Tensor parallel always has one process per rank. No effect on a GPU.",
     )
     gpu_memory_utilization: float | None = Field(
         default=None, gt=0, le=1,
@@ -129,6 +139,8 @@ class EngineConfig(BaseModel):
             # Each rank encodes its share of the photos instead of all of them (the vision stack
             # is replicated, not sharded); the embeddings are gathered on every rank.
             options["mm_encoder_tp_mode"] = "data"
+        if not on_gpu and self.tensor_parallel_size == 1 and not self.cpu_worker_process:
+            options["distributed_executor_backend"] = INLINE_CPU_EXECUTOR
         if self.enforce_eager or not (on_gpu or self.cpu_compile):
             options["enforce_eager"] = True
         if on_gpu and self.gpu_memory_utilization is not None:

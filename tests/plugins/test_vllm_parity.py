@@ -135,21 +135,27 @@ def test_prompt_logprobs_and_penalties_over_image_positions(engines, photos):
     assert got == want
 
 
-def test_the_compiled_cpu_engine_matches_reference(tiny_checkpoints, photos):
-    """``serve --cpu-compile``'s engine options (vLLM's compiled CPU mode instead of eager) give
-    the reference's tokens: one photo, and two in one prompt."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_served_cpu_engine_matches_reference(tiny_checkpoints, photos, compiled):
+    """``serve``'s CPU engine options give the reference's tokens, one photo and two in one
+    prompt: the model run inside the engine core's process (``serving.engine.cpu_executor``, no
+    ``VLLM::Worker``), eager and with ``--cpu-compile`` (vLLM's compiled CPU mode)."""
+    import psutil
     from vllm import LLM
 
     from benchmarks.reference import ReferencePipeline
     from serving.engine.offline import generate_engine_kwargs
-    from serving.engine.server import EngineConfig
+    from serving.engine.server import INLINE_CPU_EXECUTOR, EngineConfig
 
     folder = tiny_checkpoints["llama"]
-    config = EngineConfig(model=str(folder), dtype="float32", max_model_len=1024, cpu_compile=True)
+    config = EngineConfig(model=str(folder), dtype="float32", max_model_len=1024, cpu_compile=compiled)
     kwargs = generate_engine_kwargs(config, 2, on_gpu=False, seed=0)
-    assert "enforce_eager" not in kwargs
+    assert ("enforce_eager" not in kwargs) is compiled
+    assert kwargs["distributed_executor_backend"] == INLINE_CPU_EXECUTOR
     llm = LLM(**kwargs)
     try:
+        titles = {" ".join(p.cmdline()[:1]) for p in psutil.Process().children(recursive=True)}
+        assert "VLLM::EngineCore" in titles and "VLLM::Worker" not in titles, titles
         ref = ReferencePipeline(folder)
         for prompt, images in (
             (build_prompt([("user", image_question())]), [photos[0]]),

@@ -142,6 +142,25 @@ def test_cpu_defaults(monkeypatch):
     assert compiled.engine_options(on_gpu=True) == EngineConfig(**GPU_CONFIG).engine_options(on_gpu=True)
 
 
+def test_a_cpu_engine_of_one_rank_runs_its_model_in_the_engine_core_process():
+    """vLLM's worker inside the engine core (serving.engine.cpu_executor) for one rank on a CPU;
+    vLLM's own executors for tensor parallel, on a GPU, and with --cpu-worker-process."""
+    from serving.engine.server import INLINE_CPU_EXECUTOR
+
+    one = EngineConfig(model="m").engine_options(on_gpu=False)
+    assert one["distributed_executor_backend"] == INLINE_CPU_EXECUTOR
+    argv = EngineConfig(model="m").vllm_args(on_gpu=False)
+    assert argv[argv.index("--distributed-executor-backend") + 1] == INLINE_CPU_EXECUTOR
+    for config, on_gpu in ((EngineConfig(model="m"), True),
+                           (EngineConfig(model="m", tensor_parallel_size=2), False),
+                           (EngineConfig(model="m", cpu_worker_process=True), False)):
+        assert "distributed_executor_backend" not in config.engine_options(on_gpu=on_gpu)
+    # The name vLLM resolves is the class (importing it imports vLLM, so only here).
+    from serving.engine import cpu_executor
+
+    assert cpu_executor.QUALNAME == INLINE_CPU_EXECUTOR
+
+
 @pytest.mark.parametrize("ranks, cpus, binding", [
     (2, {0, 1}, "0|1"),
     (2, range(8), "0-3|4-7"),
@@ -201,16 +220,16 @@ def test_serve_flags_reach_the_config(monkeypatch, tiny_checkpoints):
     monkeypatch.setattr(serving.engine.server, "run_embedded", run_embedded)
     model = str(tiny_checkpoints["llama"])
     assert main(["serve", model, "--port", "0", "--enforce-eager", "--gpu-memory-utilization",
-                 "0.8", "--quantization", "fp8", "--cpu-compile"]) == 0
+                 "0.8", "--quantization", "fp8", "--cpu-compile", "--cpu-worker-process"]) == 0
     config = seen["c"]
     assert (config.enforce_eager, config.gpu_memory_utilization, config.quantization) == (True, 0.8, "fp8")
-    assert config.cpu_compile is True
+    assert config.cpu_compile is True and config.cpu_worker_process is True
     assert config.dtype == "auto"
     seen.clear()
     assert main(["serve", model, "--port", "0"]) == 0
     assert (seen["c"].enforce_eager, seen["c"].gpu_memory_utilization, seen["c"].quantization) == (
         False, None, None)
-    assert seen["c"].cpu_compile is False
+    assert seen["c"].cpu_compile is False and seen["c"].cpu_worker_process is False
 
 
 def test_tiny_checkpoint_names_its_dtype(tiny_checkpoints):
