@@ -102,6 +102,13 @@ PRIVATE_RAY_NAMES = {
     "/v1/responses waits exactly as long.",
     "OpenAIHTTPException": "the exception Ray's ingress raises when that bound passes (a 408): "
     "caught so that every route answers the same 408 in the project's shape.",
+    "VLLMEngine": "Ray Serve LLM's vLLM engine class, which LLMServer takes as its engine_cls "
+    "(a documented constructor argument): subclassed so that a CPU replica's model runs in its "
+    "engine core's process as the embedded server's does (serving.engine.cpu_executor).",
+    "_start_async_llm_engine": "VLLMEngine's step from vLLM's config to its engine client, the "
+    "one point after Ray Serve LLM has set a CPU replica's executor to vLLM's two-process 'mp' "
+    "and before the executor class is looked up; no setting of Ray's chooses the executor on a "
+    "CPU.",
     "perform_graceful_shutdown": "the replica actor's stop method (Serve's controller calls "
     "it): a replica whose engine died drains and leaves at once, instead of after three failed "
     "health checks. Without it the replica is killed (ray.kill).",

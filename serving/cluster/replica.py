@@ -15,10 +15,12 @@ from functools import cached_property, partial
 from typing import Any
 
 import ray
+from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm.deployment import LLMServer
 
 from serving.api.errors import ServingError
 from serving.api.routes import ANSWER_ROUTES, CHAT, COMPLETIONS, RESPONSES
+from serving.engine.server import INLINE_CPU_EXECUTOR
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,24 @@ LEAVE_TIMEOUT_S = 60.0
 class EngineUnavailable(RuntimeError):
     """Raised by an LLM replica for a request that reached it after its engine died: nothing of
     the request ran, so the ingress may send it again."""
+
+
+class SkinGPT4Engine(VLLMEngine):
+    """Ray Serve LLM's vLLM engine, whose model runs inside its engine core's process on a CPU
+    when the ``LLMConfig``'s ``engine_kwargs`` ask for it
+    (:data:`serving.engine.server.INLINE_CPU_EXECUTOR`, as ``serve`` does embedded): Ray Serve LLM
+    sets every CPU replica's executor to vLLM's two-process ``mp`` when it turns the
+    ``engine_kwargs`` into vLLM's arguments, so the choice is made again here, on vLLM's config,
+    just before the executor class is looked up. One rank only; anything else is left as Ray set
+    it."""
+
+    def _start_async_llm_engine(self, vllm_engine_args, vllm_engine_config, placement_group):
+        wanted = self.llm_config.engine_kwargs.get("distributed_executor_backend")
+        parallel = vllm_engine_config.parallel_config
+        if (wanted == INLINE_CPU_EXECUTOR and parallel.world_size == 1
+                and parallel.distributed_executor_backend == "mp"):
+            parallel.distributed_executor_backend = wanted
+        return super()._start_async_llm_engine(vllm_engine_args, vllm_engine_config, placement_group)
 
 
 class SkinGPT4Server(LLMServer):
@@ -53,6 +73,10 @@ class SkinGPT4Server(LLMServer):
     routers drop at once and the controller replaces at its next health check. No request is cut
     off by the kill: by then the replica accepts none.
     """
+
+    async def __init__(self, llm_config, *, engine_cls=None, model_downloader=None):
+        await super().__init__(llm_config, engine_cls=engine_cls or SkinGPT4Engine,
+                               model_downloader=model_downloader)
 
     async def start(self) -> None:
         self._engine_dead = False

@@ -57,6 +57,54 @@ def test_replicas_get_the_engine_options():
     assert "VLLM_CPU_KVCACHE_SPACE" in cpu.runtime_env["env_vars"]
 
 
+def test_a_cpu_replica_runs_its_model_in_its_engine_core_process(monkeypatch):
+    """Ray Serve LLM gives every CPU replica vLLM's two-process executor (``mp``);
+    SkinGPT4Engine, the replicas' engine class, puts back the one the engine options name
+    (serving.engine.cpu_executor) just before vLLM looks the executor up. Tensor parallel,
+    ``--cpu-worker-process`` and GPU replicas keep Ray's."""
+    from types import SimpleNamespace
+
+    from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+
+    from serving.cluster.app import RayAppArgs, llm_config
+    from serving.cluster.replica import SkinGPT4Engine
+    from serving.engine.server import INLINE_CPU_EXECUTOR
+
+    seen = []
+    monkeypatch.setattr(VLLMEngine, "_start_async_llm_engine", lambda self, args, config, group: seen.append(
+        config.parallel_config.distributed_executor_backend) or "client")
+
+    def executor(server: dict, accelerator: str = "cpu", ranks: int = 1, ray_set: str = "mp") -> str:
+        args = RayAppArgs.model_validate({"server": {"model": "/srv/m", **server},
+                                          "replicas": {"accelerator": accelerator}})
+        engine = SkinGPT4Engine.__new__(SkinGPT4Engine)
+        engine.llm_config = llm_config(args)
+        parallel = SimpleNamespace(world_size=ranks, distributed_executor_backend=ray_set)
+        assert engine._start_async_llm_engine(None, SimpleNamespace(parallel_config=parallel), None) == "client"
+        return seen.pop()
+
+    assert executor({}) == INLINE_CPU_EXECUTOR
+    assert executor({"cpu_worker_process": True}) == "mp"
+    assert executor({"tensor_parallel_size": 2}, ranks=2) == "mp"
+    assert executor({}, accelerator="gpu", ray_set="ray") == "ray"
+    # Ray Serve builds each replica with SkinGPT4Server's constructor, which names the engine.
+    import asyncio
+
+    from ray.serve.llm.deployment import LLMServer
+
+    from serving.cluster.replica import SkinGPT4Server
+
+    given = {}
+
+    async def init(self, config, *, engine_cls=None, model_downloader=None):
+        given["engine_cls"] = engine_cls
+
+    monkeypatch.setattr(LLMServer, "__init__", init)
+    config = llm_config(RayAppArgs.model_validate({"server": {"model": "/srv/m"}}))
+    asyncio.run(SkinGPT4Server.__init__(SkinGPT4Server.__new__(SkinGPT4Server), config))
+    assert given["engine_cls"] is SkinGPT4Engine
+
+
 @pytest.mark.filterwarnings("ignore:coroutine 'LLMServer.__del__' was never awaited")
 def test_replicas_leave_when_their_engine_dies():
     """The LLM deployment is SkinGPT4Server: once its engine is dead it refuses requests before
