@@ -9,8 +9,9 @@ For each target (``reference``, ``hf-batched``, ``embedded``, ``ray``, ``vllm``,
 with ``--before-checkout``): start it once, warm it up, run the ``phone`` scenario at
 ``--phone-concurrency`` (32; ``embedded``, ``vllm`` and ``before`` only), the ``single``
 scenario at each concurrency (1, 4, 16, 32) and the ``consult`` scenario at
-``--consult-concurrency`` (1 and 4), stop it. ``vllm`` and ``before`` run only ``phone``: they
-are there to compare the API server's cost of full-size photos. Same weights (the ``bench``
+``--consult-concurrency`` (1 and 4), stop it. ``vllm`` runs only ``phone``: it is there to
+compare the API server's cost of full-size photos. ``before`` runs what ``embedded`` runs: the
+same server as an older commit wrote it, for an A/B in one sweep. Same weights (the ``bench``
 preset, built into ``artifacts/bench-<family>`` if missing), same photos, same client for every
 target. Writes into ``--out``: ``runs/<target>-<scenario>-c<N>.json``, ``summary.json``,
 ``sweep.png``, ``consult.png`` (TTFT and prefix-cache hit rate per consult turn), ``report.md``
@@ -71,7 +72,7 @@ from benchmarks.targets import (
 DEFAULT_TARGETS = ("reference", "hf-batched", "embedded", "ray", "vllm")
 DEFAULT_CONCURRENCY = (1, 4, 16, 32)
 PHONE_TARGETS = ("embedded", "vllm", "before")
-PHONE_ONLY_TARGETS = frozenset({"vllm", "before"})
+PHONE_ONLY_TARGETS = frozenset({"vllm"})
 """Targets that stand in the phone comparison only, not in the sweep against the HF baselines."""
 WARMUP_SEED = 1_000_000  # warm-up photos never appear in a measured run
 SEEDS_PER_RUN = 10_000

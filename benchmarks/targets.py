@@ -19,6 +19,8 @@ gets SIGTERM, then its process group and any descendant that left it (Ray's work
 | `vllm`       | vLLM's own OpenAI server on the same folder: no middleware, vLLM's defaults |
 | `embedded-compiled` | ``serving.cli serve --cpu-compile``: the engine compiled, not eager |
 | `embedded-all-cores` | ``serving.cli serve`` with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``: the engine's threads on every core |
+| `embedded-worker-process` | ``serving.cli serve --cpu-worker-process``: vLLM's model worker in a process of its own |
+| `ray-worker-process` | ``serving.cli serve --ray --replicas 1 --cpu-worker-process``: the same on Ray |
 | `before`     | ``serving.cli serve`` of another checkout (``--before-checkout DIR``) |
 
 ``vllm`` runs ``vllm.entrypoints.launchers.api_server.entry.run_server`` from ``python -c`` with
@@ -73,9 +75,12 @@ TARGET_ARGS: dict[str, tuple[str, ...]] = {
     "vllm": ("-c", "{vllm_script}", "--model", "{model}", "--dtype", "float32", "--max-model-len", "2048",
              "--enforce-eager", "--host", "{host}", "--port", "{port}"),
     # The engine's CPU choices, against `embedded` (docs/benchmarks.md, "The engine's own speed"):
-    # compiled instead of eager, and the engine's OpenMP threads on every core (TARGET_ENV).
+    # compiled instead of eager, the engine's OpenMP threads on every core (TARGET_ENV), and
+    # vLLM's own two engine processes (its model worker beside the engine core).
     "embedded-compiled": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--cpu-compile"),
     "embedded-all-cores": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32"),
+    "embedded-worker-process": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--cpu-worker-process"),
+    "ray-worker-process": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "1", "--cpu-worker-process"),
     # `embedded` as another checkout has it (cwd and PYTHONPATH: the checkout).
     "before": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32"),
 }
