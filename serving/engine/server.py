@@ -19,10 +19,10 @@ all of them.
 Where the engine runs decides a few of them. On a GPU (CUDA present): CUDA graphs (eager only
 with ``enforce_eager``), vLLM's own KV-cache block size, ``gpu_memory_utilization`` passed on.
 On a CPU: eager, 32-token blocks, one engine process for one rank (vLLM's model worker inside
-its engine core: :mod:`serving.engine.cpu_executor`), ``VLLM_CPU_KVCACHE_SPACE`` (1 GiB unless set) and, for tensor
-parallel, a per-rank thread binding when vLLM's NUMA-based one cannot work. Both: ``dtype``
-``auto`` (the model folder's ``config.json``) and ``quantization`` passed on. docs/gpu.md sizes
-GPU deployments.
+its engine core: :mod:`serving.engine.cpu_executor`), ``VLLM_CPU_KVCACHE_SPACE`` (1 GiB unless
+set) and, for tensor parallel, a per-rank thread binding when vLLM's NUMA-based one cannot
+work. Both: ``dtype`` ``auto`` (the model folder's ``config.json``) and ``quantization`` passed
+on. docs/gpu.md sizes GPU deployments.
 """
 
 from __future__ import annotations
