@@ -344,6 +344,7 @@ def cmd_live(args, argv: list[str]) -> int:
 def cmd_profile(args, argv: list[str]) -> int:
     cfg = ProfileConfig(
         out=args.out, model=ensure_model(args.model, args.family), target=args.target,
+        checkout=args.before_checkout if args.target in CHECKOUT_TARGETS else None,
         concurrency=args.concurrency, num_requests=args.num_requests, max_tokens=args.max_tokens,
         image_size=args.image_size or DEFAULT_IMAGE_SIZE, rate=args.rate,
         startup_timeout_s=args.startup_timeout_s, request_timeout_s=args.request_timeout_s,

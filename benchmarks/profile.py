@@ -121,6 +121,8 @@ class ProfileConfig:
     out: Path
     model: Path
     target: str = "embedded"
+    checkout: Path | None = None
+    """The checkout the ``before`` target runs (``--before-checkout``)."""
     concurrency: tuple[int, ...] = (1, 32)
     num_requests: int | None = None
     """Per run; ``None``: ``max(16, 3 x concurrency)``."""
@@ -317,7 +319,7 @@ def markdown(summary: dict) -> str:
 
 
 async def run_profile(cfg: ProfileConfig) -> dict:
-    target = Target.named(cfg.target, cfg.model)
+    target = Target.named(cfg.target, cfg.model, checkout=cfg.checkout)
     with LaunchedTarget(target, cfg.out / "logs" / f"{cfg.target}.log",
                         startup_timeout_s=cfg.startup_timeout_s, layout=cfg.layout) as server:
         warm = LoadConfig(max_concurrency=2, max_tokens=cfg.max_tokens, show_progress=False)
