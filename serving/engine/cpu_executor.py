@@ -26,8 +26,6 @@ import os
 
 from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
-QUALNAME = f"{__name__}.InlineCPUExecutor"
-
 
 class InlineCPUExecutor(UniProcExecutor):
     """vLLM's one-process executor with the CPU worker's thread count and binding."""

@@ -49,7 +49,7 @@ CPU_BLOCK_SIZE = 32
 NO_MEDIA_DOMAINS = ("media.invalid",)
 MIDDLEWARE = "serving.api.middleware.RequestPolicyMiddleware"
 NUMA_NODES = Path("/sys/devices/system/node")
-# serving.engine.cpu_executor.QUALNAME, named here without importing vLLM.
+# serving.engine.cpu_executor.InlineCPUExecutor's import path, named here without importing vLLM.
 INLINE_CPU_EXECUTOR = "serving.engine.cpu_executor.InlineCPUExecutor"
 
 

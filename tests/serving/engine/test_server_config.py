@@ -156,9 +156,9 @@ def test_a_cpu_engine_of_one_rank_runs_its_model_in_the_engine_core_process():
                            (EngineConfig(model="m", cpu_worker_process=True), False)):
         assert "distributed_executor_backend" not in config.engine_options(on_gpu=on_gpu)
     # The name vLLM resolves is the class (importing it imports vLLM, so only here).
-    from serving.engine import cpu_executor
+    from serving.engine.cpu_executor import InlineCPUExecutor
 
-    assert cpu_executor.QUALNAME == INLINE_CPU_EXECUTOR
+    assert f"{InlineCPUExecutor.__module__}.{InlineCPUExecutor.__qualname__}" == INLINE_CPU_EXECUTOR
 
 
 @pytest.mark.parametrize("ranks, cpus, binding", [
