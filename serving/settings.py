@@ -54,6 +54,8 @@ the answer), quiet unless asked; a level the user set is kept."""
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 # Request routers of the Ray LLM deployment (serving.cluster.routers.ROUTERS): the CLI offers these.
 RAY_ROUTINGS = ("session", "prefix", "pow2")
+# What Serve's proxy sends a request to (serving.cluster.app.ReplicaSettings.ingress).
+RAY_INGRESSES = ("deployment", "replica")
 
 
 def serve_policy_json(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -84,6 +86,7 @@ __all__ = [
     "SEP", "RESERVED_TOKENS", "IMAGE_PLACEHOLDER", "IMAGE_PAD", "LLM_FAMILIES",
     "API_KEY_ENV", "POLICY_ENV", "KVCACHE_ENV", "DEFAULT_CPU_KVCACHE_GIB", "HOST_IP_ENV",
     "LOOPBACK_IP", "CPU_THREADS_BIND_ENV", "LOGGING_STREAM_ENV", "LOGGING_LEVEL_ENV", "RAY_ADDRESS_ENV", "RAY_ROUTINGS",
+    "RAY_INGRESSES",
     "api_keys", "api_key", "serve_policy_json", "cpu_kvcache_gib", "ray_address",
 ]
 

@@ -34,6 +34,11 @@ def add_serving_commands(sub) -> None:
                        help="which replica a request goes to (--ray): session (x-session-id, "
                        "else prefix affinity; default), prefix (prefix affinity), pow2 (Ray "
                        "Serve's default, the less loaded of two random replicas)")
+    serve.add_argument("--ingress", choices=settings.RAY_INGRESSES, default="deployment",
+                       help="what Serve's proxy sends a request to (--ray): deployment (an "
+                       "ingress deployment that calls the LLM replicas; default) or replica (the "
+                       "LLM replicas themselves, one hop fewer: no prefix routing, and --data-dir "
+                       "needs one replica)")
     serve.set_defaults(func=run_serve)
 
     demo = sub.add_parser("demo", help="tiny checkpoint, server, one streamed diagnosis, stop")

@@ -58,12 +58,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
 from ray.serve.deployment import Application
-from ray.serve.llm import LLMConfig, build_openai_app
+from ray.serve.llm import LLMConfig, build_llm_deployment, build_openai_app
 
 from serving import settings
 from serving.cluster.ingress import SkinGPT4Ingress
 from serving.cluster.replica import DRAIN_POLL_S, SkinGPT4Server
+from serving.cluster.replica_ingress import SkinGPT4HttpServer
 from serving.cluster.routers import ROUTERS
 from serving.engine.server import EngineConfig
 
@@ -154,6 +156,23 @@ class ReplicaSettings(BaseModel):
         "pow2: Ray Serve's default (the less loaded of two random replicas).",
     )
 
+    ingress: Literal[settings.RAY_INGRESSES] = Field(  # the names once: serving.settings
+        default="deployment",
+        description="deployment: Serve's proxy sends each request to an ingress deployment "
+        "(the request policy), which calls an LLM replica; replica: Serve's proxy sends it "
+        "straight to an LLM replica, which runs the request policy itself (one actor hop fewer "
+        "per streamed message; no prefix routing, and the Batch API needs exactly one replica: "
+        "serving.cluster.replica_ingress).",
+    )
+
+    @model_validator(mode="after")
+    def _routing_the_proxy_can_do(self) -> ReplicaSettings:
+        if self.ingress == "replica" and self.routing == "prefix":
+            raise ValueError("routing 'prefix' reads the request body, and with ingress 'replica' "
+                             "Serve's proxy picks the replica before the body is read; use "
+                             "routing 'session' (x-session-id) or 'pow2', or ingress 'deployment'")
+        return self
+
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> ReplicaSettings:
         autoscaled = self.min_replicas is not None or self.max_replicas is not None
@@ -212,6 +231,15 @@ class RayAppArgs(BaseModel):
     )
     replicas: ReplicaSettings = Field(default_factory=ReplicaSettings)
 
+    @model_validator(mode="after")
+    def _one_batch_api_store(self) -> RayAppArgs:
+        if (self.replicas.ingress == "replica" and self.server.policy.data_dir
+                and self.replicas.bounds != (1, 1)):
+            raise ValueError("with ingress 'replica' the Batch API (a data folder) runs inside the "
+                             "LLM replica and needs exactly one; give one replica, or ingress "
+                             "'deployment', whose ingress keeps the Batch API for every replica")
+        return self
+
 
 def engine_environment(config: EngineConfig, accelerator: str) -> dict[str, str]:
     """Environment of the LLM replicas: vLLM's image limits and, on CPUs, the KV cache size.
@@ -259,8 +287,15 @@ def llm_config(args: RayAppArgs) -> LLMConfig:
 
 
 def build_serve_app(args: RayAppArgs) -> Application:
-    """The Ray Serve application: ``build_openai_app`` with the policy-enforcing ingress."""
+    """The Ray Serve application: ``build_openai_app`` with the policy-enforcing ingress, or
+    with ``ingress: replica`` LLM replicas that are their own ingress
+    (:mod:`serving.cluster.replica_ingress`)."""
     policy = args.server.served_policy()
+    if args.replicas.ingress == "replica":
+        return build_llm_deployment(
+            llm_config(args), name_prefix=f"{SkinGPT4HttpServer.__name__}:",
+            deployment_cls=serve.ingress()(SkinGPT4HttpServer),  # Serve's late-bound ingress
+            bind_kwargs={"policy": policy.model_dump(mode="json")})
     config: dict[str, Any] = {
         "llm_configs": [llm_config(args)],
         "ingress_cls_config": {

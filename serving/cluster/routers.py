@@ -3,7 +3,9 @@
 :class:`SessionAffinityRouter` (``session``, the default) sends every turn of a consult sent with
 an ``x-session-id`` header to the replica holding its prefix, and a request without one follows
 prefix affinity; :class:`PrefixAffinityRouter` (``prefix``) is prefix affinity only. Both read
-Responses requests and see photos. Ray Serve imports them by path: :data:`ROUTERS`, the paths of
+Responses requests and see photos; a request that reaches them as HTTP, not as a parsed body
+(replicas that are their own ingress), goes by its session id, else to the less loaded of two
+random replicas. Ray Serve imports them by path: :data:`ROUTERS`, the paths of
 ``request_router_config``, computed from the classes themselves.
 """
 
@@ -58,11 +60,30 @@ class PrefixAffinityRouter(PrefixCacheAffinityRouter):
         # `prompt` is a stored-prompt reference (always None here), on which Ray's raises. Its
         # text is chat's for the same conversation: the policy's one Responses -> chat
         # translation (`as_chat_messages`, which the max_tokens check also counts by).
+        # A request whose body the router cannot read (Serve's proxy routing an HTTP request to
+        # a replica that is its own ingress, ReplicaSettings.ingress "replica") has no text: None,
+        # which Ray's on_request_routed skips.
+        if not has_body(pending_request):
+            return None
         for arg in pending_request.args:
             if hasattr(arg, "input") and hasattr(arg, "instructions"):
                 body = {"instructions": arg.instructions, "input": arg.input}
                 return self._normalize_prompt_to_string(as_chat_messages(body))
         return super()._extract_text_from_request(pending_request)
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        if pending_request is not None and not has_body(pending_request):
+            # Nothing to match a prefix on: the less loaded of two random replicas, as Ray's
+            # router does for a request without one.
+            return await super().choose_replicas(candidate_replicas, None)
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+
+def has_body(pending_request) -> bool:
+    """Whether a request reaches the router as a parsed body the prefix router reads (chat's
+    ``messages``, completions' ``prompt``, a Responses request's ``input``), not as HTTP."""
+    return any(hasattr(arg, name) for arg in pending_request.args or ()
+               for name in ("messages", "prompt", "input"))
 
 
 class SessionAffinityRouter(PrefixAffinityRouter):

@@ -146,6 +146,9 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> EngineConfig:
 
 
 def config_error(exc) -> str:
-    """A pydantic ``ValidationError`` of the server config as one line: ``field: problem``."""
+    """A pydantic ``ValidationError`` of the server config as one line: ``field: problem``, or
+    the problem alone for a check across fields."""
     error = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+    where = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")  # a check of several fields: no field
+    return f"{where}: {message}" if where else message

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[3]
 CLUSTER = REPO / "serving" / "cluster"
 APP = CLUSTER / "app.py"  # the table
 # The modules that subclass or call into Ray's classes (by Ray role), and the app builder.
-MODULES = tuple(CLUSTER / f"{name}.py" for name in ("routers", "replica", "ingress", "app"))
+MODULES = tuple(CLUSTER / f"{name}.py"
+                for name in ("routers", "replica", "replica_ingress", "ingress", "app"))
 # The Ray modules whose classes the cluster code subclasses or calls into.
 RAY_MODULES = (
     "llm/_internal/serve/core/ingress/ingress.py",

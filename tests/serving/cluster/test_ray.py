@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -641,6 +642,75 @@ def test_routing_flag_reaches_the_replica_settings():
         parser.parse_args(["serve", "m", "--ray", "--routing", "random"])
 
 
+def test_replicas_as_their_own_ingress(monkeypatch):
+    """``ingress: replica``: the app is the LLM deployment itself, built by Ray Serve LLM's
+    ``build_llm_deployment`` as a late-bound Serve ingress of :class:`SkinGPT4HttpServer`, with
+    the policy as a constructor argument (never in a runtime_env) and the replica settings'
+    router and count; flags that cannot work in that layout are refused before Ray starts."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from serving.cluster.app import RayAppArgs, ReplicaSettings, build_serve_app
+    from serving.cluster.replica_ingress import SkinGPT4HttpServer
+
+    # Ray Serve LLM reads the driver's runtime_env while it builds a deployment, which would
+    # start a Ray instance in this process: this test builds the app without one.
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(runtime_env={}))
+
+    server = {"model": "/srv/m", "policy": {"api_keys": ["secret"]}}
+    args = RayAppArgs.model_validate({"server": server, "replicas": {
+        "accelerator": "cpu", "num_replicas": 2, "ingress": "replica"}})
+    app = build_serve_app(args)
+    deployment = app._bound_deployment  # Serve's Application holds the one deployment it runs
+    assert deployment.name.startswith("SkinGPT4HttpServer:")
+    assert issubclass(deployment.func_or_class, SkinGPT4HttpServer)
+    assert hasattr(deployment.func_or_class, "__serve_build_asgi_app__")  # late-bound ingress
+    assert deployment.num_replicas == 2
+    router = deployment._deployment_config.request_router_config  # no public accessor
+    assert str(router.request_router_class).endswith("SessionAffinityRouter")
+    assert deployment.init_kwargs["policy"]["api_keys"] == ["secret"]
+    assert "secret" not in str(deployment.init_kwargs["llm_config"].runtime_env)
+    # The default layout keeps Ray Serve LLM's ingress deployment in front.
+    default = build_serve_app(RayAppArgs.model_validate({"server": server}))._bound_deployment
+    assert default.name == "SkinGPT4Ingress"
+
+    with pytest.raises(ValueError, match="picks the replica before the body is read"):
+        ReplicaSettings(ingress="replica", routing="prefix")
+    assert ReplicaSettings(ingress="replica", routing="pow2").routing == "pow2"
+    batch = {"model": "/srv/m", "policy": {"data_dir": "/srv/data"}}
+    for replicas in ({"num_replicas": 2}, {"min_replicas": 1, "max_replicas": 3}):
+        with pytest.raises(ValueError, match="needs exactly one"):
+            RayAppArgs.model_validate({"server": batch, "replicas": {"ingress": "replica", **replicas}})
+    RayAppArgs.model_validate({"server": batch, "replicas": {"ingress": "replica", "num_replicas": 1}})
+    RayAppArgs.model_validate({"server": batch, "replicas": {"num_replicas": 2}})  # deployment
+
+
+def test_ingress_flag_and_refused_combinations_on_the_command_line(tiny_checkpoints, tmp_path):
+    import typing
+
+    from serving import settings
+    from serving.cli import build_parser
+    from serving.cli.serve_ray import replica_settings_from_cli
+    from serving.cluster.app import ReplicaSettings
+
+    assert typing.get_args(ReplicaSettings.model_fields["ingress"].annotation) == settings.RAY_INGRESSES
+    parser = build_parser()
+    assert replica_settings_from_cli(parser.parse_args(["serve", "m", "--ray"]), "cpu").ingress == "deployment"
+    chosen = parser.parse_args(["serve", "m", "--ray", "--ingress", "replica"])
+    assert replica_settings_from_cli(chosen, "cpu").ingress == "replica"
+    # A combination that cannot work: one line and exit code 2, before Ray starts.
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "serve", str(tiny_checkpoints["llama"]), "--ray", "--ingress",
+         "replica", "--replicas", "2", "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "skingpt4 serve: with ingress 'replica' the Batch API (a data folder) runs inside the LLM "
+        "replica and needs exactly one")
+    assert "Traceback" not in done.stderr and not (tmp_path / "data").exists()
+
+
 def test_engine_metrics_and_image_model_card():
     """vLLM's engine metrics go out through Ray's metrics port, and the model card says the model
     takes images (Ray reads that from the model's config only inside the replicas)."""
@@ -682,6 +752,53 @@ def test_session_router_uses_the_ring_for_sessions_and_prefixes_otherwise():
         assert len(ranks) == 1 and len(ranks[0]) == 1
         assert asyncio.run(router.choose_replicas(replicas, request(session))) == ranks
     assert len({ranks[0][0].replica_id for ranks in chosen.values()}) >= 2  # spread over replicas
+
+
+def test_a_request_routed_as_http_goes_by_session_else_to_the_less_loaded_of_two():
+    """With replicas that are their own ingress, Serve's proxy routes the HTTP request, not a
+    parsed body: the session router still uses the ring for a session id; without one, neither
+    router raises on the missing text (Ray's prefix router would) and the pick is Ray's
+    power-of-two one, with nothing put in the prefix tree."""
+    import asyncio
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import (
+        PrefixCacheAffinityRouter,
+    )
+
+    from serving.cluster.routers import SessionAffinityRouter, has_body
+    from serving.cluster.routing import ConsultRing
+
+    router = SessionAffinityRouter.__new__(SessionAffinityRouter)  # no Ray: state set by hand
+    router.ring = ConsultRing(100, 0)
+    replica_id = namedtuple("ReplicaID", "unique_id")
+    replicas = [SimpleNamespace(replica_id=replica_id(f"r{i}")) for i in range(3)]
+    router.ring.update(r.replica_id for r in replicas)
+    http = SimpleNamespace(asgi_scope={"type": "http"})  # what the proxy hands on: no body
+
+    def request(session):
+        return SimpleNamespace(args=[http], metadata=SimpleNamespace(session_id=session),
+                               routing_context=SimpleNamespace(should_backoff=False))
+
+    assert not has_body(request(""))
+    assert has_body(SimpleNamespace(args=[SimpleNamespace(messages=[])]))
+    [[by_session]] = asyncio.run(router.choose_replicas(replicas, request("consult-a")))
+    assert by_session.replica_id == router.ring.ranked("consult-a")[0]
+    picks = []
+
+    async def pow2(self, candidates, pending_request=None):
+        picks.append(pending_request)
+        return [candidates[:2]]
+
+    original = PrefixCacheAffinityRouter.choose_replicas
+    PrefixCacheAffinityRouter.choose_replicas = pow2
+    try:
+        assert asyncio.run(router.choose_replicas(replicas, request(""))) == [replicas[:2]]
+    finally:
+        PrefixCacheAffinityRouter.choose_replicas = original
+    assert picks == [None]  # no pending request: Ray's router takes its power-of-two choice
+    assert router._extract_text_from_request(request("")) is None
 
 
 def test_prefix_routing_reads_a_responses_request_as_chat():
