@@ -14,8 +14,8 @@ gets SIGTERM, then its process group and any descendant that left it (Ray's work
 | `ray-affinity` | ``serving.cli serve --ray --replicas 2``: session affinity (``x-session-id``), else prefix |
 | `ray-prefix` | the same with ``--routing prefix``: prefix affinity only |
 | `ray-pow2`   | the same with ``--routing pow2``: Ray Serve's default power-of-two router |
-| `ray-one`    | ``benchmarks.ray_one_deployment``: one Serve deployment that is ingress and replica |
-| `ray-one-direct` | the same, clients straight to the replica (Ray's direct ingress, no proxy) |
+| `ray-one`    | ``serving.cli serve --ray --replicas 1 --ingress replica``: the LLM replica is the ingress |
+| `ray-one-direct` | the same, clients straight to the replica (``benchmarks.ray_one_deployment``: Ray's direct ingress, no proxy) |
 | `vllm`       | vLLM's own OpenAI server on the same folder: no middleware, vLLM's defaults |
 | `embedded-compiled` | ``serving.cli serve --cpu-compile``: the engine compiled, not eager |
 | `embedded-all-cores` | ``serving.cli serve`` with ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``: the engine's threads on every core |
@@ -67,9 +67,10 @@ TARGET_ARGS: dict[str, tuple[str, ...]] = {
     "ray-affinity": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2"),
     "ray-prefix": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2", "--routing", "prefix"),
     "ray-pow2": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "2", "--routing", "pow2"),
-    # Another Ray Serve layout, measured against `ray` (benchmarks/ray_one_deployment.py).
-    "ray-one": ("-m", "benchmarks.ray_one_deployment", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32"),
-    "ray-one-direct": ("-m", "benchmarks.ray_one_deployment", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--direct-ingress"),
+    # Ray Serve with LLM replicas that are their own ingress (one actor hop fewer), through
+    # Serve's proxy or straight to the replica (benchmarks/ray_one_deployment.py).
+    "ray-one": ("-m", "serving.cli", "serve", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32", "--ray", "--replicas", "1", "--ingress", "replica"),
+    "ray-one-direct": ("-m", "benchmarks.ray_one_deployment", "{model}", "--host", "{host}", "--port", "{port}", "--dtype", "float32"),
     # vLLM out of the box: what `vllm serve FOLDER` would run, with the same precision, context
     # and eager mode as `embedded` (whose --max-model-len default is 2048).
     "vllm": ("-c", "{vllm_script}", "--model", "{model}", "--dtype", "float32", "--max-model-len", "2048",
