@@ -32,24 +32,28 @@ logger = logging.getLogger(__name__)
 
 ENGINE_LABELS = ("VLLM::EngineCore", "VLLM::Worker")
 POLL_S = 0.5
-# An engine binds its model thread before it loads the model: long before this on any machine.
+# How long the watch waits for an engine process to appear (vLLM starts it within seconds), and
+# then for its model thread to be bound (vLLM binds it before it loads the model): an engine
+# still on every CPU after that keeps them all, and there is nothing to keep the front end off.
 WAIT_S = 1800.0
+BIND_WAIT_S = 120.0
 
 
-def engine_cpus(root: psutil.Process, allowed: set[int]) -> set[int] | None:
-    """The CPUs the engine processes under ``root`` run their model on (the affinity of each one's
-    main thread, where it is narrower than ``allowed``), or None while none is bound."""
-    found: set[int] = set()
+def engine_cpus(root: psutil.Process, allowed: set[int]) -> tuple[bool, set[int]]:
+    """Whether ``root`` has an engine process yet, and the CPUs those processes run their model
+    on: the affinity of each one's main thread where it is narrower than ``allowed``."""
+    seen, found = False, set()
     for proc in root.children(recursive=True):
         if not process_label(proc).startswith(ENGINE_LABELS):
             continue
+        seen = True
         try:
             cpus = os.sched_getaffinity(proc.pid)  # its main thread's
         except (ProcessLookupError, PermissionError):
             continue
         if cpus < allowed:
             found |= cpus
-    return found or None
+    return seen, found
 
 
 def bind_front(root: psutil.Process, cpus: set[int]) -> int:
@@ -72,14 +76,16 @@ def bind_front(root: psutil.Process, cpus: set[int]) -> int:
     return bound
 
 
-def _watch(root: psutil.Process, allowed: set[int], wait_s: float) -> None:
+def _watch(root: psutil.Process, allowed: set[int], wait_s: float, bind_wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        engine = engine_cpus(root, allowed)
-        if engine is not None:
+        seen, engine = engine_cpus(root, allowed)
+        if seen and not engine:
+            deadline = min(deadline, time.monotonic() + bind_wait_s)
+        if engine:
             front = allowed - engine
             if not front:
-                return  # the engine has every CPU: nothing to keep the front end off
+                return  # its ranks have every CPU: nothing to keep the front end off
             bind_front(root, front)
             time.sleep(POLL_S)
             bind_front(root, front)  # threads a thread started while the first pass ran
@@ -89,13 +95,14 @@ def _watch(root: psutil.Process, allowed: set[int], wait_s: float) -> None:
         time.sleep(POLL_S)
 
 
-def keep_front_off_engine(wait_s: float = WAIT_S) -> threading.Thread | None:
+def keep_front_off_engine(wait_s: float = WAIT_S,
+                          bind_wait_s: float = BIND_WAIT_S) -> threading.Thread | None:
     """Start the watch (see the module's text) for this process's engine; None where there is
     nothing to bind (a single CPU, or vLLM's binding turned off)."""
     allowed = os.sched_getaffinity(0)
     if len(allowed) < 2 or os.environ.get("VLLM_CPU_OMP_THREADS_BIND") == "nobind":
         return None
-    watch = threading.Thread(target=_watch, args=(psutil.Process(), set(allowed), wait_s),
-                             name="front-cpus", daemon=True)
+    watch = threading.Thread(target=_watch, args=(psutil.Process(), set(allowed), wait_s,
+                                                  bind_wait_s), name="front-cpus", daemon=True)
     watch.start()
     return watch

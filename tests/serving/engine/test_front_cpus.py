@@ -22,38 +22,58 @@ two_cpus = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
                               reason="keeping off the engine's CPUs needs at least two")
 
 
-@two_cpus
-def test_the_front_end_and_its_other_children_move_off_the_engines_cpus():
-    """In a process of its own (the binding would otherwise stay on the test run): a stand-in
-    engine bound to the first CPU, another child left free; after the watch, every thread of
-    the process and of the other child is on the remaining CPUs, and the engine is untouched."""
-    script = textwrap.dedent("""
-        import json, os, subprocess, time
-        from serving.engine.front_cpus import keep_front_off_engine
-        cpus = sorted(os.sched_getaffinity(0))
-        engine = subprocess.Popen(["taskset", "-c", str(cpus[0]), "bash", "-c",
-                                   "exec -a VLLM::EngineCore sleep 60"])
-        other = subprocess.Popen(["sleep", "60"])
-        time.sleep(0.5)
-        watch = keep_front_off_engine(wait_s=30)
-        watch.join(30)
-        print(json.dumps({
-            "cpus": cpus,
-            "self": sorted(os.sched_getaffinity(0)),
-            "other": sorted(os.sched_getaffinity(other.pid)),
-            "engine": sorted(os.sched_getaffinity(engine.pid)),
-            "alive": watch.is_alive(),
-        }))
-        engine.kill(); other.kill()
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+WATCH = textwrap.dedent("""
+    import json, os, subprocess, sys, time
+    from serving.engine.front_cpus import keep_front_off_engine
+    cpus = sorted(os.sched_getaffinity(0))
+    bound = sys.argv[1] == "bound"
+    taskset = ["taskset", "-c", str(cpus[0])] if bound else []
+    engine = subprocess.Popen([*taskset, "bash", "-c", "exec -a VLLM::EngineCore sleep 60"])
+    other = subprocess.Popen(["sleep", "60"])
+    time.sleep(0.5)
+    started = time.monotonic()
+    watch = keep_front_off_engine(wait_s=30, bind_wait_s=2)
+    watch.join(30)
+    print(json.dumps({
+        "cpus": cpus,
+        "self": sorted(os.sched_getaffinity(0)),
+        "other": sorted(os.sched_getaffinity(other.pid)),
+        "engine": sorted(os.sched_getaffinity(engine.pid)),
+        "alive": watch.is_alive(),
+        "took_s": time.monotonic() - started,
+    }))
+    engine.kill(); other.kill()
+""")
+
+
+def _watched(engine: str) -> dict:
+    """The watch run in a process of its own (its binding would otherwise stay on the test
+    run), beside a stand-in engine (a process titled as vLLM's) ``bound`` to the first CPU or
+    left on all of them, and another child."""
+    done = subprocess.run([sys.executable, "-c", WATCH, engine], capture_output=True, text=True,
                           timeout=120, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@two_cpus
+def test_the_front_end_and_its_other_children_move_off_the_engines_cpus():
+    """After the watch, every thread of the process and of its other child is on the CPUs the
+    engine left, and the engine is untouched."""
+    seen = _watched("bound")
     rest = seen["cpus"][1:]
     assert not seen["alive"]
     assert seen["engine"] == seen["cpus"][:1]
     assert seen["self"] == rest and seen["other"] == rest
+
+
+@two_cpus
+def test_an_engine_on_every_cpu_leaves_the_front_end_as_it_is():
+    """An engine that stays on every CPU (``VLLM_CPU_NUM_OF_RESERVED_CPU=0``): the watch gives
+    up after its wait for the binding, and binds nothing."""
+    seen = _watched("free")
+    assert not seen["alive"] and seen["took_s"] < 10
+    assert seen["self"] == seen["other"] == seen["engine"] == seen["cpus"]
 
 
 def test_nothing_is_bound_where_the_engine_is_not():
