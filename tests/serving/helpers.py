@@ -64,6 +64,27 @@ def start_server(folder: Path, root: Path, *extra: str) -> Server:
     return Server(base_url, API_KEY, "skingpt4", folder, root, process.log_path, process)
 
 
+@contextmanager
+def local_ray_server(folder: Path, root: Path, api_key: str, *extra: str,
+                     name: str = "serve --ray --replicas 1") -> Iterator[ServerProcess]:
+    """``skingpt4 serve FOLDER --ray --replicas 1`` (CPU, float32) on a local Ray instance of its
+    own (no ``RAY_ADDRESS``), as a user runs it on one machine, healthy; stopped on leaving.
+    ``extra``: more flags (context length, batch size, layout, data folder)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving.cli", "serve", str(folder), "--ray", "--replicas", "1",
+           "--accelerator", "cpu", "--dtype", "float32", "--port", str(port),
+           "--api-key", api_key, *extra]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
+    server = ServerProcess(cmd, root_url=f"http://127.0.0.1:{port}", log_path=root / "serve.log",
+                           cwd=Path(__file__).resolve().parents[2], env=env, name=name,
+                           startup_timeout_s=480, stop_timeout_s=120, probe_timeout_s=10).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def data_url(data: bytes, mime: str = "image/jpeg") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 

@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from serving.engine.process import ServerProcess, free_port
-from tests.serving.helpers import image_message
+from tests.serving.helpers import image_message, local_ray_server
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 API_KEY = "ray-replica-ingress-key-0123456789"
 MODEL = "skingpt4"
 GREEDY = dict(temperature=0, max_tokens=16)
-START_TIMEOUT_S = 480
 
 pytestmark = [pytest.mark.ray, pytest.mark.engine]
 
@@ -36,21 +30,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.engine]
 @pytest.fixture(scope="module")
 def replica_ingress(tiny_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-replica-ingress")
-    port = free_port()
-    cmd = [sys.executable, "-m", "serving.cli", "serve", str(tiny_checkpoints["llama"]), "--ray",
-           "--replicas", "1", "--ingress", "replica", "--accelerator", "cpu", "--dtype", "float32",
-           "--max-model-len", "1024", "--port", str(port), "--api-key", API_KEY,
-           "--data-dir", str(root / "data")]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
-    server = ServerProcess(cmd, root_url=f"http://127.0.0.1:{port}", log_path=root / "serve.log",
-                           cwd=REPO_ROOT, env=env, name="serve --ray --ingress replica",
-                           startup_timeout_s=START_TIMEOUT_S, stop_timeout_s=120,
-                           probe_timeout_s=10).start()
-    try:
+    with local_ray_server(tiny_checkpoints["llama"], root, API_KEY, "--ingress", "replica",
+                          "--max-model-len", "1024", "--data-dir", str(root / "data"),
+                          name="serve --ray --ingress replica") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -11,22 +11,16 @@ has been shut down.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from serving.engine.process import ServerProcess, free_port
-from tests.serving.helpers import data_url, image_message
+from tests.serving.helpers import data_url, image_message, local_ray_server
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 API_KEY = "ray-single-key-0123456789"
-START_TIMEOUT_S = 480
 # In flight when the engine dies: streamed answers of IN_FLIGHT_TOKENS each (min_tokens: the
 # `###` stop cannot end them early; about half a second each here), of which the engine runs
 # MAX_NUM_SEQS at a time, so that it is likely still busy when the kill comes, as soon as
@@ -44,21 +38,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.engine]
 
 @pytest.fixture(scope="module")
 def single_replica(tiny_checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray-single")
-    port = free_port()
-    cmd = [sys.executable, "-m", "serving.cli", "serve", str(tiny_checkpoints["llama"]), "--ray",
-           "--replicas", "1", "--accelerator", "cpu", "--dtype", "float32",
-           "--max-model-len", "2048", "--max-num-seqs", str(MAX_NUM_SEQS), "--port", str(port),
-           "--api-key", API_KEY]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1")
-    server = ServerProcess(cmd, root_url=f"http://127.0.0.1:{port}", log_path=root / "serve.log",
-                           cwd=REPO_ROOT, env=env, name="serve --ray --replicas 1",
-                           startup_timeout_s=START_TIMEOUT_S, stop_timeout_s=120, probe_timeout_s=10).start()
-    try:
+    with local_ray_server(tiny_checkpoints["llama"], tmp_path_factory.mktemp("ray-single"), API_KEY,
+                          "--max-model-len", "2048", "--max-num-seqs", str(MAX_NUM_SEQS)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _engines(root_pid: int) -> list[psutil.Process]:
