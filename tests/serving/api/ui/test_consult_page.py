@@ -405,6 +405,11 @@ def outline(page, selector: str) -> str:
 
 
 def test_keyboard_only(page, photo_files):
+    # Playwright subscribes to file choosers without waiting for the browser to take them over
+    # (a message it does not wait for), and a chooser that opens before that is cancelled by the
+    # headless browser: no event. So the subscription starts here, many round trips before Space.
+    choosers = []
+    page.on("filechooser", lambda c: choosers.append(c))
     assert tab_to(page, "choose-photos") == ["api-key", "choose-photos"]  # the camera is for phones
     page.keyboard.press("Shift+Tab")
     page.keyboard.type(API_KEY)
@@ -412,6 +417,7 @@ def test_keyboard_only(page, photo_files):
     assert outline(page, 'label[for="choose-photos"]') == "solid 3px"  # the hidden input's ring
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Space")
+    assert choosers == [chooser.value]
     chooser.value.set_files(str(photo_files[1]))
     expect(page.locator("#photos li")).to_have_count(1)
     assert tab_to(page, "question") == ["", "question"]  # the photo's Remove button, then here
