@@ -367,6 +367,10 @@ def run_embedded(config: EngineConfig) -> int:
             return super().add_signal_handler(sig, noted, *args)
 
     args = parse_vllm_args(config, on_gpu)
+    if not on_gpu:
+        from serving.engine.front_cpus import keep_front_off_engine
+
+        keep_front_off_engine()  # once vLLM has bound its engine: the rest on the other CPUs
     with asyncio.Runner(loop_factory=SignalNotingLoop) as runner:
         runner.run(run_server(args))
     if SignalNotingLoop.signals_seen:
