@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,6 +84,19 @@ def local_ray_server(folder: Path, root: Path, api_key: str, *extra: str,
         yield server
     finally:
         server.stop()
+
+
+BATCH_FINAL = ("completed", "failed", "cancelled", "expired")
+
+
+def batch_final(client, batch_id: str, timeout_s: float = 300.0, every_s: float = 0.2):
+    """A batch once it has ended (any of ``BATCH_FINAL``), polled through an ``openai`` client
+    (or any client with its ``batches.retrieve``); fails the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (batch := client.batches.retrieve(batch_id)).status not in BATCH_FINAL:
+        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
+        time.sleep(every_s)
+    return batch
 
 
 def data_url(data: bytes, mime: str = "image/jpeg") -> str:

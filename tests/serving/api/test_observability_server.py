@@ -18,7 +18,7 @@ import pytest
 from encoders.samples import encode_image, synthetic_skin_photo
 from serving.api.metrics import key_id
 from tests.deploy.test_observability_files import RULES, dashboard, dashboard_queries, records
-from tests.serving.helpers import API_KEY, Server, data_url, image_message, start_server
+from tests.serving.helpers import API_KEY, Server, batch_final, data_url, image_message, start_server
 from tests.serving.prometheus_peer import prometheus
 
 MODEL = "skingpt4"
@@ -107,10 +107,8 @@ def test_a_scripted_mix_moves_the_metrics_by_exactly_that_mix(observed_server):
         purpose="batch")
     batch = tenant_b.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                     completion_window="24h")
-    deadline = time.monotonic() + 120
-    while (batch := tenant_b.batches.retrieve(batch.id)).status != "completed":
-        assert time.monotonic() < deadline, batch.status
-        time.sleep(0.2)
+    batch = batch_final(tenant_b, batch.id, timeout_s=120)
+    assert batch.status == "completed", batch
     errors = [json.loads(x) for x in tenant_b.files.content(batch.error_file_id).text.splitlines()]
     # the gauges are sampled every second, the store counted every fifth
     census = ("skingpt4_batches", frozenset({("status", "completed"), ("tenant", key_id(OTHER_KEY))}))

@@ -24,6 +24,7 @@ from tests.serving.clients.helpers import (
     python_driver,
     python_of,
 )
+from tests.serving.helpers import batch_final
 
 pytestmark = pytest.mark.clients
 
@@ -118,11 +119,7 @@ def proxy_results(proxy, job, clients_server):
                                     purpose="batch")
         batch = proxy.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                      completion_window="24h")
-        deadline = time.monotonic() + 120
-        while batch.status not in ("completed", "failed", "cancelled", "expired"):
-            assert time.monotonic() < deadline, f"batch still {batch.status}"
-            time.sleep(0.3)
-            batch = proxy.batches.retrieve(batch.id)
+        batch = batch_final(proxy, batch.id, timeout_s=120, every_s=0.3)
         assert batch.status == "completed", batch
         record = json.loads(proxy.files.content(batch.output_file_id).text)
         return {"text": record["response"]["body"]["choices"][0]["message"]["content"],

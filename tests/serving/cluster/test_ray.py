@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from serving.engine.process import ServerProcess, free_port
-from tests.serving.helpers import data_url, image_message, ray_test_cluster
+from tests.serving.helpers import BATCH_FINAL, batch_final, data_url, image_message, ray_test_cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 API_KEY = "ray-test-key-0123456789"
@@ -969,11 +969,7 @@ def test_the_batch_api_answers_as_live_chat_does(client, ray_server, photo_url):
     upload = client.files.create(file=("cases.jsonl", lines.encode()), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
-    deadline = time.monotonic() + 300
-    while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        assert time.monotonic() < deadline, batch
-        time.sleep(0.5)
-        batch = client.batches.retrieve(batch.id)
+    batch = batch_final(client, batch.id, every_s=0.5)
     assert batch.status == "completed", batch
     assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 1), batch
     [refused] = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
@@ -1461,7 +1457,7 @@ def test_a_batch_survives_a_sigkill_of_the_ingress(cluster, ray_server):
     while time.monotonic() < deadline:
         try:
             after = client.batches.retrieve(batch.id)
-            if after.status in ("completed", "failed", "cancelled", "expired"):
+            if after.status in BATCH_FINAL:
                 break
         except (openai.APIConnectionError, openai.InternalServerError):
             pass  # the proxy has no ingress to send to until Serve has replaced it

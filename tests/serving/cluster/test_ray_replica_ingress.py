@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.serving.helpers import image_message, local_ray_server
+from tests.serving.helpers import batch_final, image_message, local_ray_server
 
 API_KEY = "ray-replica-ingress-key-0123456789"
 MODEL = "skingpt4"
@@ -127,11 +127,7 @@ def test_the_batch_api_runs_in_the_only_replica(client, photo_urls):
                                      purpose="batch")
     batch = client.batches.create(input_file_id=batch_file.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
-    deadline = time.monotonic() + 300
-    while batch.status not in ("completed", "failed", "expired", "cancelled"):
-        assert time.monotonic() < deadline, f"the batch is still {batch.status}"
-        time.sleep(1)
-        batch = client.batches.retrieve(batch.id)
+    batch = batch_final(client, batch.id, every_s=1)
     assert batch.status == "completed" and batch.request_counts.completed == 1
     [record] = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
     assert record["custom_id"] == "lesion-1" and record["response"]["status_code"] == 200

@@ -21,10 +21,10 @@ from serving.api.batch_api import sealed
 from serving.api.batch_api.worker import BATCH_PRIORITY
 from serving.api.middleware import RequestPolicyMiddleware
 from serving.api.policy import ServePolicy
+from tests.serving.helpers import BATCH_FINAL
 
 KEY, OTHER = "tenant-a-key-0123", "tenant-b-key-4567"
 MODEL = "skingpt4"
-FINAL = ("completed", "failed", "cancelled", "expired")
 
 
 class EchoApp:
@@ -112,7 +112,7 @@ async def finished(client, batch_id: str, timeout_s: float = 30.0):
     deadline = time.monotonic() + timeout_s
     while True:
         batch = await client.batches.retrieve(batch_id)
-        if batch.status in FINAL:
+        if batch.status in BATCH_FINAL:
             return batch
         assert time.monotonic() < deadline, f"batch still {batch.status}"
         await asyncio.sleep(0.05)

@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from encoders.samples import encode_image, synthetic_skin_photo
-from tests.serving.helpers import API_KEY, Server, comparable, data_url, image_message, start_server
+from tests.serving.helpers import (API_KEY, Server, batch_final, comparable, data_url, image_message,
+                                   start_server)
 
 MODEL = "skingpt4"
 GREEDY = {"temperature": 0, "max_tokens": 8}
@@ -60,16 +61,6 @@ def batch_server(tiny_checkpoints, tmp_path_factory):
     holder.server.process.stop()
 
 
-def wait_final(client, batch_id: str, timeout_s: float = 300.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in ("completed", "failed", "cancelled", "expired"):
-            return batch
-        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch.request_counts}"
-        time.sleep(0.2)
-
-
 def download(client, file_id: str | None) -> list[dict]:
     return [json.loads(x) for x in client.files.content(file_id).text.splitlines()] if file_id else []
 
@@ -98,7 +89,7 @@ def test_the_sdk_flow_gives_the_answers_of_skingpt4_batch(batch_server, tmp_path
     upload = client.files.create(file=input_path.open("rb"), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                   completion_window="24h")
-    done = wait_final(client, batch.id)
+    done = batch_final(client, batch.id)
     assert done.status == "completed", done
     assert (done.request_counts.completed, done.request_counts.failed) == (3, 1)
     served = {r["custom_id"]: r for r in download(client, done.output_file_id)
@@ -164,10 +155,10 @@ def test_a_tenants_small_batch_runs_beside_anothers_big_one(batch_server):
     while tenant_a.batches.retrieve(big.id).request_counts.completed < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    small = wait_final(tenant_b, submit(tenant_b, "small", 3).id)
+    small = batch_final(tenant_b, submit(tenant_b, "small", 3).id)
     big_then = tenant_a.batches.retrieve(big.id)
     tenant_a.batches.cancel(big.id)
-    big_done = wait_final(tenant_a, big.id)
+    big_done = batch_final(tenant_a, big.id)
 
     assert small.status == "completed" and big_done.status == "cancelled"
     assert big_then.status == "in_progress" and big_then.request_counts.completed < BIG_LINES
@@ -219,7 +210,7 @@ def test_a_sigkill_mid_batch_and_a_restart_lose_and_repeat_nothing(batch_server)
     # The restarted server may finish the rest before this first look, so any state on the way.
     assert resumed.status in ("in_progress", "finalizing", "completed")
     assert resumed.request_counts.completed >= 4
-    done = wait_final(client, batch.id)
+    done = batch_final(client, batch.id)
     assert done.status == "completed", done
     records = download(client, done.output_file_id)
     ids = [r["custom_id"] for r in records]
